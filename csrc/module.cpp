@@ -1,0 +1,17 @@
+// peftkern._C: the optional compiled part. Python never requires it: peftkern/_backend.py
+// imports it lazily and backend_info() reports whether it is there and whether CUDA was built in.
+#include <torch/extension.h>
+
+#include "dropout.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "peftkern compiled kernels (CPU, and CUDA when built with nvcc)";
+#ifdef PEFTKERN_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.def("dropout_mul", &peftkern::dropout_mul, "out = src * philox_keep_mask * scale (CPU)",
+        pybind11::arg("src"), pybind11::arg("out"), pybind11::arg("seed"), pybind11::arg("threshold"),
+        pybind11::arg("scale"));
+}

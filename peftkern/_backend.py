@@ -1,0 +1,153 @@
+"""Which implementation runs: backend selection, the optional compiled extension, backend_info().
+
+Order of precedence: the innermost `use_backend(...)` context, else the environment variable
+PEFTKERN_BACKEND (read at every call), else "auto". `auto` takes the fastest implementation the
+device has: the Triton kernels on CUDA, the reference path (with the C++ helpers when built) on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import platform
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "reference")
+ENV_VAR = "PEFTKERN_BACKEND"
+
+# op family -> backends that have an implementation of it (besides "auto")
+_OP_BACKENDS: dict[str, tuple[str, ...]] = {
+    "lora_linear": ("triton", "reference"),
+}
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftkern_backend", default=None)
+
+
+def _validate(name: str, source: str) -> str:
+    name = str(name).strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the peftkern ops inside the block on backend `name` ("auto", "triton", "cuda", "reference")."""
+    token = _override.set(_validate(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def requested_backend() -> str:
+    override = _override.get()
+    if override is not None:
+        return override
+    return _validate(os.environ.get(ENV_VAR, "auto") or "auto", f"environment variable {ENV_VAR}")
+
+
+# ---- the compiled extension ---------------------------------------------------------------------
+_ext_state: dict = {}
+
+
+def extension():
+    """peftkern._C, or None when it was not built (the reason is in backend_info())."""
+    if "module" not in _ext_state:
+        try:
+            _ext_state["module"] = importlib.import_module("peftkern._C")
+            _ext_state["error"] = None
+        except ImportError as err:
+            _ext_state["module"] = None
+            _ext_state["error"] = str(err)
+    return _ext_state["module"]
+
+
+# ---- Triton ---------------------------------------------------------------------------------------
+def triton_version() -> str | None:
+    import peftkern.kernels  # noqa: F401  (first: it picks interpreter or GPU mode before triton loads)
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def kernels(family: str):
+    """peftkern.kernels.<family>; importing it fixes interpreter-or-GPU mode (see kernels/__init__.py)."""
+    return importlib.import_module(f"peftkern.kernels.{family}")
+
+
+def _triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    if triton_version() is None:
+        return "Triton is not installed (pip install triton)"
+    if dtype not in TRITON_DTYPES:
+        return f"the Triton kernels support float16, bfloat16 and float32, not {dtype}"
+    from peftkern.kernels import INTERPRET, INTERPRETER_ERROR
+    if device.type == "cpu" and INTERPRETER_ERROR:
+        return INTERPRETER_ERROR
+    if device.type == "cpu" and not INTERPRET:
+        return ("the Triton kernels were compiled for the GPU; to run them on CPU tensors set "
+                "TRITON_INTERPRET=1 before importing peftkern")
+    if device.type not in ("cpu", "cuda"):
+        return f"the Triton kernels run on cuda (or cpu through the interpreter), not {device.type}"
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        # triton issue 11584: the interpreter's tl.dot multiplies the raw bits of bf16 operands
+        return "the Triton interpreter computes bfloat16 dot products wrongly; use float32/float16 on CPU"
+    return None
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The implementation ("triton" or "reference" today) that runs `op` on this device and dtype."""
+    supported = _OP_BACKENDS[op]
+    name = requested_backend()
+    if name == "auto":
+        return auto_choice(op, device, dtype)
+    if name not in supported:
+        raise RuntimeError(f"backend {name!r} has no implementation of {op}; available: "
+                           f"{', '.join(supported)} (or 'auto')")
+    if name == "triton":
+        reason = _triton_unavailable_reason(device, dtype)
+        if reason is not None:
+            raise RuntimeError(f"backend 'triton' is not available for {op}: {reason}")
+    return name
+
+
+def auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    supported = _OP_BACKENDS[op]
+    if device.type == "cuda" and "triton" in supported and _triton_unavailable_reason(device, dtype) is None:
+        return "triton"
+    return "reference"
+
+
+def backend_info() -> dict:
+    """Versions, devices, the compiled extension's state and what `auto` picks per op and device."""
+    ext = extension()
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    try:
+        from peftkern.kernels import INTERPRET
+    except ImportError:
+        INTERPRET = None
+    auto = {}
+    for op in _OP_BACKENDS:
+        auto[op] = {"cpu": auto_choice(op, torch.device("cpu"), torch.float32)}
+        if torch.cuda.is_available():
+            auto[op]["cuda"] = auto_choice(op, torch.device("cuda"), torch.bfloat16)
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version(),
+        "triton_interpreter": INTERPRET,
+        "devices": devices,
+        "extension_built": ext is not None,
+        "extension_cuda": bool(getattr(ext, "with_cuda", False)),
+        "extension_error": _ext_state.get("error"),
+        "requested_backend": requested_backend(),
+        "auto": auto,
+    }

@@ -1,0 +1,99 @@
+"""Thin nn.Modules over the functional ops; they hold parameters and call the ops, no math of their own."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .ops.lora import lora_linear
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable rank-r update:  y = x·Wᵀ + b + (alpha/r)·B·A·dropout(x).
+
+    `weight` and `bias` are frozen; `lora_a` [r, in] is Kaiming-uniform and `lora_b` [out, r] zero at
+    start (PEFT's default), so a new layer computes exactly its base linear. `merge_()` folds
+    scaling·B·A into `weight` for inference and `unmerge_()` restores the original weight bit for bit.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r must be an int >= 1, got {r!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.alpha = alpha
+        self.scaling = alpha / r
+        self.dropout = float(dropout)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self.lora_a = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_b = nn.Parameter(torch.empty(out_features, r, **factory))
+        self._merged_backup: torch.Tensor | None = None
+        self._reset_base()
+        self.reset_lora_parameters()
+
+    def _reset_base(self) -> None:
+        # nn.Linear's own initialisation, for layers built from scratch
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default LoRA init: A Kaiming-uniform (a=sqrt(5)), B zeros."""
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0) -> "LoRALinear":
+        """Wrap an existing nn.Linear; its weight and bias are shared (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, r=r, alpha=alpha, dropout=dropout,
+                    bias=linear.bias is not None, device="meta", dtype=w.dtype)
+        layer.weight = linear.weight
+        layer.weight.requires_grad_(False)
+        if linear.bias is not None:
+            layer.bias = linear.bias
+            layer.bias.requires_grad_(False)
+        layer.lora_a = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
+        layer.lora_b = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=w.dtype))
+        layer.reset_lora_parameters()
+        return layer
+
+    @property
+    def merged(self) -> bool:
+        return self._merged_backup is not None
+
+    @torch.no_grad()
+    def merge_(self) -> "LoRALinear":
+        """Fold scaling·B·A into `weight` (kept frozen); the original weight is kept to unmerge exactly."""
+        if not self.merged:
+            self._merged_backup = self.weight.detach().clone()
+            delta = (self.lora_b.to(torch.float32) @ self.lora_a.to(torch.float32)) * self.scaling
+            self.weight.copy_((self.weight.to(torch.float32) + delta).to(self.weight.dtype))
+        return self
+
+    @torch.no_grad()
+    def unmerge_(self) -> "LoRALinear":
+        """Restore the exact pre-merge weight (a saved copy, not a subtraction that would round)."""
+        if self.merged:
+            self.weight.copy_(self._merged_backup)
+            self._merged_backup = None
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return lora_linear(x, self.weight, self.lora_a, self.lora_b, scaling=self.scaling, bias=self.bias,
+                           dropout_p=self.dropout, training=self.training)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, merged={self.merged}")

@@ -1,0 +1,1 @@
+"""torch.library custom ops of peftkern, one module per op family."""

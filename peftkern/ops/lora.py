@@ -1,0 +1,158 @@
+"""peftkern.lora_linear: input checks -> custom ops (forward, backward) -> fakes -> autograd -> kernels.
+
+Forward and backward are separate custom ops (peftkern::lora_linear_fwd / lora_linear_bwd) wired
+with register_autograd, so torch.library.opcheck and torch.compile(fullgraph=True) see them as
+opaque, traceable ops. The forward also returns S = dropout(x)·Aᵀ ([M, r], fp32), the only
+activation LoRA keeps beyond what the base linear keeps; the dropout mask is regenerated from the
+seed (a CPU int64 tensor, so that a fresh seed per step does not recompile a compiled graph).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference import lora as ref
+from . import _checks
+from ._autocast import register_autocast
+
+SEED_LIMIT = 2**63
+
+
+# ---- the two custom ops --------------------------------------------------------------------------
+
+@torch.library.custom_op("peftkern::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
+                    scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    seed_v = int(seed.item()) if seed is not None else 0
+    if _backend.select("lora_linear", x.device, x.dtype) == "triton":
+        k = _backend.kernels("lora")
+        s_down = k.rank_down(x, lora_a, scale=1.0, seed=seed_v, dropout_p=dropout_p)
+        # y = x·Wᵀ + bias + (s·S)·Bᵀ in one GEMM; Wᵀ and Bᵀ are strided views, never copies
+        y = k.lora_gemm(x, weight.t(), s_down, lora_b.t(), bias, lora_scale=scaling)
+        return y, s_down
+    return ref.lora_fwd(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed_v)
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_a.shape[0]), dtype=ref.acc_dtype(x.dtype)))
+
+
+@torch.library.custom_op("peftkern::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s_down: Tensor,
+                    scaling: float, dropout_p: float, seed: Optional[Tensor], need_x: bool, need_weight: bool,
+                    need_a: bool, need_b: bool, need_bias: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    seed_v = int(seed.item()) if seed is not None else 0
+    dy = dy.contiguous()
+    if _backend.select("lora_linear", x.device, x.dtype) != "triton":
+        return ref.lora_bwd(dy, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed_v,
+                            need_x, need_weight, need_a, need_b, need_bias)
+    k = _backend.kernels("lora")
+    # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
+    dx, dw, da, db, dbias = (x.new_empty(0) for _ in range(5))
+    # dS = s·dy·B: the gradient reaching S, [M, r] in fp32
+    ds = k.rank_down(dy, lora_b.t(), scale=scaling)
+    if need_b:  # dBᵀ = s·Sᵀ·dy
+        db = k.rank_grad(s_down, dy, scale=scaling).t().to(lora_b.dtype)
+    if need_a:  # dA = dSᵀ·dropout(x), the mask regenerated on chip
+        da = k.rank_grad(ds, x, scale=1.0, seed=seed_v, dropout_p=dropout_p).to(lora_a.dtype)
+    if need_x:  # dx = dy·W + mask ⊙ (dS·A) / (1 - p), one GEMM with the rank-r term in its epilogue
+        dx = k.lora_gemm(dy, weight, ds, lora_a, None, seed=seed_v, dropout_p=dropout_p)
+    if need_weight:
+        dw = torch.mm(dy.t(), x)
+    if need_bias:
+        dbias = dy.sum(dim=0, dtype=torch.float32).to(x.dtype)
+    return dx, dw, da, db, dbias
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed, need_x, need_weight, need_a, need_b,
+      need_bias):
+    return (x.new_empty(x.shape if need_x else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            lora_a.new_empty(lora_a.shape if need_a else (0,)),
+            lora_b.new_empty(lora_b.shape if need_b else (0,)),
+            x.new_empty((weight.shape[0],) if need_bias else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+
+
+def _backward(ctx, dy, _d_s_down):
+    x, weight, lora_a, lora_b, s_down, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, da, db, dbias = torch.ops.peftkern.lora_linear_bwd(
+        dy, x, weight, lora_a, lora_b, s_down, ctx.scaling, ctx.dropout_p, seed,
+        need[0], need[1], need[2], need[3], need[4])
+    return (dx if need[0] else None, dw if need[1] else None, da if need[2] else None,
+            db if need[3] else None, dbias if need[4] else None, None, None, None)
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autocast("lora_linear_fwd", torch.ops.peftkern.lora_linear_fwd.default)
+
+
+# ---- the public function --------------------------------------------------------------------------
+
+def _check(x, weight, lora_a, lora_b, bias, scaling, dropout_p, training, seed):
+    _checks.tensor("x", x, min_ndim=1)
+    _checks.tensor("weight", weight, ndim=2)
+    _checks.tensor("lora_a", lora_a, ndim=2)
+    _checks.tensor("lora_b", lora_b, ndim=2)
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1)
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x's last dim must equal weight's in_features {in_features} (weight is "
+                         f"{tuple(weight.shape)} = [out, in]), got x of shape {tuple(x.shape)}")
+    r = lora_a.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_a must have rank r >= 1 rows, got shape {tuple(lora_a.shape)}")
+    _checks.shape("lora_a", lora_a, (r, in_features), "[r, in_features]")
+    _checks.shape("lora_b", lora_b, (out_features, r), "[out_features, r]")
+    if bias is not None:
+        _checks.shape("bias", bias, (out_features,), "[out_features]")
+    _checks.same_device("x", x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    if not _checks.autocast_active(x.device):
+        _checks.same_dtype("x", x, weight=weight, bias=bias)
+        _checks.adapter_dtype("lora_a", lora_a, "x", x)
+        _checks.adapter_dtype("lora_b", lora_b, "x", x)
+    _checks.real_number("scaling", scaling)
+    _checks.real_number("dropout_p", dropout_p, low=0.0, high=1.0, high_inclusive=False)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+
+
+def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, scaling: float = 1.0,
+                bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = True,
+                seed: Optional[int] = None) -> Tensor:
+    """y = x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ, fused; see SPEC.md section 1.
+
+    x [..., in], weight [out, in], lora_a [r, in], lora_b [out, r], bias [out] or None.
+    Dropout hits only the LoRA branch, when `training` and dropout_p > 0; its mask is a function of
+    `seed` (None draws one from torch's generator) and is regenerated in backward, never stored.
+    """
+    _check(x, weight, lora_a, lora_b, bias, scaling, dropout_p, training, seed)
+    p = float(dropout_p) if training else 0.0
+    seed_t = None
+    if p > 0.0:
+        seed_t = (torch.randint(0, SEED_LIMIT // 2, (), dtype=torch.int64) if seed is None
+                  else torch.tensor(seed, dtype=torch.int64))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y, _ = torch.ops.peftkern.lora_linear_fwd(x2, weight, lora_a, lora_b, bias, float(scaling), p, seed_t)
+    return y.view(*lead, weight.shape[0])

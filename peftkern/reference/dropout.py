@@ -1,0 +1,77 @@
+"""The dropout mask of every peftkern backend, in plain torch.
+
+One definition serves the reference path, the C++ extension (csrc/dropout.cpp) and the Triton
+kernels (kernels/dropout.py), so a seed gives the same mask on every backend and the tests can
+compare backends bit for bit with dropout on.
+
+The mask of a 2-D view x[M, K] (row-major logical order, whatever the strides) is:
+  - columns are taken in groups of four: group j of row m has counter  m * ceil(K / 4) + j  (64-bit);
+  - Philox4x32-10 with key (seed & 0xffffffff, seed >> 32) and counter (lo32, hi32, 0, 0) gives four
+    32-bit words r0..r3; column 4j + l uses word r_l (one Philox call feeds four elements);
+  - the element is kept iff (r_l >> 8) >= threshold, threshold = round(p * 2**24), and kept elements
+    are scaled by 1 / (1 - p).
+Philox is `tl.philox` of Triton with those arguments; here it is spelled out with int64 torch ops,
+which is exact but slow, which is why the CPU path prefers the C++ version when it is built.
+"""
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+N_ROUNDS = 10
+UNIFORM_BITS = 24
+
+
+def keep_threshold(p: float) -> int:
+    """Integer threshold on the 24-bit uniform: keep iff u >= threshold."""
+    return int(round(p * (1 << UNIFORM_BITS)))
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi32, lo32) of a * b for a 32-bit constant a and a tensor b of 32-bit values in int64.
+
+    int64 cannot hold a 64-bit product, so b is split in 16-bit halves; every partial fits.
+    """
+    p_lo = a * (b & 0xFFFF)  # < 2**48
+    p_hi = a * (b >> 16)  # < 2**48
+    mid = ((p_hi & 0xFFFF) << 16) + p_lo  # < 2**49
+    lo = mid & _MASK32
+    hi = (p_hi >> 16) + (mid >> 32)
+    return hi & _MASK32, lo
+
+
+def philox4x32(counter: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of the 64-bit counters `counter` (int64 tensor) under `seed`."""
+    c0 = counter & _MASK32
+    c1 = (counter >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(N_ROUNDS):
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def keep_mask(rows: int, cols: int, seed: int, p: float, device=None) -> torch.Tensor:
+    """Bool [rows, cols]: True where dropout keeps the element."""
+    groups = (cols + 3) // 4
+    counter = torch.arange(rows * groups, device=device, dtype=torch.int64)
+    words = torch.stack(philox4x32(counter, seed), dim=-1)  # [rows * groups, 4]
+    words = words.view(rows, groups * 4)[:, :cols]
+    return (words >> 8) >= keep_threshold(p)
+
+
+def dropout_mul(src: torch.Tensor, seed: int, p: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = src * keep / (1 - p) for a 2-D src, with the mask above; out may be src (in place)."""
+    keep = keep_mask(src.shape[0], src.shape[1], seed, p, device=src.device)
+    if out is None:
+        out = torch.empty_like(src)
+    torch.mul(src, keep, out=out)
+    out.mul_(1.0 / (1.0 - p))
+    return out
