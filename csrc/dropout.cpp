@@ -1,6 +1,7 @@
-// CPU dropout with the Philox mask of peftkern/reference/dropout.py, fused with the multiply.
+// CPU dropout multiplier (keep ? 1/(1-p) : 0) with the Philox mask of peftkern/reference/dropout.py.
 // The reference path spells Philox with int64 torch ops (exact, ~100 passes over memory); this is
-// the same function in one OpenMP pass, so CPU LoRA with dropout costs about one elementwise multiply.
+// the same function in one OpenMP pass. The CPU LoRA path asks for it one cache-sized block of rows
+// at a time (row_offset says where the block starts), so no [M, K] mask ever exists.
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -39,20 +40,19 @@ inline Words4 philox4x32_10(uint64_t counter, uint64_t seed) {
 }
 
 template <typename scalar_t>
-void dropout_mul_rows(const scalar_t* src, scalar_t* out, int64_t rows, int64_t cols, uint64_t seed,
-                      uint32_t threshold, scalar_t scale) {
+void fill_multiplier(scalar_t* out, int64_t rows, int64_t cols, int64_t row_offset, uint64_t seed,
+                     uint32_t threshold, scalar_t scale) {
   const int64_t groups = (cols + 3) / 4;
 #pragma omp parallel for schedule(static)
   for (int64_t m = 0; m < rows; ++m) {
-    const scalar_t* s = src + m * cols;
     scalar_t* o = out + m * cols;
+    const uint64_t row_counter = static_cast<uint64_t>((m + row_offset) * groups);
     for (int64_t g = 0; g < groups; ++g) {
-      const Words4 r = philox4x32_10(static_cast<uint64_t>(m * groups + g), seed);
+      const Words4 r = philox4x32_10(row_counter + static_cast<uint64_t>(g), seed);
       const int64_t c0 = 4 * g;
       const int64_t n = cols - c0 < 4 ? cols - c0 : 4;
       for (int64_t l = 0; l < n; ++l) {
-        const bool keep = (r.w[l] >> 8) >= threshold;
-        o[c0 + l] = keep ? s[c0 + l] * scale : scalar_t(0);
+        o[c0 + l] = (r.w[l] >> 8) >= threshold ? scale : scalar_t(0);
       }
     }
   }
@@ -60,17 +60,15 @@ void dropout_mul_rows(const scalar_t* src, scalar_t* out, int64_t rows, int64_t 
 
 }  // namespace
 
-void dropout_mul(const torch::Tensor& src, torch::Tensor& out, int64_t seed, int64_t threshold,
-                 double scale) {
-  TORCH_CHECK(src.device().is_cpu() && out.device().is_cpu(), "dropout_mul: CPU tensors expected");
-  TORCH_CHECK(src.dim() == 2 && src.is_contiguous() && out.is_contiguous() &&
-                  src.sizes() == out.sizes() && src.scalar_type() == out.scalar_type(),
-              "dropout_mul: src and out must be contiguous 2-D tensors of one shape and dtype");
-  TORCH_CHECK(threshold >= 0 && threshold <= (int64_t(1) << 24), "dropout_mul: threshold out of range");
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "dropout_mul", [&] {
-    dropout_mul_rows<scalar_t>(src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), src.size(0),
-                               src.size(1), static_cast<uint64_t>(seed),
-                               static_cast<uint32_t>(threshold), static_cast<scalar_t>(scale));
+void dropout_multiplier(torch::Tensor& out, int64_t row_offset, int64_t seed, int64_t threshold, double scale) {
+  TORCH_CHECK(out.device().is_cpu(), "dropout_multiplier: a CPU tensor expected");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "dropout_multiplier: out must be a contiguous 2-D tensor");
+  TORCH_CHECK(row_offset >= 0, "dropout_multiplier: row_offset must be >= 0");
+  TORCH_CHECK(threshold >= 0 && threshold <= (int64_t(1) << 24), "dropout_multiplier: threshold out of range");
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "dropout_multiplier", [&] {
+    fill_multiplier<scalar_t>(out.data_ptr<scalar_t>(), out.size(0), out.size(1), row_offset,
+                              static_cast<uint64_t>(seed), static_cast<uint32_t>(threshold),
+                              static_cast<scalar_t>(scale));
   });
 }
 

@@ -2,7 +2,7 @@
 #include <torch/extension.h>
 
 namespace peftkern {
-// out = src * keep(seed, threshold) * scale, row-major 2-D; out may alias src.
-void dropout_mul(const torch::Tensor& src, torch::Tensor& out, int64_t seed, int64_t threshold,
-                 double scale);
+// out[m, k] = scale if Philox keeps element (row_offset + m, k) else 0; out is a contiguous 2-D block
+// of rows of the logical input whose row length is out.size(1).
+void dropout_multiplier(torch::Tensor& out, int64_t row_offset, int64_t seed, int64_t threshold, double scale);
 }  // namespace peftkern

@@ -11,7 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
-  m.def("dropout_mul", &peftkern::dropout_mul, "out = src * philox_keep_mask * scale (CPU)",
-        pybind11::arg("src"), pybind11::arg("out"), pybind11::arg("seed"), pybind11::arg("threshold"),
-        pybind11::arg("scale"));
+  m.def("dropout_multiplier", &peftkern::dropout_multiplier,
+        "out = scale where the Philox mask keeps (row_offset + m, k), else 0 (CPU)", pybind11::arg("out"),
+        pybind11::arg("row_offset"), pybind11::arg("seed"), pybind11::arg("threshold"), pybind11::arg("scale"));
 }

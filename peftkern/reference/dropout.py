@@ -58,20 +58,25 @@ def philox4x32(counter: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
     return c0, c1, c2, c3
 
 
-def keep_mask(rows: int, cols: int, seed: int, p: float, device=None) -> torch.Tensor:
-    """Bool [rows, cols]: True where dropout keeps the element."""
+def keep_mask(rows: int, cols: int, seed: int, p: float, device=None, row_offset: int = 0) -> torch.Tensor:
+    """Bool [rows, cols]: True where dropout keeps element (row_offset + m, k) of an input with `cols` columns."""
     groups = (cols + 3) // 4
-    counter = torch.arange(rows * groups, device=device, dtype=torch.int64)
+    counter = torch.arange(row_offset * groups, (row_offset + rows) * groups, device=device, dtype=torch.int64)
     words = torch.stack(philox4x32(counter, seed), dim=-1)  # [rows * groups, 4]
     words = words.view(rows, groups * 4)[:, :cols]
     return (words >> 8) >= keep_threshold(p)
 
 
-def dropout_mul(src: torch.Tensor, seed: int, p: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """out = src * keep / (1 - p) for a 2-D src, with the mask above; out may be src (in place)."""
-    keep = keep_mask(src.shape[0], src.shape[1], seed, p, device=src.device)
-    if out is None:
-        out = torch.empty_like(src)
-    torch.mul(src, keep, out=out)
-    out.mul_(1.0 / (1.0 - p))
-    return out
+def multiplier(rows: int, cols: int, seed: int, p: float, *, dtype, device, row_offset: int = 0) -> torch.Tensor:
+    """[rows, cols] of keep / (1 - p): multiply a block of rows of the input by it to apply dropout.
+
+    Uses the C++ extension on CPU when it is built (one pass), else the torch spelling above."""
+    from .. import _backend
+
+    ext = _backend.extension()
+    if ext is not None and torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64):
+        out = torch.empty((rows, cols), dtype=dtype)
+        ext.dropout_multiplier(out, row_offset, seed, keep_threshold(p), 1.0 / (1.0 - p))
+        return out
+    keep = keep_mask(rows, cols, seed, p, device=device, row_offset=row_offset)
+    return keep.to(dtype) * (1.0 / (1.0 - p))

@@ -1,0 +1,53 @@
+"""python -m peftkern info | bench"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(_args) -> int:
+    import peftkern
+
+    info = peftkern.backend_info()
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = json.dumps(value)
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _bench(args) -> int:
+    import torch
+
+    from .bench import report, runner
+
+    ops = list(runner.OPS) if args.op == "all" else [args.op]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = runner.run(ops, quick=args.quick, device=device)
+    report.print_table(results)
+    if args.json:
+        report.write_json(results, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peftkern", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print backend_info(): versions, devices, extension, auto choices")
+    bench = sub.add_parser("bench", help="time each op against the eager baseline and the F.linear floor")
+    bench.add_argument("--op", choices=["lora", "all"], default="all")
+    bench.add_argument("--quick", action="store_true", help="fewer, smaller cases and repeats")
+    bench.add_argument("--json", metavar="PATH", help="write all medians and metadata as JSON")
+    bench.add_argument("--plot", metavar="PATH", help="write a PNG chart of speedup and share of the floor")
+    args = parser.parse_args(argv)
+    return {"info": _info, "bench": _bench}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""`python -m peftkern bench`: cases, providers, timing and reports (shared with benchmarks/)."""

@@ -1,0 +1,40 @@
+"""Benchmark cases, shared by `python -m peftkern bench` and the pytest-benchmark suites."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraCase:
+    m: int  # tokens
+    k: int  # in_features
+    n: int  # out_features
+    r: int
+    dtype: torch.dtype
+    dropout: float
+    bias: bool = False
+
+    @property
+    def label(self) -> str:
+        return (f"M={self.m} K={self.k} N={self.n} r={self.r} {str(self.dtype).replace('torch.', '')} "
+                f"p={self.dropout}")
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        return d
+
+
+def lora_cases(device: torch.device, quick: bool = False) -> list[LoraCase]:
+    """GPU: the headline shapes of ENGINEERING.md (bf16). CPU: the acceptance shape, float32."""
+    if device.type == "cuda":
+        if quick:
+            return [LoraCase(8192, 4096, 4096, 16, torch.bfloat16, p) for p in (0.0, 0.1)]
+        return [LoraCase(m, h, h, r, torch.bfloat16, p)
+                for m, h, r, p in itertools.product((2048, 8192, 16384), (4096, 8192), (8, 16, 64), (0.0, 0.1))]
+    if quick:
+        return [LoraCase(256, 256, 256, 16, torch.float32, p) for p in (0.0, 0.1)]
+    return [LoraCase(2048, 1024, 1024, 16, torch.float32, p) for p in (0.0, 0.1)]

@@ -1,0 +1,95 @@
+"""What each benchmark row times: one training step (forward + backward) of one layer.
+
+- eager:    Hugging Face PEFT's own LoRA `Linear` when peft is importable, else its exact eager
+            computation  base(x) + lora_B(lora_A(dropout(x))) * scaling
+- peftkern: peftkern.lora_linear on the backend `auto` picks
+- floor:    the bare frozen base F.linear, forward and backward (what LoRA cannot go under)
+x requires grad in every provider, as an activation inside a network does.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .cases import LoraCase
+
+
+def peft_available() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _EagerLora(torch.nn.Module):
+    """PEFT's eager LoRA computation, for machines without peft."""
+
+    def __init__(self, base: torch.nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, r, bias=False, device=base.weight.device,
+                                      dtype=base.weight.dtype)
+        self.lora_B = torch.nn.Linear(r, base.out_features, bias=False, device=base.weight.device,
+                                      dtype=base.weight.dtype)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+
+def lora_providers(case: LoraCase, device: torch.device) -> tuple[dict[str, Callable[[], None]], str]:
+    """Step functions for eager, peftkern and floor over the same weights; plus the eager provider's name."""
+    import peftkern
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    alpha = 2 * case.r
+    base = torch.nn.Linear(case.k, case.n, bias=case.bias, device=device, dtype=case.dtype)
+    base.requires_grad_(False)
+    if peft_available():
+        from peft import LoraConfig
+        from peft.tuners.lora.layer import Linear as PeftLinear
+
+        layer = PeftLinear(base, "default", config=LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=case.dropout),
+                           r=case.r, lora_alpha=alpha)
+        layer.base_layer.requires_grad_(False)
+        lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        eager_name = f"peft {__import__('peft').__version__}"
+    else:
+        layer = _EagerLora(base, case.r, alpha, case.dropout)
+        lora_a, lora_b = layer.lora_A.weight, layer.lora_B.weight
+        eager_name = "eager (peft not installed)"
+    layer.to(device).train()
+    with torch.no_grad():  # a trained adapter, not PEFT's zero-init B
+        lora_b.copy_(torch.randn(lora_b.shape, generator=gen).to(lora_b) * 0.01)
+
+    x = torch.randn(case.m, case.k, generator=gen).to(device=device, dtype=case.dtype).requires_grad_()
+    dy = torch.randn(case.m, case.n, generator=gen).to(device=device, dtype=case.dtype)
+
+    def eager():
+        layer(x).backward(dy)
+        x.grad = None
+
+    def fused():
+        peftkern.lora_linear(x, base.weight, lora_a, lora_b, scaling=alpha / case.r, bias=base.bias,
+                             dropout_p=case.dropout, training=True).backward(dy)
+        x.grad = None
+
+    def floor():
+        F.linear(x, base.weight, base.bias).backward(dy)
+        x.grad = None
+
+    def zero_adapter_grads():
+        lora_a.grad = None
+        lora_b.grad = None
+
+    def with_reset(fn):
+        def step():
+            fn()
+            zero_adapter_grads()
+        return step
+
+    return {"eager": with_reset(eager), "peftkern": with_reset(fused), "floor": floor}, eager_name

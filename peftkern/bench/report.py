@@ -1,0 +1,69 @@
+"""The benchmark table (rich), the JSON file and the PNG chart, all from one results dict."""
+from __future__ import annotations
+
+import json
+
+
+def derived(row: dict) -> dict:
+    r = row["results"]
+    fused, eager, floor = r["peftkern"]["median_ms"], r["eager"]["median_ms"], r["floor"]["median_ms"]
+    return {"speedup": eager / fused, "overhead": fused / floor - 1.0}
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (f"peftkern bench on {results['device']} ({results['device_type']}"
+             f"{', %d threads' % results['cpu_threads'] if results['device_type'] == 'cpu' else ''}), "
+             f"torch {results['torch']}, triton {results['triton']}; fwd+bwd median ms")
+    table = Table(title=title)
+    for col in ("op", "shape", "backend", "eager ms", "peftkern ms", "floor ms", "speedup vs eager",
+                "overhead vs floor", "peak MB eager/peftkern/floor"):
+        table.add_column(col, justify="right" if "ms" in col or "vs" in col else "left")
+    for row in results["rows"]:
+        r, d = row["results"], derived(row)
+
+        def mem(name):
+            v = r[name]["peak_mem_mb"]
+            return "-" if v is None else f"{v:.0f}"
+
+        table.add_row(row["op"], row["label"], row["backend"], f"{r['eager']['median_ms']:.3f}",
+                      f"{r['peftkern']['median_ms']:.3f}", f"{r['floor']['median_ms']:.3f}",
+                      f"{d['speedup']:.2f}x", f"{100 * d['overhead']:+.1f}%",
+                      f"{mem('eager')}/{mem('peftkern')}/{mem('floor')}")
+    console = Console()
+    if not console.is_terminal:  # piped into a file or CI log: do not squeeze the table to 80 columns
+        console = Console(width=200)
+    console.print(table)
+    if results["rows"]:
+        print(f"eager = {results['rows'][0]['eager_provider']}; floor = bare F.linear of the frozen base")
+
+
+def write_json(results: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    labels = [row["label"] for row in rows]
+    speedup = [derived(row)["speedup"] for row in rows]
+    of_floor = [row["results"]["floor"]["median_ms"] / row["results"]["peftkern"]["median_ms"] for row in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 3), 4.5))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], speedup, width=0.4, label="speedup vs eager (x)")
+    ax.bar([x + 0.2 for x in xs], of_floor, width=0.4, label="floor time / peftkern time")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_title(f"peftkern on {results['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
