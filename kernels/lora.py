@@ -140,6 +140,12 @@ def _lora_gemm_kernel(
 # launchers: tensors in, tensors out; shapes are checked by peftkern/ops/lora.py before this point
 # ----------------------------------------------------------------------------------------------
 
+def _empty(shape, device, dtype) -> torch.Tensor:
+    """Every kernel output is allocated here (tests replace it with a NaN-filled allocation to prove
+    that the kernels write every element)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def _pow2_at_least_16(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
@@ -182,7 +188,7 @@ def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 
     """out[M, R] = scale · (dropout(x) · p_rcᵀ) for x [M, C] and p_rc [R, C] (any strides), fp32 result."""
     M, C = x.shape
     R = p_rc.shape[0]
-    out = torch.empty((M, R), device=x.device, dtype=out_dtype)
+    out = _empty((M, R), x.device, out_dtype)
     seed_v, threshold, drop_scale = _seed_args(seed, dropout_p)
     block_m = 32 if INTERPRET else 64
     block_c = 32 if INTERPRET else 128
@@ -212,7 +218,7 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, seed: int = 0, 
     splits = max(1, min(m_blocks, triton.cdiv(_target_programs(x.device), tiles)))
     rows_per_split = triton.cdiv(m_blocks, splits) * block_m
     splits = triton.cdiv(M, rows_per_split)
-    part = torch.empty((splits, R, C), device=x.device, dtype=torch.float32)
+    part = _empty((splits, R, C), x.device, torch.float32)
     grid = (triton.cdiv(C, block_c), triton.cdiv(R, block_r), splits)
     _rank_grad_kernel[grid](
         g, x, part, M, R, C, rows_per_split,
@@ -230,12 +236,12 @@ def lora_gemm(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, u: torch.Tensor
     M, L = a.shape
     N = b.shape[1]
     R = t.shape[1]
-    out = torch.empty((M, N), device=a.device, dtype=out_dtype or a.dtype)
+    out = _empty((M, N), a.device, out_dtype or a.dtype)
     seed_v, threshold, drop_scale = _seed_args(seed, dropout_p)
     blocks = _gemm_blocks(a.dtype)
     grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
     _lora_gemm_kernel[grid](
-        a, b, t, u, bias if bias is not None else out, out,
+        a, b, t, u, bias.contiguous() if bias is not None else out, out,  # bias is read with unit stride
         M, N, L, R,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), t.stride(0), t.stride(1),
         u.stride(0), u.stride(1), out.stride(0), out.stride(1),
