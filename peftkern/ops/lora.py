@@ -58,7 +58,7 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_
     # dS = s·dy·B: the gradient reaching S, [M, r] in fp32
     ds = k.rank_down(dy, lora_b.t(), scale=scaling)
     if need_b:  # dBᵀ = s·Sᵀ·dy
-        db = k.rank_grad(s_down, dy, scale=scaling).t().to(lora_b.dtype)
+        db = k.rank_grad(s_down, dy, scale=scaling).t().contiguous().to(lora_b.dtype)
     if need_a:  # dA = dSᵀ·dropout(x), the mask regenerated on chip
         da = k.rank_grad(ds, x, scale=1.0, seed=seed_v, dropout_p=dropout_p).to(lora_a.dtype)
     if need_x:  # dx = dy·W + mask ⊙ (dS·A) / (1 - p), one GEMM with the rank-r term in its epilogue
