@@ -39,7 +39,7 @@ def _extension_and_cmdclass():
     cuda_home = cpp_extension.CUDA_HOME
     nvcc_found = bool(cuda_home) and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
     with_cuda = bool(torch.version.cuda) and nvcc_found and bool(cu_sources)
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is left to torch, whose headers set the minimum
     define_macros = []
     if with_cuda:
         define_macros.append(("PEFTKERN_WITH_CUDA", None))
@@ -47,7 +47,7 @@ def _extension_and_cmdclass():
             "peftkern._C", cpp_sources + cu_sources,
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -60,11 +60,20 @@ void fill_multiplier(scalar_t* out, int64_t rows, int64_t cols, int64_t row_offs
 
 }  // namespace
 
-void dropout_multiplier(torch::Tensor& out, int64_t row_offset, int64_t seed, int64_t threshold, double scale) {
-  TORCH_CHECK(out.device().is_cpu(), "dropout_multiplier: a CPU tensor expected");
+void dropout_multiplier(torch::Tensor& out, int64_t row_offset, int64_t seed, int64_t threshold, double scale,
+                        int64_t stream) {
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "dropout_multiplier: out must be a contiguous 2-D tensor");
   TORCH_CHECK(row_offset >= 0, "dropout_multiplier: row_offset must be >= 0");
   TORCH_CHECK(threshold >= 0 && threshold <= (int64_t(1) << 24), "dropout_multiplier: threshold out of range");
+  if (out.device().is_cuda()) {
+#ifdef PEFTKERN_WITH_CUDA
+    dropout_multiplier_cuda(out, row_offset, seed, threshold, scale, stream);
+    return;
+#else
+    TORCH_CHECK(false, "dropout_multiplier: peftkern._C was built without CUDA");
+#endif
+  }
+  TORCH_CHECK(out.device().is_cpu(), "dropout_multiplier: a CPU or CUDA tensor expected");
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "dropout_multiplier", [&] {
     fill_multiplier<scalar_t>(out.data_ptr<scalar_t>(), out.size(0), out.size(1), row_offset,
                               static_cast<uint64_t>(seed), static_cast<uint32_t>(threshold),

@@ -12,6 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
   m.def("dropout_multiplier", &peftkern::dropout_multiplier,
-        "out = scale where the Philox mask keeps (row_offset + m, k), else 0 (CPU)", pybind11::arg("out"),
-        pybind11::arg("row_offset"), pybind11::arg("seed"), pybind11::arg("threshold"), pybind11::arg("scale"));
+        "out = scale where the Philox mask keeps (row_offset + m, k), else 0 (CPU, or CUDA when built)", pybind11::arg("out"),
+        pybind11::arg("row_offset"), pybind11::arg("seed"), pybind11::arg("threshold"), pybind11::arg("scale"),
+        pybind11::arg("stream") = 0);
 }

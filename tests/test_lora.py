@@ -176,16 +176,17 @@ def test_triton_and_reference_share_the_mask():
     assert torch.equal(yt == 0, yr == 0)
 
 
-def test_cpp_mask_equals_torch_spelling():
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_compiled_mask_equals_torch_spelling(device):
     ext = peftkern._backend.extension()
-    if ext is None:
-        pytest.skip("the C++ extension is not built in this environment")
+    if ext is None or (device == "cuda" and not ext.with_cuda):
+        pytest.skip(f"peftkern._C is not built for {device} in this environment")
     rows, cols, seed, p = 37, 70, 2**33 + 11, 0.35
     for row_offset in (0, 5):
-        out = torch.empty(rows, cols)
-        ext.dropout_multiplier(out, row_offset, seed, ref_dropout.keep_threshold(p), 1 / (1 - p))
-        keep = ref_dropout.keep_mask(rows, cols, seed, p, row_offset=row_offset)
+        out = ref_dropout.multiplier(rows, cols, seed, p, dtype=torch.float32, device=device, row_offset=row_offset)
+        keep = ref_dropout.keep_mask(rows, cols, seed, p, device=device, row_offset=row_offset)
         assert torch.equal(out != 0, keep)
+        assert torch.equal(out[keep], torch.full_like(out[keep], 1 / (1 - p)))
 
 
 # ---- layouts and dtypes ---------------------------------------------------------------------------

@@ -70,13 +70,20 @@ def keep_mask(rows: int, cols: int, seed: int, p: float, device=None, row_offset
 def multiplier(rows: int, cols: int, seed: int, p: float, *, dtype, device, row_offset: int = 0) -> torch.Tensor:
     """[rows, cols] of keep / (1 - p): multiply a block of rows of the input by it to apply dropout.
 
-    Uses the C++ extension on CPU when it is built (one pass), else the torch spelling above."""
+    Uses the compiled extension when it is built for the device (one pass), else the torch spelling above."""
     from .. import _backend
 
+    device = torch.device(device) if device is not None else torch.device("cpu")
     ext = _backend.extension()
-    if ext is not None and torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64):
+    args = (row_offset, seed, keep_threshold(p), 1.0 / (1.0 - p))
+    if ext is not None and device.type == "cpu" and dtype in (torch.float32, torch.float64):
         out = torch.empty((rows, cols), dtype=dtype)
-        ext.dropout_multiplier(out, row_offset, seed, keep_threshold(p), 1.0 / (1.0 - p))
+        ext.dropout_multiplier(out, *args)
+        return out
+    if ext is not None and device.type == "cuda" and ext.with_cuda:
+        with torch.cuda.device(device):
+            out = torch.empty((rows, cols), dtype=dtype, device=device)
+            ext.dropout_multiplier(out, *args, torch.cuda.current_stream(device).cuda_stream)
         return out
     keep = keep_mask(rows, cols, seed, p, device=device, row_offset=row_offset)
     return keep.to(dtype) * (1.0 / (1.0 - p))
