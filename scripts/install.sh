@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install peftkern (editable) with one extra set: `bash scripts/install.sh test` or `bash scripts/install.sh bench`.
+# Run it inside the virtual environment you want to use. A torch that is already installed is left
+# alone; only when there is none does this install torch==2.13.0 (on the project's CPU machines that is
+# the CPU build kept on disk; elsewhere install the torch for your platform first). The build imports
+# torch, so it runs without build isolation; nothing is downloaded while building.
+set -euo pipefail
+extra="${1:-test}"
+cd "$(dirname "$0")/.."
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install "torch==2.13.0"
+fi
+python -m pip install --upgrade "setuptools>=64" wheel ninja
+python -m pip install --no-build-isolation -e ".[${extra}]"
+python -m peftkern info
