@@ -36,14 +36,14 @@ def _rank_down_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
                     mask=(offs_m[:, None] < M) & (offs_c[None, :] < C), other=0.0).to(tl.float32)
         if HAS_DROPOUT:
             x = tl.where(keep_tile(seed, offs_m, c0, C, threshold, BLOCK_C), x, 0.0)
-        p = tl.load(p_ptr + offs_r[None, :] * stride_pr + offs_c[:, None] * stride_pc,
+        p = tl.load(p_ptr + offs_r[None, :] * stride_pr + offs_c.to(tl.int64)[:, None] * stride_pc,
                     mask=(offs_r[None, :] < R) & (offs_c[:, None] < C), other=0.0).to(tl.float32)
         acc = tl.dot(x, p, acc, input_precision=PRECISION)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or, acc * scale,
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or, acc * scale,
              mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
@@ -67,14 +67,14 @@ def _rank_grad_kernel(
     for m0 in range(m_begin, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < m_end
-        g_t = tl.load(g_ptr + offs_m[None, :] * stride_gm + offs_r[:, None] * stride_gr,
+        g_t = tl.load(g_ptr + offs_m.to(tl.int64)[None, :] * stride_gm + offs_r[:, None] * stride_gr,
                       mask=row_ok[None, :] & (offs_r[:, None] < R), other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
                     mask=row_ok[:, None] & (offs_c[None, :] < C), other=0.0).to(tl.float32)
         if HAS_DROPOUT:
             x = tl.where(keep_tile(seed, offs_m, pid_c * BLOCK_C, C, threshold, BLOCK_C), x, 0.0)
         acc = tl.dot(g_t, x, acc, input_precision=PRECISION)
-    tl.store(part_ptr + pid_z * stride_pz + offs_r[:, None] * stride_pr + offs_c[None, :] * stride_pc,
+    tl.store(part_ptr + pid_z.to(tl.int64) * stride_pz + offs_r[:, None] * stride_pr + offs_c[None, :] * stride_pc,
              acc * scale, mask=(offs_r[:, None] < R) & (offs_c[None, :] < C))
 
 
@@ -103,36 +103,46 @@ def _lora_gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    # rows/cols past the edge re-read a valid one (% M, % N) so the loads need only the K mask;
+    # row offsets are int64 so that tensors over 2**31 elements address correctly
+    a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_al
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bl + (offs_n % N).to(tl.int64)[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, L, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < L
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_al,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bl + offs_n[None, :] * stride_bn,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        k_ok = offs_k < L - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=MAIN_PRECISION)
+        a_ptrs += BLOCK_K * stride_al
+        b_ptrs += BLOCK_K * stride_bl
 
-    # epilogue: the rank-r term, computed from the [M, R] and [R, N] factors on chip
-    low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_ok = offs_r < R
-        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-                    mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
-                    mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-        low = tl.dot(t, u, low, input_precision=RANK_PRECISION)
-    low = low * low_scale
+    # epilogue: the rank-r term from the [M, R] and [R, N] factors, on chip
+    t_rows = t_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_tm
+    u_cols = u_ptr + (offs_n % N).to(tl.int64)[None, :] * stride_un
     if HAS_DROPOUT:
-        low = tl.where(keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N), low, 0.0)
-    acc += low
+        # the mask applies to the rank-r term only, so it needs its own accumulator
+        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            t = tl.load(t_rows + offs_r[None, :] * stride_tr, mask=offs_r[None, :] < R, other=0.0).to(tl.float32)
+            u = tl.load(u_cols + offs_r[:, None] * stride_ur, mask=offs_r[:, None] < R, other=0.0).to(tl.float32)
+            low = tl.dot(t, u, low, input_precision=RANK_PRECISION)
+        keep = keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N)
+        acc += tl.where(keep, low * low_scale, 0.0)
+    else:
+        # no mask: accumulate straight into acc (no second [BLOCK_M, BLOCK_N] register tile)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            t = tl.load(t_rows + offs_r[None, :] * stride_tr, mask=offs_r[None, :] < R, other=0.0).to(tl.float32)
+            u = tl.load(u_cols + offs_r[:, None] * stride_ur, mask=offs_r[:, None] < R, other=0.0).to(tl.float32)
+            acc = tl.dot(t * low_scale, u, acc, input_precision=RANK_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -189,6 +199,8 @@ def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 
     M, C = x.shape
     R = p_rc.shape[0]
     out = _empty((M, R), x.device, out_dtype)
+    if M == 0 or C == 0:  # nothing to launch: an empty batch, or a zero-width input
+        return out.zero_()
     seed_v, threshold, drop_scale = _seed_args(seed, dropout_p)
     block_m = 32 if INTERPRET else 64
     block_c = 32 if INTERPRET else 128
@@ -209,6 +221,8 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, seed: int = 0, 
     """out[R, C] = scale · g[M, R]ᵀ · dropout(x)[M, C] in fp32, as split-M partials summed in a fixed order."""
     M, R = g.shape
     C = x.shape[1]
+    if M == 0 or C == 0:
+        return torch.zeros((R, C), device=x.device, dtype=torch.float32)
     seed_v, threshold, drop_scale = _seed_args(seed, dropout_p)
     block_m = 32 if INTERPRET else 64
     block_c = 32 if INTERPRET else 128
@@ -237,6 +251,8 @@ def lora_gemm(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, u: torch.Tensor
     N = b.shape[1]
     R = t.shape[1]
     out = _empty((M, N), a.device, out_dtype or a.dtype)
+    if M == 0 or N == 0:
+        return out
     seed_v, threshold, drop_scale = _seed_args(seed, dropout_p)
     blocks = _gemm_blocks(a.dtype)
     grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)

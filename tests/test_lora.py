@@ -247,3 +247,15 @@ def test_deterministic_backward(backend):
     for f, s in zip(first, second):
         if f is not None:
             assert torch.equal(f, s)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_batch(backend):
+    if backend not in available_backends("lora_linear", torch.float32):
+        pytest.skip(f"backend {backend} unavailable here")
+    x, w, a, b, bias = make_inputs((0,), 12, 7, 2, True, False, torch.float32, torch.float32)
+    with peftkern.use_backend(backend):
+        y = peftkern.lora_linear(x, w, a, b, bias=bias, dropout_p=0.1, seed=3)
+        y.sum().backward()
+    assert y.shape == (0, 7)
+    assert torch.equal(a.grad, torch.zeros_like(a)) and torch.equal(b.grad, torch.zeros_like(b))
