@@ -88,7 +88,7 @@ def _lora_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MAIN_PRECISION: tl.constexpr, RANK_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, M_BUCKET: tl.constexpr,  # M_BUCKET: autotuning key only
 ):
     # grouped ordering (Triton tutorial 03): neighbouring programs share A row-blocks in L2
     pid = tl.program_id(0)
@@ -178,12 +178,22 @@ def _target_programs(device: torch.device) -> int:
     return 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _gemm_blocks(dtype: torch.dtype):
+def _gemm_configs():
+    """Tile shapes the GEMM autotunes over on GPU (Hopper/Ampere bf16 favourites of Triton tutorial 03);
+    the interpreter gets one small tile. Configs that do not fit in shared memory (fp32 with large tiles)
+    are skipped by the autotuner."""
     if INTERPRET:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), num_warps=4, num_stages=1)]
+    tiles = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+             (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 32, 4, 4)]
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in tiles]
+
+
+# tuned per (power-of-two bucket of M, N, L, R, dropout, dtypes): training with varying token counts
+# does not re-tune at every new M
+_lora_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "L", "R", "HAS_DROPOUT"])(
+    _lora_gemm_kernel)
 
 
 def _seed_args(seed: int, p: float):
@@ -254,9 +264,10 @@ def lora_gemm(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, u: torch.Tensor
     if M == 0 or N == 0:
         return out
     seed_v, threshold, drop_scale = _seed_args(seed, dropout_p)
-    blocks = _gemm_blocks(a.dtype)
-    grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
-    _lora_gemm_kernel[grid](
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _lora_gemm_tuned[grid](
         a, b, t, u, bias.contiguous() if bias is not None else out, out,  # bias is read with unit stride
         M, N, L, R,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), t.stride(0), t.stride(1),
@@ -264,6 +275,6 @@ def lora_gemm(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, u: torch.Tensor
         seed_v, threshold, lora_scale * drop_scale,
         HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
         MAIN_PRECISION=_fp32_precision(a.dtype), RANK_PRECISION=_fp32_precision(a.dtype),
-        BLOCK_R=_pow2_at_least_16(R, 32), **blocks,
+        BLOCK_R=_pow2_at_least_16(R, 32), M_BUCKET=triton.next_power_of_2(M),
     )
     return out

@@ -10,17 +10,12 @@ def derived(row: dict) -> dict:
     return {"speedup": eager / fused, "overhead": fused / floor - 1.0}
 
 
-def print_table(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+COLUMNS = ("op", "shape", "backend", "eager ms", "peftkern ms", "floor ms", "speedup vs eager",
+           "overhead vs floor", "peak MB eager/peftkern/floor")
 
-    title = (f"peftkern bench on {results['device']} ({results['device_type']}"
-             f"{', %d threads' % results['cpu_threads'] if results['device_type'] == 'cpu' else ''}), "
-             f"torch {results['torch']}, triton {results['triton']}; fwd+bwd median ms")
-    table = Table(title=title)
-    for col in ("op", "shape", "backend", "eager ms", "peftkern ms", "floor ms", "speedup vs eager",
-                "overhead vs floor", "peak MB eager/peftkern/floor"):
-        table.add_column(col, justify="right" if "ms" in col or "vs" in col else "left")
+
+def table_rows(results: dict) -> list[tuple[str, ...]]:
+    rows = []
     for row in results["rows"]:
         r, d = row["results"], derived(row)
 
@@ -28,14 +23,36 @@ def print_table(results: dict) -> None:
             v = r[name]["peak_mem_mb"]
             return "-" if v is None else f"{v:.0f}"
 
-        table.add_row(row["op"], row["label"], row["backend"], f"{r['eager']['median_ms']:.3f}",
-                      f"{r['peftkern']['median_ms']:.3f}", f"{r['floor']['median_ms']:.3f}",
-                      f"{d['speedup']:.2f}x", f"{100 * d['overhead']:+.1f}%",
-                      f"{mem('eager')}/{mem('peftkern')}/{mem('floor')}")
-    console = Console()
-    if not console.is_terminal:  # piped into a file or CI log: do not squeeze the table to 80 columns
-        console = Console(width=200)
-    console.print(table)
+        rows.append((row["op"], row["label"], row["backend"], f"{r['eager']['median_ms']:.3f}",
+                     f"{r['peftkern']['median_ms']:.3f}", f"{r['floor']['median_ms']:.3f}",
+                     f"{d['speedup']:.2f}x", f"{100 * d['overhead']:+.1f}%",
+                     f"{mem('eager')}/{mem('peftkern')}/{mem('floor')}"))
+    return rows
+
+
+def print_table(results: dict) -> None:
+    title = (f"peftkern bench on {results['device']} ({results['device_type']}"
+             f"{', %d threads' % results['cpu_threads'] if results['device_type'] == 'cpu' else ''}), "
+             f"torch {results['torch']}, triton {results['triton']}; fwd+bwd median ms")
+    rows = table_rows(results)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # rich is in the bench extra; without it, a plain aligned table
+        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
+        print(title)
+        for line in [COLUMNS] + rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
+    else:
+        table = Table(title=title)
+        for col in COLUMNS:
+            table.add_column(col, justify="right" if "ms" in col or "vs" in col else "left")
+        for line in rows:
+            table.add_row(*line)
+        console = Console()
+        if not console.is_terminal:  # piped into a file or CI log: do not squeeze the table to 80 columns
+            console = Console(width=200)
+        console.print(table)
     if results["rows"]:
         print(f"eager = {results['rows'][0]['eager_provider']}; floor = bare F.linear of the frozen base")
 

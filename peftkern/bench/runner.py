@@ -8,6 +8,7 @@ import sys
 import torch
 
 from .cases import lora_cases
+from .ceilings import measure_ceilings
 from .providers import lora_providers
 from .timing import measure_group
 
@@ -41,5 +42,6 @@ def run(ops: list[str], *, quick: bool, device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m peftkern"] + sys.argv[1:]),
         "quick": quick,
+        "ceilings": measure_ceilings(device),
         "rows": rows,
     }
