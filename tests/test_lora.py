@@ -22,12 +22,12 @@ DTYPE_PAIRS = [(d, d) for d in device_dtypes()] + [(d, torch.float32) for d in d
 @pytest.fixture
 def poisoned(monkeypatch):
     """Triton outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
-    from peftkern.kernels import lora as klora
+    from peftkern.kernels import _launch
 
     def nan_empty(shape, device, dtype):
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
-    monkeypatch.setattr(klora, "_empty", nan_empty)
+    monkeypatch.setattr(_launch, "empty", nan_empty)
 
 
 def make_inputs(lead, k, n, r, bias, weight_grad, dtype, adapter_dtype, device=DEVICE):

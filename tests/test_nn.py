@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import peftkern
 from peftkern.nn import LoRALinear
 
 from .conftest import DEVICE, rel_err

@@ -10,14 +10,15 @@ def measure_ceilings(device: torch.device) -> dict | None:
         return None
     import triton.testing
 
+    def median_ms(fn) -> float:
+        return triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
+
     n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: torch.mm(a, b), warmup=100, rep=500, return_mode="median")
-    tflops = 2 * n**3 / (ms * 1e-3) / 1e12
-    del a, b
+    mat_a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    mat_b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    tflops = 2 * n**3 / (median_ms(lambda: torch.mm(mat_a, mat_b)) * 1e-3) / 1e12
     src = torch.randn(256 * 2**20, device=device, dtype=torch.float32)  # 1 GiB: far beyond L2
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=100, rep=500, return_mode="median")
-    gbps = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
-    return {"bf16_matmul_tflops": tflops, "copy_gb_per_s": gbps, "matmul_n": n, "copy_bytes": 2 * src.numel() * 4}
+    copy_bytes = 2 * src.numel() * src.element_size()  # read + write
+    gbps = copy_bytes / (median_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
+    return {"bf16_matmul_tflops": tflops, "copy_gb_per_s": gbps, "matmul_n": n, "copy_bytes": copy_bytes}

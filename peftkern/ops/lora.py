@@ -28,8 +28,8 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, b
                     scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     seed_v = int(seed.item()) if seed is not None else 0
     if _backend.select("lora_linear", x.device, x.dtype) == "triton":
-        k = _backend.kernels("lora")
-        s_down = k.rank_down(x, lora_a, scale=1.0, seed=seed_v, dropout_p=dropout_p)
+        k, rank = _backend.kernels("lora"), _backend.kernels("rank")
+        s_down = rank.rank_down(x, lora_a, scale=1.0, seed=seed_v, dropout_p=dropout_p)
         # y = x·Wᵀ + bias + (s·S)·Bᵀ in one GEMM; Wᵀ and Bᵀ are strided views, never copies
         y = k.lora_gemm(x, weight.t(), s_down, lora_b.t(), bias, lora_scale=scaling)
         return y, s_down
@@ -52,15 +52,15 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_
     if _backend.select("lora_linear", x.device, x.dtype) != "triton":
         return ref.lora_bwd(dy, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed_v,
                             need_x, need_weight, need_a, need_b, need_bias)
-    k = _backend.kernels("lora")
+    k, rank = _backend.kernels("lora"), _backend.kernels("rank")
     # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
     dx, dw, da, db, dbias = (x.new_empty(0) for _ in range(5))
     # dS = s·dy·B: the gradient reaching S, [M, r] in fp32
-    ds = k.rank_down(dy, lora_b.t(), scale=scaling)
+    ds = rank.rank_down(dy, lora_b.t(), scale=scaling)
     if need_b:  # dBᵀ = s·Sᵀ·dy
-        db = k.rank_grad(s_down, dy, scale=scaling).t().contiguous().to(lora_b.dtype)
+        db = rank.rank_grad(s_down, dy, scale=scaling).t().contiguous().to(lora_b.dtype)
     if need_a:  # dA = dSᵀ·dropout(x), the mask regenerated on chip
-        da = k.rank_grad(ds, x, scale=1.0, seed=seed_v, dropout_p=dropout_p).to(lora_a.dtype)
+        da = rank.rank_grad(ds, x, scale=1.0, seed=seed_v, dropout_p=dropout_p).to(lora_a.dtype)
     if need_x:  # dx = dy·W + mask ⊙ (dS·A) / (1 - p), one GEMM with the rank-r term in its epilogue
         dx = k.lora_gemm(dy, weight, ds, lora_a, None, seed=seed_v, dropout_p=dropout_p)
     if need_weight:

@@ -1,0 +1,45 @@
+"""Launch helpers shared by every Triton kernel family: output allocation, dot precision, occupancy."""
+import functools
+
+import torch
+import triton
+
+from . import INTERPRET
+
+
+def empty(shape, device, dtype) -> torch.Tensor:
+    """Every kernel output is allocated here (tests replace it with a NaN-filled allocation to prove
+    that the kernels write every element)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def pow2_at_least_16(n: int, cap: int) -> int:
+    """Block size for a small dimension: tl.dot needs >= 16, powers of two, and a cap on registers."""
+    return max(16, min(cap, triton.next_power_of_2(n)))
+
+
+def fp32_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision for fp32 operands: exact ("ieee") unless the user allowed TF32 for fp32 matmuls."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs a split reduction should launch to fill the device."""
+    if INTERPRET or device.type != "cuda":
+        return 4  # few programs: the interpreter runs each one in numpy, and >1 split still gets tested
+    return 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dropout_args(seed: int, p: float):
+    """(seed, integer keep threshold, 1/(1-p)) for the in-kernel mask; p == 0 means no dropout."""
+    from peftkern.reference.dropout import keep_threshold  # the one definition of the threshold
+    if p > 0.0:
+        return seed, keep_threshold(p), 1.0 / (1.0 - p)
+    return 0, 0, 1.0
