@@ -2,8 +2,9 @@
 # first: peftkern.kernels picks Triton's interpreter or GPU mode, which must happen before triton loads
 from . import kernels as _kernels  # noqa: F401
 from ._backend import backend_info, use_backend
+from .ops.adapter import bottleneck_adapter
 from .ops.lora import lora_linear
 from . import nn
 
 __version__ = "0.1.0"
-__all__ = ["lora_linear", "nn", "use_backend", "backend_info", "__version__"]
+__all__ = ["lora_linear", "bottleneck_adapter", "nn", "use_backend", "backend_info", "__version__"]

@@ -20,6 +20,7 @@ ENV_VAR = "PEFTKERN_BACKEND"
 # op family -> backends that have an implementation of it (besides "auto")
 _OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "lora_linear": ("triton", "reference"),
+    "bottleneck_adapter": ("triton", "reference"),
 }
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -112,7 +112,7 @@ def test_opcheck(backend, p, bias):
         _, s_down = torch.ops.peftkern.lora_linear_fwd(*fwd_args)
         dy = torch.randn(10, 9, device=DEVICE)
         bwd_args = (dy, x.detach(), w, a.detach(), b.detach(), s_down.detach(), s, p_, seed,
-                    True, True, True, True, bias)
+                    True, True, True, True, bias, backend)
         torch.library.opcheck(torch.ops.peftkern.lora_linear_bwd.default, bwd_args)
 
 

@@ -23,11 +23,17 @@ SEED_LIMIT = 2**63
 
 # ---- the two custom ops --------------------------------------------------------------------------
 
+def _impl(x: Tensor) -> str:
+    """"triton" or "reference" for this call. The forward's choice is also its backward's (setup_context
+    records it), so a `use_backend` block around the forward alone still decides both."""
+    return _backend.select("lora_linear", x.device, x.dtype)
+
+
 @torch.library.custom_op("peftkern::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
                     scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     seed_v = int(seed.item()) if seed is not None else 0
-    if _backend.select("lora_linear", x.device, x.dtype) == "triton":
+    if _impl(x) == "triton":
         k, rank = _backend.kernels("lora"), _backend.kernels("rank")
         s_down = rank.rank_down(x, lora_a, scale=1.0, seed=seed_v, dropout_p=dropout_p)
         # y = x·Wᵀ + bias + (s·S)·Bᵀ in one GEMM; Wᵀ and Bᵀ are strided views, never copies
@@ -45,11 +51,11 @@ def _(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed):
 @torch.library.custom_op("peftkern::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s_down: Tensor,
                     scaling: float, dropout_p: float, seed: Optional[Tensor], need_x: bool, need_weight: bool,
-                    need_a: bool, need_b: bool, need_bias: bool
+                    need_a: bool, need_b: bool, need_bias: bool, impl: str
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     seed_v = int(seed.item()) if seed is not None else 0
     dy = dy.contiguous()
-    if _backend.select("lora_linear", x.device, x.dtype) != "triton":
+    if impl != "triton":
         return ref.lora_bwd(dy, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed_v,
                             need_x, need_weight, need_a, need_b, need_bias)
     k, rank = _backend.kernels("lora"), _backend.kernels("rank")
@@ -72,7 +78,7 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_
 
 @lora_linear_bwd.register_fake
 def _(dy, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed, need_x, need_weight, need_a, need_b,
-      need_bias):
+      need_bias, impl):
     return (x.new_empty(x.shape if need_x else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
             lora_a.new_empty(lora_a.shape if need_a else (0,)),
@@ -85,6 +91,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
+    ctx.impl = _impl(x)
 
 
 def _backward(ctx, dy, _d_s_down):
@@ -92,7 +99,7 @@ def _backward(ctx, dy, _d_s_down):
     need = ctx.needs_input_grad
     dx, dw, da, db, dbias = torch.ops.peftkern.lora_linear_bwd(
         dy, x, weight, lora_a, lora_b, s_down, ctx.scaling, ctx.dropout_p, seed,
-        need[0], need[1], need[2], need[3], need[4])
+        need[0], need[1], need[2], need[3], need[4], ctx.impl)
     return (dx if need[0] else None, dw if need[1] else None, da if need[2] else None,
             db if need[3] else None, dbias if need[4] else None, None, None, None)
 

@@ -1,0 +1,184 @@
+"""Triton kernels of the bottleneck adapter:  out = residual + s·(act(h·W_downᵀ + b_down)·W_upᵀ + b_up).
+
+Forward, one kernel, one pass: each program owns BLOCK_M rows. It streams h over d to build
+pre = h·W_downᵀ + b_down ([BLOCK_M, k] in registers), applies the activation on chip, then streams
+over d again to write out = residual + s·(z·W_upᵀ + b_up) - the up-projection's epilogue does the
+scale, bias and residual add, and the second read of the block's h rows (the residual when none is
+given) comes from L2. z never goes to memory; pre ([M, k], fp32) is written once for backward, which
+recomputes act and act' from it.
+
+Backward, one kernel per row block for the activations' side: dz = s·dy·W_up, dpre = dz ⊙ act'(pre),
+dh = dpre·W_down (+ dy when the residual is h), writing dpre and z ([M, k] fp32) for the weight
+gradients, which are split-M reductions of kernels/rank.py: dW_upᵀ = s·zᵀ·dy and dW_down = dpreᵀ·h.
+
+The big products run in h's dtype on the tensor cores (fp32 operands use exact fp32 unless TF32 is
+allowed), accumulating in fp32. Bottleneck widths up to MAX_K fit the register budget.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET, _launch
+from ._launch import fp32_precision, pow2_at_least_16
+from .activations import activate, derivative
+
+MAX_K = 256
+
+
+@triton.jit
+def _adapter_fwd_kernel(
+    h_ptr, res_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, out_ptr, pre_ptr,
+    M, D, K,
+    stride_hm, stride_hd, stride_rm, stride_rd, stride_wdk, stride_wdd, stride_wud, stride_wuk,
+    stride_om, stride_od, stride_pm, stride_pk,
+    scaling,
+    HAS_RES: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    rows = offs_m.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_d[None, :] * stride_hd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        wd = tl.load(wd_ptr + offs_k[None, :] * stride_wdk + offs_d[:, None] * stride_wdd,
+                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(h, wd.to(h.dtype), acc, input_precision=PRECISION)
+    if HAS_BD:
+        acc += tl.load(bd_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(pre_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, acc,
+             mask=m_ok[:, None] & k_ok[None, :])
+    z = activate(acc, ACT).to(h_ptr.dtype.element_ty)
+
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        wu = tl.load(wu_ptr + offs_d[None, :] * stride_wud + offs_k[:, None] * stride_wuk,
+                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        o = tl.dot(z, wu.to(z.dtype), input_precision=PRECISION)
+        if HAS_BU:
+            o += tl.load(bu_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        tile = m_ok[:, None] & d_ok[None, :]
+        if HAS_RES:
+            r = tl.load(res_ptr + rows[:, None] * stride_rm + offs_d[None, :] * stride_rd, mask=tile, other=0.0)
+        else:
+            r = tl.load(h_ptr + rows[:, None] * stride_hm + offs_d[None, :] * stride_hd, mask=tile, other=0.0)
+        o = o * scaling + r.to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=tile)
+
+
+@triton.jit
+def _adapter_bwd_kernel(
+    dy_ptr, pre_ptr, wu_ptr, wd_ptr, dh_ptr, dpre_ptr, z_ptr,
+    M, D, K,
+    stride_dym, stride_dyd, stride_pm, stride_pk, stride_wud, stride_wuk, stride_wdk, stride_wdd,
+    stride_dhm, stride_dhd,
+    scaling,
+    NEED_DH: tl.constexpr, ADD_DY: tl.constexpr, STORE_Z: tl.constexpr, ACT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    rows = offs_m.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    mk = m_ok[:, None] & k_ok[None, :]
+
+    dz = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_d[None, :] * stride_dyd,
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        wu = tl.load(wu_ptr + offs_d[:, None] * stride_wud + offs_k[None, :] * stride_wuk,
+                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        dz = tl.dot(dy, wu.to(dy.dtype), dz, input_precision=PRECISION)
+    pre = tl.load(pre_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, mask=mk, other=0.0)
+    dpre = dz * scaling * derivative(pre, ACT)
+    # dpre and z are [M, k] with the pre layout (fresh contiguous buffers)
+    tl.store(dpre_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, dpre, mask=mk)
+    if STORE_Z:
+        tl.store(z_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, activate(pre, ACT), mask=mk)
+
+    if NEED_DH:
+        dpre_c = dpre.to(dy_ptr.dtype.element_ty)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            wd = tl.load(wd_ptr + offs_k[:, None] * stride_wdk + offs_d[None, :] * stride_wdd,
+                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            o = tl.dot(dpre_c, wd.to(dpre_c.dtype), input_precision=PRECISION)
+            tile = m_ok[:, None] & d_ok[None, :]
+            if ADD_DY:
+                o += tl.load(dy_ptr + rows[:, None] * stride_dym + offs_d[None, :] * stride_dyd,
+                             mask=tile, other=0.0).to(tl.float32)
+            tl.store(dh_ptr + rows[:, None] * stride_dhm + offs_d[None, :] * stride_dhd,
+                     o.to(dh_ptr.dtype.element_ty), mask=tile)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers: shapes were checked by peftkern/ops/adapter.py; k <= MAX_K
+# ----------------------------------------------------------------------------------------------
+
+def _blocks(d: int, k: int):
+    block_k = pow2_at_least_16(k, MAX_K)
+    if INTERPRET:
+        return 16, 32, block_k, 4
+    # keep the [BLOCK_M, BLOCK_K] fp32 accumulator and a [BLOCK_M, BLOCK_D] tile within registers
+    block_m = 64 if block_k <= 64 else 32
+    return block_m, 128 if block_k <= 128 else 64, block_k, 4 if block_k <= 64 else 8
+
+
+def adapter_fwd(h, w_down, b_down, w_up, b_up, residual, code: int, scaling: float):
+    """h [M, d] -> (out [M, d], pre [M, k] fp32)."""
+    M, D = h.shape
+    K = w_down.shape[0]
+    out = _launch.empty((M, D), h.device, h.dtype)
+    pre = _launch.empty((M, K), h.device, torch.float32)
+    if M == 0:
+        return out, pre
+    block_m, block_d, block_k, warps = _blocks(D, K)
+    res = residual if residual is not None else h
+    _adapter_fwd_kernel[(triton.cdiv(M, block_m),)](
+        h, res, w_down, b_down if b_down is not None else w_down, w_up, b_up if b_up is not None else w_up,
+        out, pre, M, D, K,
+        h.stride(0), h.stride(1), res.stride(0), res.stride(1), w_down.stride(0), w_down.stride(1),
+        w_up.stride(0), w_up.stride(1), out.stride(0), out.stride(1), pre.stride(0), pre.stride(1),
+        scaling,
+        HAS_RES=residual is not None, HAS_BD=b_down is not None, HAS_BU=b_up is not None, ACT=code,
+        PRECISION=fp32_precision(h.dtype), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
+    )
+    return out, pre
+
+
+def adapter_bwd_rows(dy, pre, w_up, w_down, code: int, scaling: float, *, need_dh: bool, add_dy: bool,
+                     store_z: bool):
+    """(dh [M, d] or None, dpre [M, k] fp32, z [M, k] fp32 or None) for one backward pass over dy."""
+    M, D = dy.shape
+    K = pre.shape[1]
+    dh = _launch.empty((M, D), dy.device, dy.dtype) if need_dh else None
+    dpre = _launch.empty((M, K), dy.device, torch.float32)
+    z = _launch.empty((M, K), dy.device, torch.float32) if store_z else None
+    if M == 0:
+        return dh, dpre, z
+    block_m, block_d, block_k, warps = _blocks(D, K)
+    _adapter_bwd_kernel[(triton.cdiv(M, block_m),)](
+        dy, pre, w_up, w_down, dh if dh is not None else dy, dpre, z if z is not None else dpre,
+        M, D, K,
+        dy.stride(0), dy.stride(1), pre.stride(0), pre.stride(1), w_up.stride(0), w_up.stride(1),
+        w_down.stride(0), w_down.stride(1),
+        dh.stride(0) if dh is not None else 0, dh.stride(1) if dh is not None else 0,
+        scaling,
+        NEED_DH=need_dh, ADD_DY=add_dy, STORE_Z=store_z, ACT=code,
+        PRECISION=fp32_precision(dy.dtype), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
+    )
+    return dh, dpre, z
