@@ -18,9 +18,12 @@ def pow2_at_least_16(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
-def fp32_precision(dtype: torch.dtype) -> str:
-    """tl.dot precision for fp32 operands: exact ("ieee") unless the user allowed TF32 for fp32 matmuls."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+def dot_precision(exact_fp32: bool) -> str:
+    """tl.dot precision. `exact_fp32`: an operand is an fp32 value (an fp32 input, or an fp32 adapter
+    parameter beside half-precision activations) whose full precision the result must keep, as an fp32
+    F.linear would: then "ieee" unless the user allowed TF32 for fp32 matmuls
+    (torch.backends.cuda.matmul.allow_tf32). Otherwise "tf32", which is exact for fp16/bf16 operands."""
+    if exact_fp32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
 

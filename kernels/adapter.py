@@ -11,15 +11,16 @@ Backward, one kernel per row block for the activations' side: dz = s·dy·W_up, 
 dh = dpre·W_down (+ dy when the residual is h), writing dpre and z ([M, k] fp32) for the weight
 gradients, which are split-M reductions of kernels/rank.py: dW_upᵀ = s·zᵀ·dy and dW_down = dpreᵀ·h.
 
-The big products run in h's dtype on the tensor cores (fp32 operands use exact fp32 unless TF32 is
-allowed), accumulating in fp32. Bottleneck widths up to MAX_K fit the register budget.
+Each product runs in its weight's dtype, accumulating in fp32: h's dtype on the tensor cores for
+same-dtype adapters; exact fp32 (unless TF32 is allowed) for fp32 adapter weights beside fp16/bf16
+activations, which is what an eager fp32 adapter computes. Bottleneck widths up to MAX_K fit the register budget.
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import INTERPRET, _launch
-from ._launch import fp32_precision, pow2_at_least_16
+from ._launch import dot_precision, pow2_at_least_16
 from .activations import activate, derivative
 
 MAX_K = 256
@@ -33,7 +34,7 @@ def _adapter_fwd_kernel(
     stride_om, stride_od, stride_pm, stride_pk,
     scaling,
     HAS_RES: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC_DOWN: tl.constexpr, PREC_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -50,19 +51,19 @@ def _adapter_fwd_kernel(
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         wd = tl.load(wd_ptr + offs_k[None, :] * stride_wdk + offs_d[:, None] * stride_wdd,
                      mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(h, wd.to(h.dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(h.to(wd.dtype), wd, acc, input_precision=PREC_DOWN)
     if HAS_BD:
         acc += tl.load(bd_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(pre_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, acc,
              mask=m_ok[:, None] & k_ok[None, :])
-    z = activate(acc, ACT).to(h_ptr.dtype.element_ty)
+    z = activate(acc, ACT).to(wu_ptr.dtype.element_ty)
 
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         wu = tl.load(wu_ptr + offs_d[None, :] * stride_wud + offs_k[:, None] * stride_wuk,
                      mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        o = tl.dot(z, wu.to(z.dtype), input_precision=PRECISION)
+        o = tl.dot(z, wu, input_precision=PREC_UP)
         if HAS_BU:
             o += tl.load(bu_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
         tile = m_ok[:, None] & d_ok[None, :]
@@ -83,7 +84,7 @@ def _adapter_bwd_kernel(
     stride_dhm, stride_dhd,
     scaling,
     NEED_DH: tl.constexpr, ADD_DY: tl.constexpr, STORE_Z: tl.constexpr, ACT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC_DOWN: tl.constexpr, PREC_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -101,7 +102,7 @@ def _adapter_bwd_kernel(
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         wu = tl.load(wu_ptr + offs_d[:, None] * stride_wud + offs_k[None, :] * stride_wuk,
                      mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        dz = tl.dot(dy, wu.to(dy.dtype), dz, input_precision=PRECISION)
+        dz = tl.dot(dy.to(wu.dtype), wu, dz, input_precision=PREC_UP)
     pre = tl.load(pre_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, mask=mk, other=0.0)
     dpre = dz * scaling * derivative(pre, ACT)
     # dpre and z are [M, k] with the pre layout (fresh contiguous buffers)
@@ -110,13 +111,13 @@ def _adapter_bwd_kernel(
         tl.store(z_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, activate(pre, ACT), mask=mk)
 
     if NEED_DH:
-        dpre_c = dpre.to(dy_ptr.dtype.element_ty)
+        dpre_c = dpre.to(wd_ptr.dtype.element_ty)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_ok = offs_d < D
             wd = tl.load(wd_ptr + offs_k[:, None] * stride_wdk + offs_d[None, :] * stride_wdd,
                          mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            o = tl.dot(dpre_c, wd.to(dpre_c.dtype), input_precision=PRECISION)
+            o = tl.dot(dpre_c, wd, input_precision=PREC_DOWN)
             tile = m_ok[:, None] & d_ok[None, :]
             if ADD_DY:
                 o += tl.load(dy_ptr + rows[:, None] * stride_dym + offs_d[None, :] * stride_dyd,
@@ -149,13 +150,16 @@ def adapter_fwd(h, w_down, b_down, w_up, b_up, residual, code: int, scaling: flo
     block_m, block_d, block_k, warps = _blocks(D, K)
     res = residual if residual is not None else h
     _adapter_fwd_kernel[(triton.cdiv(M, block_m),)](
-        h, res, w_down, b_down if b_down is not None else w_down, w_up, b_up if b_up is not None else w_up,
+        # biases are read with unit stride: a strided view is copied (they are tiny)
+        h, res, w_down, b_down.contiguous() if b_down is not None else w_down, w_up,
+        b_up.contiguous() if b_up is not None else w_up,
         out, pre, M, D, K,
         h.stride(0), h.stride(1), res.stride(0), res.stride(1), w_down.stride(0), w_down.stride(1),
         w_up.stride(0), w_up.stride(1), out.stride(0), out.stride(1), pre.stride(0), pre.stride(1),
         scaling,
         HAS_RES=residual is not None, HAS_BD=b_down is not None, HAS_BU=b_up is not None, ACT=code,
-        PRECISION=fp32_precision(h.dtype), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
+        PREC_DOWN=dot_precision(w_down.dtype == torch.float32), PREC_UP=dot_precision(w_up.dtype == torch.float32),
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
     )
     return out, pre
 
@@ -179,6 +183,7 @@ def adapter_bwd_rows(dy, pre, w_up, w_down, code: int, scaling: float, *, need_d
         dh.stride(0) if dh is not None else 0, dh.stride(1) if dh is not None else 0,
         scaling,
         NEED_DH=need_dh, ADD_DY=add_dy, STORE_Z=store_z, ACT=code,
-        PRECISION=fp32_precision(dy.dtype), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
+        PREC_DOWN=dot_precision(w_down.dtype == torch.float32), PREC_UP=dot_precision(w_up.dtype == torch.float32),
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
     )
     return dh, dpre, z

@@ -8,8 +8,8 @@ two skinny ones are shared with other families and live in kernels/rank.py:
                      forward y (T = S, U = Bᵀ, c = s) and dx (T = dS, U = A, with the dropout mask)
 The dropout mask is regenerated from the seed wherever it is needed (kernels/dropout.py); neither the
 mask nor dropout(x) is ever written. Split-M partial sums replace atomics, so every result is
-deterministic. The rank-r products run in fp32 (tf32 unless fp32 matmuls are asked to be exact):
-they are memory-bound, and fp32 keeps the adapter gradients as accurate as PEFT's fp32 adapters.
+deterministic. The rank-r products run in fp32, exact fp32 when the adapters are fp32 (kernels/_launch.dot_precision):
+they are memory-bound, and this keeps fp32 adapters' gradients as accurate as PEFT's own.
 The main GEMM runs in the input dtype on the tensor cores, accumulating in fp32.
 """
 import torch
@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import INTERPRET
 from . import _launch
-from ._launch import dropout_args, fp32_precision, pow2_at_least_16
+from ._launch import dot_precision, dropout_args, pow2_at_least_16
 from .dropout import keep_tile
 
 
@@ -132,7 +132,7 @@ def lora_gemm(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, u: torch.Tensor
         u.stride(0), u.stride(1), out.stride(0), out.stride(1),
         seed_v, threshold, lora_scale * drop_scale,
         HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
-        MAIN_PRECISION=fp32_precision(a.dtype), RANK_PRECISION=fp32_precision(a.dtype),
+        MAIN_PRECISION=dot_precision(a.dtype == torch.float32), RANK_PRECISION=dot_precision(u.dtype == torch.float32),
         BLOCK_R=pow2_at_least_16(R, 32), M_BUCKET=triton.next_power_of_2(M),
     )
     return out

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import INTERPRET
 from . import _launch
-from ._launch import dropout_args, fp32_precision, pow2_at_least_16, target_programs
+from ._launch import dot_precision, dropout_args, pow2_at_least_16, target_programs
 from .dropout import keep_tile
 
 
@@ -79,7 +79,8 @@ def _rank_grad_kernel(
 
 def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 0, dropout_p: float = 0.0,
               out_dtype=torch.float32) -> torch.Tensor:
-    """out[M, R] = scale · (dropout(x) · p_rcᵀ) for x [M, C] and p_rc [R, C] (any strides), fp32 result."""
+    """out[M, R] = scale · (dropout(x) · p_rcᵀ) for x [M, C] and p_rc [R, C] (any strides), fp32 result.
+    Exact fp32 products when p_rc (a parameter) is fp32 (see _launch.dot_precision)."""
     M, C = x.shape
     R = p_rc.shape[0]
     out = _launch.empty((M, R), x.device, out_dtype)
@@ -94,15 +95,16 @@ def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 
         x, p_rc, out, M, C, R,
         x.stride(0), x.stride(1), p_rc.stride(0), p_rc.stride(1), out.stride(0), out.stride(1),
         seed_v, threshold, scale * drop_scale,
-        HAS_DROPOUT=dropout_p > 0.0, PRECISION=fp32_precision(x.dtype),
+        HAS_DROPOUT=dropout_p > 0.0, PRECISION=dot_precision(p_rc.dtype == torch.float32),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
     )
     return out
 
 
-def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, seed: int = 0, dropout_p: float = 0.0
-              ) -> torch.Tensor:
-    """out[R, C] = scale · g[M, R]ᵀ · dropout(x)[M, C] in fp32, as split-M partials summed in a fixed order."""
+def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, exact: bool, seed: int = 0,
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """out[R, C] = scale · g[M, R]ᵀ · dropout(x)[M, C] in fp32, as split-M partials summed in a fixed order.
+    `exact`: the result is the gradient of an fp32 parameter, so the products keep fp32 precision."""
     M, R = g.shape
     C = x.shape[1]
     if M == 0 or C == 0:
@@ -122,7 +124,7 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, seed: int = 0, 
         g, x, part, M, R, C, rows_per_split,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), part.stride(0), part.stride(1), part.stride(2),
         seed_v, threshold, scale * drop_scale,
-        HAS_DROPOUT=dropout_p > 0.0, PRECISION=fp32_precision(x.dtype),
+        HAS_DROPOUT=dropout_p > 0.0, PRECISION=dot_precision(exact or x.dtype == torch.float32),
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return part[0] if splits == 1 else part.sum(dim=0)

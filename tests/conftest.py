@@ -1,12 +1,16 @@
 """Test set-up. Without CUDA the Triton kernels run in Triton's interpreter, which must be switched on
 before triton is first imported (peftkern.kernels does the same; this makes the order explicit)."""
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# a fresh torch.compile cache per run: a cache left by an older checkout can hold graphs that call
+# the custom ops with an older schema
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="peftkern-inductor-"))
 
 import peftkern  # noqa: E402  (after the environment is set)
 from peftkern import _backend  # noqa: E402

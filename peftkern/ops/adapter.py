@@ -71,9 +71,11 @@ def bottleneck_adapter_bwd(dy: Tensor, h: Tensor, w_down: Tensor, w_up: Tensor, 
     # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
     empties = [h.new_empty(0) for _ in range(5)]
     dh = dh if need_h else empties[0]
-    dwd = rank.rank_grad(dpre, h, scale=1.0).to(w_down.dtype) if need_wd else empties[1]
+    dwd = (rank.rank_grad(dpre, h, scale=1.0, exact=w_down.dtype == torch.float32).to(w_down.dtype)
+           if need_wd else empties[1])
     dbd = dpre.sum(dim=0).to(w_down.dtype) if need_bd else empties[2]
-    dwu = rank.rank_grad(z, dy, scale=scaling).t().contiguous().to(w_up.dtype) if need_wu else empties[3]
+    dwu = (rank.rank_grad(z, dy, scale=scaling, exact=w_up.dtype == torch.float32).t().contiguous().to(w_up.dtype)
+           if need_wu else empties[3])
     dbu = (dy.sum(dim=0, dtype=torch.float32) * scaling).to(w_up.dtype) if need_bu else empties[4]
     return dh, dwd, dbd, dwu, dbu
 

@@ -64,9 +64,10 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_
     # dS = s·dy·B: the gradient reaching S, [M, r] in fp32
     ds = rank.rank_down(dy, lora_b.t(), scale=scaling)
     if need_b:  # dBᵀ = s·Sᵀ·dy
-        db = rank.rank_grad(s_down, dy, scale=scaling).t().contiguous().to(lora_b.dtype)
+        db = rank.rank_grad(s_down, dy, scale=scaling, exact=lora_b.dtype == torch.float32).t().contiguous().to(lora_b.dtype)
     if need_a:  # dA = dSᵀ·dropout(x), the mask regenerated on chip
-        da = rank.rank_grad(ds, x, scale=1.0, seed=seed_v, dropout_p=dropout_p).to(lora_a.dtype)
+        da = rank.rank_grad(ds, x, scale=1.0, exact=lora_a.dtype == torch.float32, seed=seed_v,
+                            dropout_p=dropout_p).to(lora_a.dtype)
     if need_x:  # dx = dy·W + mask ⊙ (dS·A) / (1 - p), one GEMM with the rank-r term in its epilogue
         dx = k.lora_gemm(dy, weight, ds, lora_a, None, seed=seed_v, dropout_p=dropout_p)
     if need_weight:

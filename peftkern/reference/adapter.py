@@ -1,8 +1,11 @@
 """Bottleneck adapter in plain torch:  out = residual + s·(act(h·W_downᵀ + b_down)·W_upᵀ + b_up).
 
-The CPU path and the tests' oracle (float64). The forward keeps pre = h·W_downᵀ + b_down ([M, k],
-accumulation dtype) for backward, from which act and act' are recomputed; the up-projection result
-is scaled and gets the residual added in place, so the forward allocates one [M, d] tensor: out.
+The CPU path, the tests' oracle (float64) and the composite GPU fallback for bottlenecks too wide for
+the Triton kernel. Every product runs in the accumulation dtype (fp32, or fp64 for fp64 inputs): on
+CPU, where inputs are fp32/fp64, that costs nothing; for fp16/bf16 inputs it keeps small reductions
+such as a bias gradient from being rounded to 16 bits midway. The forward keeps
+pre = h·W_downᵀ + b_down ([M, k]) for backward, from which act and act' are recomputed; the
+up-projection result is scaled and gets the residual added in place.
 """
 from __future__ import annotations
 
@@ -23,10 +26,9 @@ def _linear(x, weight, bias, dtype):
 def adapter_fwd(h, w_down, b_down, w_up, b_up, residual, code: int, scaling: float):
     """h [M, d] -> (out [M, d] in h's dtype, pre [M, k] in the accumulation dtype)."""
     acc = acc_dtype(h.dtype)
-    pre = _linear(h, w_down, b_down, torch.promote_types(h.dtype, w_down.dtype)).to(acc)
-    z = act.activate(pre, code)
-    up = _linear(z, w_up, b_up, torch.promote_types(h.dtype, w_up.dtype)).to(h.dtype)
-    out = up.mul_(scaling).add_(h if residual is None else residual)
+    pre = _linear(h, w_down, b_down, acc)
+    up = _linear(act.activate(pre, code), w_up, b_up, acc)
+    out = up.mul_(scaling).add_(h if residual is None else residual).to(h.dtype)
     return out, pre
 
 
@@ -37,12 +39,12 @@ def adapter_bwd(dy, h, w_down, w_up, pre, code: int, scaling: float, residual_is
     acc = acc_dtype(h.dtype)
     # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
     dh, dwd, dbd, dwu, dbu = (h.new_empty(0) for _ in range(5))
-    dz = torch.mm(dy.to(acc), w_up.to(acc)) if dy.dtype != w_up.dtype else torch.mm(dy, w_up).to(acc)
-    dpre = dz.mul_(scaling).mul_(act.derivative(pre, code))
+    dpre = torch.mm(dy.to(acc), w_up.to(acc)).mul_(scaling).mul_(act.derivative(pre, code))
     if need_h:
-        dh = torch.mm(dpre.to(h.dtype), w_down.to(h.dtype))
+        dh = torch.mm(dpre, w_down.to(acc))
         if residual_is_h:
             dh.add_(dy)
+        dh = dh.to(h.dtype)
     if need_wu:
         dwu = (torch.mm(dy.t().to(acc), act.activate(pre, code)) * scaling).to(w_up.dtype)
     if need_bu:
