@@ -6,7 +6,9 @@ import math
 import torch
 from torch import nn
 
+from .ops.adapter import bottleneck_adapter
 from .ops.lora import lora_linear
+from .reference.activations import CODES as _ACTIVATIONS, NAMES as _ACTIVATION_NAMES
 
 
 class LoRALinear(nn.Module):
@@ -97,3 +99,53 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, merged={self.merged}")
+
+
+class BottleneckAdapter(nn.Module):
+    """A bottleneck adapter (Houlsby / Pfeiffer):  out = residual + scaling·(act(h·W_downᵀ + b_down)·W_upᵀ + b_up).
+
+    `forward(h, residual=None)`: without `residual`, h itself is the residual. Initialisation follows
+    AdapterHub's `init_weights` options: "bert" (default there and here: weights ~ N(0, 0.02²), biases 0)
+    or "mam_adapter" (W_down Kaiming-uniform a=sqrt(5), W_up and biases 0, so a new adapter is the identity).
+    """
+
+    INIT_WEIGHTS = ("bert", "mam_adapter")
+
+    def __init__(self, d_model: int, bottleneck: int, activation: str = "relu", scaling: float = 1.0,
+                 bias: bool = True, device=None, dtype=None, init_weights: str = "bert"):
+        super().__init__()
+        if not isinstance(bottleneck, int) or isinstance(bottleneck, bool) or bottleneck < 1:
+            raise ValueError(f"bottleneck must be an int >= 1, got {bottleneck!r}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(repr(n) for n in _ACTIVATION_NAMES)}; "
+                             f"got {activation!r}")
+        if init_weights not in self.INIT_WEIGHTS:
+            raise ValueError(f"init_weights must be one of {self.INIT_WEIGHTS}, got {init_weights!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.bottleneck = d_model, bottleneck
+        self.activation, self.scaling, self.init_weights = activation, float(scaling), init_weights
+        self.w_down = nn.Parameter(torch.empty(bottleneck, d_model, **factory))
+        self.b_down = nn.Parameter(torch.empty(bottleneck, **factory)) if bias else None
+        self.w_up = nn.Parameter(torch.empty(d_model, bottleneck, **factory))
+        self.b_up = nn.Parameter(torch.empty(d_model, **factory)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.init_weights == "bert":
+            nn.init.normal_(self.w_down, std=0.02)
+            nn.init.normal_(self.w_up, std=0.02)
+        else:
+            nn.init.kaiming_uniform_(self.w_down, a=math.sqrt(5))
+            nn.init.zeros_(self.w_up)
+        for b in (self.b_down, self.b_up):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return bottleneck_adapter(h, self.w_down, self.b_down, self.w_up, self.b_up, activation=self.activation,
+                                  scaling=self.scaling, residual=residual)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, "
+                f"scaling={self.scaling}, bias={self.b_down is not None}, init_weights={self.init_weights!r}")

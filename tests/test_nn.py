@@ -101,3 +101,51 @@ def test_matches_pefts_own_lora_layer():
     assert rel_err(x2.grad, x1.grad) < 1e-5
     assert rel_err(ours.lora_a.grad, ref.lora_A["default"].weight.grad) < 1e-5
     assert rel_err(ours.lora_b.grad, ref.lora_B["default"].weight.grad) < 1e-5
+
+
+# ---- BottleneckAdapter -----------------------------------------------------------------------------
+from peftkern.nn import BottleneckAdapter  # noqa: E402
+
+
+def test_adapter_inits_and_identity_start():
+    bert = BottleneckAdapter(64, 8, activation="gelu", device=DEVICE)
+    assert abs(bert.w_down.std().item() - 0.02) < 0.005 and torch.count_nonzero(bert.b_down) == 0
+    mam = BottleneckAdapter(64, 8, init_weights="mam_adapter", device=DEVICE)
+    assert torch.count_nonzero(mam.w_up) == 0 and torch.count_nonzero(mam.w_down) > 0
+    h = torch.randn(3, 5, 64, device=DEVICE)
+    torch.testing.assert_close(mam(h), h, rtol=0, atol=0)
+    r = torch.randn_like(h)
+    torch.testing.assert_close(mam(h, residual=r), r, rtol=0, atol=0)
+    no_bias = BottleneckAdapter(16, 2, bias=False, dtype=torch.float64)
+    assert no_bias.b_down is None and no_bias.b_up is None and no_bias.w_up.dtype == torch.float64
+
+
+def test_adapter_bad_arguments():
+    with pytest.raises(ValueError, match="'gelu_tanh'"):
+        BottleneckAdapter(16, 4, activation="prelu")
+    with pytest.raises(ValueError, match="bottleneck"):
+        BottleneckAdapter(16, 0)
+    with pytest.raises(ValueError, match="init_weights"):
+        BottleneckAdapter(16, 4, init_weights="xavier")
+
+
+def test_adapter_trains_and_matches_functional():
+    torch.manual_seed(1)
+    adapter = BottleneckAdapter(32, 4, activation="silu", scaling=0.5, device=DEVICE)
+    h = torch.randn(128, 32, device=DEVICE)
+    teacher = BottleneckAdapter(32, 4, activation="silu", scaling=0.5, device=DEVICE)
+    with torch.no_grad():
+        teacher.w_down.normal_(std=0.3)
+        teacher.w_up.normal_(std=0.3)
+        target = teacher(h)
+    expected = h + 0.5 * (F.silu(h @ adapter.w_down.t() + adapter.b_down) @ adapter.w_up.t() + adapter.b_up)
+    torch.testing.assert_close(adapter(h), expected, rtol=1e-5, atol=1e-5)
+    opt = torch.optim.Adam(adapter.parameters(), lr=2e-2)
+    losses = []
+    for _ in range(200):
+        loss = F.mse_loss(adapter(h), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]

@@ -38,3 +38,32 @@ def lora_cases(device: torch.device, quick: bool = False) -> list[LoraCase]:
     if quick:
         return [LoraCase(256, 256, 256, 16, torch.float32, p) for p in (0.0, 0.1)]
     return [LoraCase(2048, 1024, 1024, 16, torch.float32, p) for p in (0.0, 0.1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterCase:
+    m: int  # tokens
+    d: int  # model width
+    k: int  # bottleneck
+    dtype: torch.dtype
+    activation: str = "relu"
+
+    @property
+    def label(self) -> str:
+        return f"M={self.m} d={self.d} k={self.k} {str(self.dtype).replace('torch.', '')} {self.activation}"
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        return d
+
+
+def adapter_cases(device: torch.device, quick: bool = False) -> list[AdapterCase]:
+    """GPU: M=16384, d in {1024, 4096}, k in {16, 64, 256}, bf16. CPU: the acceptance shape, float32."""
+    if device.type == "cuda":
+        if quick:
+            return [AdapterCase(16384, 4096, 64, torch.bfloat16)]
+        return [AdapterCase(16384, d, k, torch.bfloat16) for d, k in itertools.product((1024, 4096), (16, 64, 256))]
+    if quick:
+        return [AdapterCase(512, 256, 16, torch.float32)]
+    return [AdapterCase(4096, 1024, 64, torch.float32)]

@@ -1,10 +1,17 @@
 """What each benchmark row times: one training step (forward + backward) of one layer.
 
+LoRA
 - eager:    Hugging Face PEFT's own LoRA `Linear` when peft is importable, else its exact eager
             computation  base(x) + lora_B(lora_A(dropout(x))) * scaling
 - peftkern: peftkern.lora_linear on the backend `auto` picks
 - floor:    the bare frozen base F.linear, forward and backward (what LoRA cannot go under)
-x requires grad in every provider, as an activation inside a network does.
+Bottleneck adapter
+- eager:    AdapterHub's computation: down Linear, activation, up Linear, scale, add the residual
+- peftkern: peftkern.bottleneck_adapter on the backend `auto` picks
+- floor:    one elementwise pass over h forward and over dy backward (h·s): reading h and writing the
+            output once, which any adapter must do
+- peftkern_fwd: the forward alone under no_grad, for the share of the bandwidth roofline
+x / h requires grad in every provider, as an activation inside a network does.
 """
 from __future__ import annotations
 
@@ -93,3 +100,41 @@ def lora_providers(case: LoraCase, device: torch.device) -> tuple[dict[str, Call
         return step
 
     return {"eager": with_reset(eager), "peftkern": with_reset(fused), "floor": floor}, eager_name
+
+
+def adapter_providers(case, device: torch.device) -> tuple[dict[str, Callable[[], None]], str]:
+    import peftkern
+    from peftkern.reference import activations as act
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    down = torch.nn.Linear(case.d, case.k, device=device, dtype=case.dtype)
+    up = torch.nn.Linear(case.k, case.d, device=device, dtype=case.dtype)
+    code, scaling = act.CODES[case.activation], 1.0
+    h = torch.randn(case.m, case.d, generator=gen).to(device=device, dtype=case.dtype).requires_grad_()
+    dy = torch.randn(case.m, case.d, generator=gen).to(device=device, dtype=case.dtype)
+    params = list(down.parameters()) + list(up.parameters())
+
+    def zero():
+        h.grad = None
+        for p in params:
+            p.grad = None
+
+    def eager():
+        (h + scaling * up(act.activate(down(h), code))).backward(dy)
+        zero()
+
+    def fused():
+        peftkern.bottleneck_adapter(h, down.weight, down.bias, up.weight, up.bias, activation=case.activation,
+                                    scaling=scaling).backward(dy)
+        zero()
+
+    def fused_fwd():
+        with torch.no_grad():
+            peftkern.bottleneck_adapter(h, down.weight, down.bias, up.weight, up.bias, activation=case.activation,
+                                        scaling=scaling)
+
+    def floor():
+        (h * scaling).backward(dy)
+        zero()
+
+    return {"eager": eager, "peftkern": fused, "floor": floor, "peftkern_fwd": fused_fwd}, "AdapterHub-style eager"

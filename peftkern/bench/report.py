@@ -53,8 +53,18 @@ def print_table(results: dict) -> None:
         if not console.is_terminal:  # piped into a file or CI log: do not squeeze the table to 80 columns
             console = Console(width=200)
         console.print(table)
-    if results["rows"]:
-        print(f"eager = {results['rows'][0]['eager_provider']}; floor = bare F.linear of the frozen base")
+    for op, what in (("lora", "bare F.linear of the frozen base, fwd+bwd"),
+                     ("adapter", "one elementwise pass over h (fwd) and dy (bwd)")):
+        row = next((r for r in results["rows"] if r["op"] == op), None)
+        if row is not None:
+            print(f"{op}: eager = {row['eager_provider']}; floor = {what}")
+    for row in results["rows"]:
+        if row.get("roofline"):
+            print(f"{row['label']}: forward {row['roofline']['forward_gb_per_s']:.0f} GB/s = "
+                  f"{row['roofline']['forward_pct_of_copy_bw']:.0f}% of the measured copy bandwidth")
+    if results.get("ceilings"):
+        c = results["ceilings"]
+        print(f"ceilings: bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s, copy {c['copy_gb_per_s']:.0f} GB/s")
 
 
 def write_json(results: dict, path: str) -> None:

@@ -7,12 +7,15 @@ import sys
 
 import torch
 
-from .cases import lora_cases
+from .cases import adapter_cases, lora_cases
 from .ceilings import measure_ceilings
-from .providers import lora_providers
+from .providers import adapter_providers, lora_providers
 from .timing import measure_group
 
-OPS = ("lora",)
+OPS = ("lora", "adapter")
+# op -> (cases, providers, the custom op family auto chooses a backend for)
+_OPS = {"lora": (lora_cases, lora_providers, "lora_linear"),
+        "adapter": (adapter_cases, adapter_providers, "bottleneck_adapter")}
 
 
 def run(ops: list[str], *, quick: bool, device: torch.device) -> dict:
@@ -20,19 +23,21 @@ def run(ops: list[str], *, quick: bool, device: torch.device) -> dict:
 
     import peftkern
 
-    jobs = []
-    if "lora" in ops:
-        jobs += [("lora", case) for case in lora_cases(device, quick)]
+    jobs = [(op, case) for op in ops for case in _OPS[op][0](device, quick)]
     rows = []
     for op, case in tqdm(jobs, desc="peftkern bench", unit="case"):
-        steps, eager_name = lora_providers(case, device)
+        _, providers, family = _OPS[op]
+        steps, eager_name = providers(case, device)
         result = measure_group(steps, device, quick=quick)
-        backend = peftkern._backend.auto_choice("lora_linear", device, case.dtype)
+        backend = peftkern._backend.auto_choice(family, device, case.dtype)
         rows.append({"op": op, "case": case.as_dict(), "label": case.label, "backend": backend,
                      "eager_provider": eager_name, "results": result})
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    ceilings = measure_ceilings(device)
+    for row in rows:
+        row["roofline"] = roofline(row, ceilings)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type,
@@ -42,6 +47,19 @@ def run(ops: list[str], *, quick: bool, device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m peftkern"] + sys.argv[1:]),
         "quick": quick,
-        "ceilings": measure_ceilings(device),
+        "ceilings": ceilings,
         "rows": rows,
     }
+
+
+def roofline(row: dict, ceilings: dict | None) -> dict | None:
+    """Share of the copy-bandwidth roofline the adapter forward reaches: the bytes it cannot avoid
+    (read h, write out, read the weights) over its time, against the measured copy bandwidth."""
+    if ceilings is None or row["op"] != "adapter":
+        return None
+    c = row["case"]
+    item = torch.finfo(getattr(torch, c["dtype"])).bits // 8
+    bytes_min = (2 * c["m"] * c["d"] + 2 * c["d"] * c["k"]) * item
+    seconds = row["results"]["peftkern_fwd"]["median_ms"] * 1e-3
+    achieved = bytes_min / seconds / 1e9
+    return {"forward_gb_per_s": achieved, "forward_pct_of_copy_bw": 100 * achieved / ceilings["copy_gb_per_s"]}
