@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "dropout.h"
+#include "sparse_diff.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "peftkern compiled kernels (CPU, and CUDA when built with nvcc)";
@@ -14,5 +15,35 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_multiplier", &peftkern::dropout_multiplier,
         "out = scale where the Philox mask keeps (row_offset + m, k), else 0 (CPU, or CUDA when built)", pybind11::arg("out"),
         pybind11::arg("row_offset"), pybind11::arg("seed"), pybind11::arg("threshold"), pybind11::arg("scale"),
+        pybind11::arg("stream") = 0);
+  m.def("sparse_diff_validate", &peftkern::sparse_diff_validate,
+        "(0, -1) if indices are in range and unique, (1, i) out of range at i, (2, i) duplicate at i (CPU)");
+  m.def("sparse_diff_apply",
+        [](torch::Tensor& weight, const torch::Tensor& indices, const torch::Tensor& values, double alpha,
+           int64_t stream) {
+          if (weight.is_cuda()) {
+#ifdef PEFTKERN_WITH_CUDA
+            return peftkern::sparse_diff_apply_cuda(weight, indices, values, alpha, stream);
+#else
+            TORCH_CHECK(false, "sparse_diff_apply: peftkern._C was built without CUDA");
+#endif
+          }
+          return peftkern::sparse_diff_apply(weight, indices, values, alpha);
+        },
+        "weight[indices] += alpha * values (validated indices); returns the previous values", pybind11::arg("weight"),
+        pybind11::arg("indices"), pybind11::arg("values"), pybind11::arg("alpha"), pybind11::arg("stream") = 0);
+  m.def("sparse_diff_restore",
+        [](torch::Tensor& weight, const torch::Tensor& indices, const torch::Tensor& backup, int64_t stream) {
+          if (weight.is_cuda()) {
+#ifdef PEFTKERN_WITH_CUDA
+            peftkern::sparse_diff_restore_cuda(weight, indices, backup, stream);
+            return;
+#else
+            TORCH_CHECK(false, "sparse_diff_restore: peftkern._C was built without CUDA");
+#endif
+          }
+          peftkern::sparse_diff_restore(weight, indices, backup);
+        },
+        "weight[indices] = backup", pybind11::arg("weight"), pybind11::arg("indices"), pybind11::arg("backup"),
         pybind11::arg("stream") = 0);
 }

@@ -4,7 +4,10 @@ from . import kernels as _kernels  # noqa: F401
 from ._backend import backend_info, use_backend
 from .ops.adapter import bottleneck_adapter
 from .ops.lora import lora_linear
+from .ops.sparse_diff import sparse_diff_apply_, sparse_diff_linear, sparse_diff_restore_
+from .sparse_diff import SparseDiff, apply_sparse_diffs_, restore_sparse_diffs_, sparse_diffs_applied
 from . import nn
 
 __version__ = "0.1.0"
-__all__ = ["lora_linear", "bottleneck_adapter", "nn", "use_backend", "backend_info", "__version__"]
+__all__ = ["lora_linear", "bottleneck_adapter", "SparseDiff", "sparse_diff_apply_", "sparse_diff_restore_",
+           "sparse_diff_linear", "apply_sparse_diffs_", "restore_sparse_diffs_", "sparse_diffs_applied", "nn", "use_backend", "backend_info", "__version__"]

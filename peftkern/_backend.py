@@ -21,6 +21,9 @@ ENV_VAR = "PEFTKERN_BACKEND"
 _OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "lora_linear": ("triton", "reference"),
     "bottleneck_adapter": ("triton", "reference"),
+    # "cuda" here is the compiled extension: its CUDA kernels on GPU tensors, its C++ ones on CPU tensors
+    "sparse_diff_apply": ("cuda", "reference"),
+    "sparse_diff_linear": ("triton", "reference"),
 }
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -101,6 +104,17 @@ def _triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str 
     return None
 
 
+def _extension_unavailable_reason(device: torch.device) -> str | None:
+    ext = extension()
+    if ext is None:
+        return f"peftkern._C is not built ({_ext_state.get('error')}); reinstall with a compiler present"
+    if device.type == "cuda" and not ext.with_cuda:
+        return "peftkern._C was built without CUDA (torch without CUDA, or no nvcc, at install time)"
+    if device.type not in ("cpu", "cuda"):
+        return f"peftkern._C has kernels for cpu and cuda tensors, not {device.type}"
+    return None
+
+
 def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
     """The implementation ("triton" or "reference" today) that runs `op` on this device and dtype."""
     supported = _OP_BACKENDS[op]
@@ -114,11 +128,17 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
         reason = _triton_unavailable_reason(device, dtype)
         if reason is not None:
             raise RuntimeError(f"backend 'triton' is not available for {op}: {reason}")
+    if name == "cuda":
+        reason = _extension_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend 'cuda' is not available for {op}: {reason}")
     return name
 
 
 def auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> str:
     supported = _OP_BACKENDS[op]
+    if "cuda" in supported and _extension_unavailable_reason(device) is None:
+        return "cuda"
     if device.type == "cuda" and "triton" in supported and _triton_unavailable_reason(device, dtype) is None:
         return "triton"
     return "reference"

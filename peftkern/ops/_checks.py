@@ -60,3 +60,8 @@ def real_number(name: str, value, *, low=None, high=None, high_inclusive=True) -
 
 def autocast_active(device: torch.device) -> bool:
     return torch.is_autocast_enabled(device.type) if device.type in ("cpu", "cuda") else False
+
+
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """True when elements of t share memory (an expanded view): in-place writes there are ill-defined."""
+    return any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride()))

@@ -1,0 +1,254 @@
+"""Sparse diff vectors: sparse_diff_apply_ / sparse_diff_restore_ (in place, bit-exact round trip) and
+sparse_diff_linear (x·(W + Δ)ᵀ with a sampled gradient for Δ's values), as peftkern:: custom ops.
+
+Index validation (range, duplicates) runs before any write. Its result is remembered on the indices
+tensor until that tensor is modified in place, so applying the same diff again (switching tasks back
+and forth) costs no second pass, and on GPU no second host sync. The CSR/CSC layout that
+sparse_diff_linear needs is remembered the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference import sparse_diff as ref
+from . import _checks
+from ._autocast import register_autocast
+
+INT32_LIMIT = 2**31 - 1
+
+
+# ---- validation and layouts, remembered per indices tensor ----------------------------------------
+
+def _ensure_valid(indices: Tensor, numel: int) -> None:
+    if getattr(indices, "_peftkern_valid_for", None) == (indices._version, numel):
+        return
+    ext = _backend.extension()
+    if ext is not None and indices.device.type == "cpu":
+        code, pos = ext.sparse_diff_validate(indices.contiguous(), numel)
+        if code == 1:
+            raise IndexError(f"indices[{pos}] = {int(indices[pos])} is out of range for a weight of {numel} "
+                             f"elements (valid: 0 <= index < {numel})")
+        if code == 2:
+            raise ValueError(f"indices[{pos}] = {int(indices[pos])} repeats an earlier index; a sparse diff holds "
+                             f"each position once (sum the values of duplicates first)")
+    else:
+        ref.validate(indices, numel)
+    indices._peftkern_valid_for = (indices._version, numel)
+
+
+def _layout(indices: Tensor, shape: tuple[int, int]) -> dict:
+    """CSR (by output row) and CSC (by input column) views of the diff's positions, int32 where they fit."""
+    cached = getattr(indices, "_peftkern_layout", None)
+    if cached is not None and cached[0] == (indices._version, shape):
+        return cached[1]
+    n_out, n_in = shape
+    idx = indices.to(torch.int64)
+    rows, cols = idx // n_in, idx % n_in
+    small = torch.int32 if max(n_out, n_in, idx.numel()) <= INT32_LIMIT else torch.int64
+
+    def segments(keys, length):
+        seg = torch.zeros(length + 1, dtype=torch.int64, device=idx.device)
+        seg[1:] = torch.cumsum(torch.bincount(keys, minlength=length), 0)
+        return seg.to(small)
+
+    csr = torch.argsort(idx)
+    csc = torch.argsort(cols * n_out + rows)
+    layout = {"rows": rows.to(small), "cols": cols.to(small),
+              "csr_perm": csr, "csr_seg": segments(rows, n_out), "csr_cols": cols[csr].to(small),
+              "csc_perm": csc, "csc_seg": segments(cols, n_in), "csc_rows": rows[csc].to(small)}
+    indices._peftkern_layout = ((indices._version, shape), layout)
+    return layout
+
+
+def _flat_and_offsets(weight: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """A 1-D contiguous alias of the weight's elements and the storage offsets of `indices` in it."""
+    if weight.is_contiguous():
+        return weight.view(-1), indices
+    # strided weight: logical row-major index -> storage offset through the strides
+    coords = torch.unravel_index(indices.to(torch.int64), weight.shape)
+    offsets = sum(c * s for c, s in zip(coords, weight.stride()))
+    span = 1 + sum((n - 1) * s for n, s in zip(weight.shape, weight.stride()))
+    return weight.as_strided((span,), (1,)), offsets
+
+
+# ---- apply / restore ------------------------------------------------------------------------------
+
+@torch.library.custom_op("peftkern::sparse_diff_apply_", mutates_args=("weight",))
+def _apply_op(weight: Tensor, indices: Tensor, values: Tensor, alpha: float) -> Tensor:
+    _ensure_valid(indices, weight.numel())
+    flat, offsets = _flat_and_offsets(weight, indices)
+    if _backend.select("sparse_diff_apply", weight.device, weight.dtype) == "cuda":
+        ext = _backend.extension()
+        with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
+            stream = torch.cuda.current_stream(weight.device).cuda_stream if weight.is_cuda else 0
+            return ext.sparse_diff_apply(flat, offsets.contiguous(), values.contiguous(), alpha, stream)
+    return ref.apply_(flat, offsets, values, alpha)
+
+
+@_apply_op.register_fake
+def _(weight, indices, values, alpha):
+    return weight.new_empty(indices.shape)
+
+
+@torch.library.custom_op("peftkern::sparse_diff_restore_", mutates_args=("weight",))
+def _restore_op(weight: Tensor, indices: Tensor, backup: Tensor) -> None:
+    _ensure_valid(indices, weight.numel())
+    flat, offsets = _flat_and_offsets(weight, indices)
+    if _backend.select("sparse_diff_apply", weight.device, weight.dtype) == "cuda":
+        ext = _backend.extension()
+        with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
+            stream = torch.cuda.current_stream(weight.device).cuda_stream if weight.is_cuda else 0
+            ext.sparse_diff_restore(flat, offsets.contiguous(), backup.contiguous(), stream)
+        return
+    ref.restore_(flat, offsets, backup)
+
+
+@_restore_op.register_fake
+def _(weight, indices, backup):
+    return None
+
+
+def _check_diff(weight_name: str, weight, indices, values_name: str, values, *, values_dtype_rule: str) -> None:
+    _checks.tensor(weight_name, weight)
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+    if indices.dim() != 1:
+        raise ValueError(f"indices must be 1-D (flat row-major positions), got shape {tuple(indices.shape)}")
+    if indices.dtype == torch.int32 and weight.numel() > INT32_LIMIT:
+        raise TypeError(f"indices must be int64 for a weight of {weight.numel()} elements (more than 2**31 - 1), "
+                        f"got int32")
+    _checks.tensor(values_name, values, ndim=1)
+    if values.shape[0] != indices.shape[0]:
+        raise ValueError(f"{values_name} must have one entry per index: expected shape ({indices.shape[0]},), "
+                         f"got {tuple(values.shape)}")
+    _checks.same_device(weight_name, weight, indices=indices, **{values_name: values})
+    if values_dtype_rule == "same":
+        _checks.same_dtype(weight_name, weight, **{values_name: values})
+    else:
+        _checks.adapter_dtype(values_name, values, weight_name, weight)
+
+
+def sparse_diff_apply_(weight: Tensor, indices: Tensor, values: Tensor, *, alpha: float = 1.0) -> Tensor:
+    """weight.view(-1)[indices] += alpha·values, in place; returns the previous values (the backup).
+
+    Each entry is computed as round(float(w) + alpha·float(v)) (double for float64 weights), so
+    sparse_diff_restore_(weight, indices, backup) gives back the original weight bit for bit.
+    Duplicate indices raise ValueError, out-of-range ones IndexError, and the weight is then unchanged.
+    """
+    _check_diff("weight", weight, indices, "values", values, values_dtype_rule="adapter")
+    alpha = _checks.real_number("alpha", alpha)
+    if _checks.has_internal_overlap(weight):
+        raise ValueError("weight has overlapping memory (an expanded view); apply the diff to a real tensor")
+    with torch.no_grad():
+        return torch.ops.peftkern.sparse_diff_apply_(weight, indices, values, alpha)
+
+
+def sparse_diff_restore_(weight: Tensor, indices: Tensor, backup: Tensor) -> None:
+    """Write `backup` (as returned by sparse_diff_apply_) back at `indices`."""
+    _check_diff("weight", weight, indices, "backup", backup, values_dtype_rule="same")
+    if _checks.has_internal_overlap(weight):
+        raise ValueError("weight has overlapping memory (an expanded view); restore into a real tensor")
+    with torch.no_grad():
+        torch.ops.peftkern.sparse_diff_restore_(weight, indices, backup)
+
+
+# ---- sparse_diff_linear -----------------------------------------------------------------------------
+
+def _impl(x: Tensor) -> str:
+    return _backend.select("sparse_diff_linear", x.device, x.dtype)
+
+
+@torch.library.custom_op("peftkern::sparse_diff_linear_fwd", mutates_args=())
+def sparse_diff_linear_fwd(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+    _ensure_valid(indices, weight.numel())
+    if _impl(x) != "triton":
+        return ref.linear_fwd(x, weight, indices, values, bias)
+    lay = _layout(indices, tuple(weight.shape))
+    y = torch.nn.functional.linear(x, weight, bias)
+    _backend.kernels("sparse_diff").spmm_add_(y, x, lay["csr_seg"], lay["csr_cols"], values[lay["csr_perm"]])
+    return y
+
+
+@sparse_diff_linear_fwd.register_fake
+def _(x, weight, indices, values, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("peftkern::sparse_diff_linear_bwd", mutates_args=())
+def sparse_diff_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, need_x: bool,
+                           need_weight: bool, need_values: bool, need_bias: bool, impl: str
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dy = dy.contiguous()
+    if impl != "triton":
+        return ref.linear_bwd(dy, x, weight, indices, values, need_x, need_weight, need_values, need_bias)
+    k = _backend.kernels("sparse_diff")
+    lay = _layout(indices, tuple(weight.shape))
+    # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
+    dx, dw, dv, db = (x.new_empty(0) for _ in range(4))
+    if need_x:
+        dx = torch.mm(dy, weight)
+        k.spmm_add_(dx, dy, lay["csc_seg"], lay["csc_rows"], values[lay["csc_perm"]])
+    if need_values:
+        dv = k.sddmm(dy, x, lay["rows"], lay["cols"]).to(values.dtype)
+    if need_weight:
+        dw = torch.mm(dy.t(), x)
+    if need_bias:
+        db = dy.sum(dim=0, dtype=torch.float32).to(x.dtype)
+    return dx, dw, dv, db
+
+
+@sparse_diff_linear_bwd.register_fake
+def _(dy, x, weight, indices, values, need_x, need_weight, need_values, need_bias, impl):
+    return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_weight else (0,)),
+            values.new_empty(values.shape if need_values else (0,)),
+            x.new_empty((weight.shape[0],) if need_bias else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, indices, values, bias = inputs
+    ctx.save_for_backward(x, weight, indices, values)
+    ctx.impl = _impl(x)
+
+
+def _backward(ctx, dy):
+    x, weight, indices, values = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, dv, db = torch.ops.peftkern.sparse_diff_linear_bwd(dy, x, weight, indices, values, need[0], need[1],
+                                                                need[3], need[4], ctx.impl)
+    return (dx if need[0] else None, dw if need[1] else None, None, dv if need[3] else None,
+            db if need[4] else None)
+
+
+sparse_diff_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autocast("sparse_diff_linear_fwd", torch.ops.peftkern.sparse_diff_linear_fwd.default)
+
+
+def sparse_diff_linear(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, bias: Optional[Tensor] = None
+                       ) -> Tensor:
+    """F.linear(x, weight + scatter(indices, values), bias), without a dense W + Δ or a dense weight gradient.
+
+    The gradient of `values` is the sampled product g[i] = Σ_t dy[t, row_i]·x[t, col_i]. Gradients reach
+    x, values and bias (and weight, densely, only if it requires grad).
+    """
+    _checks.tensor("x", x, min_ndim=1)
+    _checks.tensor("weight", weight, ndim=2)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x's last dim must equal weight's in_features {weight.shape[1]} (weight is "
+                         f"{tuple(weight.shape)} = [out, in]), got x of shape {tuple(x.shape)}")
+    _check_diff("weight", weight, indices, "values", values, values_dtype_rule="adapter")
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1)
+        _checks.shape("bias", bias, (weight.shape[0],), "[out_features]")
+    _checks.same_device("x", x, weight=weight, bias=bias)
+    if not _checks.autocast_active(x.device):
+        _checks.same_dtype("x", x, weight=weight, bias=bias)
+    lead = x.shape[:-1]
+    y = torch.ops.peftkern.sparse_diff_linear_fwd(x.reshape(-1, x.shape[-1]), weight, indices, values, bias)
+    return y.view(*lead, weight.shape[0])

@@ -1,0 +1,105 @@
+"""Sparse diff vectors in plain torch: index validation, apply/restore, and the linear layer.
+
+A diff is (indices, values): flat row-major positions in weight.view(-1) and the values added there.
+apply computes w = round(acc(w) + alpha * acc(v)) with acc = fp32 (fp64 for fp64 weights), the same
+arithmetic as the C++/CUDA kernels, and returns the previous values so restore is bit-exact.
+sparse_diff_linear never forms W + Δ or a dense [out, in] gradient: x·Δᵀ and dy·Δ are sparse
+products (torch.sparse CSR), and the gradient of the values is the sampled product
+g[i] = Σ_t dy[t, row_i]·x[t, col_i] (torch.sparse.sampled_addmm).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .lora import acc_dtype
+
+
+def validate(indices: torch.Tensor, numel: int) -> None:
+    """IndexError for an index outside [0, numel), ValueError for a repeated index; both name the position."""
+    if indices.numel() == 0:
+        return
+    idx = indices.to(torch.int64)
+    bad = (idx < 0) | (idx >= numel)
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise IndexError(f"indices[{pos}] = {int(idx[pos])} is out of range for a weight of {numel} elements "
+                         f"(valid: 0 <= index < {numel})")
+    sorted_idx, order = torch.sort(idx, stable=True)
+    repeat = sorted_idx[1:] == sorted_idx[:-1]
+    if bool(repeat.any()):
+        pos = int(order[1:][repeat].min())
+        raise ValueError(f"indices[{pos}] = {int(idx[pos])} repeats an earlier index; a sparse diff holds each "
+                         f"position once (sum the values of duplicates first)")
+
+
+def apply_(flat: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, alpha: float) -> torch.Tensor:
+    """flat[offsets] = round(acc(flat[offsets]) + alpha·acc(values)); returns the previous values."""
+    backup = flat[offsets]
+    acc = acc_dtype(flat.dtype)
+    flat[offsets] = (backup.to(acc) + alpha * values.to(acc)).to(flat.dtype)
+    return backup
+
+
+def restore_(flat: torch.Tensor, offsets: torch.Tensor, backup: torch.Tensor) -> None:
+    flat[offsets] = backup
+
+
+# ---- the linear layer ------------------------------------------------------------------------------
+
+def csr(indices: torch.Tensor, values: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """Δ as a sparse CSR [out, in] tensor in `dtype` (rows sorted, as CSR requires)."""
+    n_out, n_in = shape
+    idx = indices.to(torch.int64)
+    order = torch.argsort(idx)
+    idx = idx[order]
+    rows, cols = idx // n_in, idx % n_in
+    crow = torch.zeros(n_out + 1, dtype=torch.int64, device=idx.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_out), 0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and fine for these ops
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, values[order].to(dtype), (n_out, n_in))
+
+
+def linear_fwd(x, weight, indices, values, bias):
+    """y = x·Wᵀ + bias + x·Δᵀ for x [M, in]."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    if indices.numel():
+        acc = acc_dtype(x.dtype)
+        delta = csr(indices, values, weight.shape, acc)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y += torch.sparse.mm(delta, x.t().to(acc)).t().to(y.dtype)
+    return y
+
+
+def linear_bwd(dy, x, weight, indices, values, need_x, need_weight, need_values, need_bias):
+    """(dx, dweight, dvalues, dbias); entries not needed are empty tensors."""
+    acc = acc_dtype(x.dtype)
+    # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
+    dx, dw, dv, db = (x.new_empty(0) for _ in range(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if need_x:
+            dx = torch.mm(dy, weight)
+            if indices.numel():
+                delta_t = csr(indices, values, weight.shape, acc).t().to_sparse_csr()
+                dx += torch.sparse.mm(delta_t, dy.t().to(acc)).t().to(dx.dtype)
+        if need_values:
+            if indices.numel():
+                # g[i] = Σ_t dy[t, row_i]·x[t, col_i], only at the diff's positions
+                idx = indices.to(torch.int64)
+                order = torch.argsort(idx)
+                pattern = csr(indices, torch.ones_like(values, dtype=acc), weight.shape, acc)
+                sampled = torch.sparse.sampled_addmm(pattern, dy.t().to(acc), x.to(acc), beta=0.0, alpha=1.0)
+                dv = torch.empty(values.shape, dtype=acc, device=values.device)
+                dv[order] = sampled.values()
+                dv = dv.to(values.dtype)
+            else:
+                dv = values.new_empty(values.shape)
+        if need_weight:
+            dw = torch.mm(dy.t(), x)
+        if need_bias:
+            db = dy.sum(dim=0, dtype=acc).to(x.dtype)
+    return dx, dw, dv, db
