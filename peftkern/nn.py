@@ -8,6 +8,7 @@ from torch import nn
 
 from .ops.adapter import bottleneck_adapter
 from .ops.lora import lora_linear
+from .ops.sparse_diff import sparse_diff_linear
 from .reference.activations import CODES as _ACTIVATIONS, NAMES as _ACTIVATION_NAMES
 
 
@@ -149,3 +150,51 @@ class BottleneckAdapter(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, "
                 f"scaling={self.scaling}, bias={self.b_down is not None}, init_weights={self.init_weights!r}")
+
+
+class SparseDiffLinear(nn.Module):
+    """A frozen linear layer plus a trainable sparse diff at fixed positions: y = x·(W + Δ)ᵀ + b.
+
+    `indices` (flat row-major positions in the weight) is a buffer; `values` is the trainable
+    parameter, zeros at start (so a new layer equals its source linear), in the weight's dtype unless
+    `values_dtype` says otherwise (float32 beside a half-precision weight is allowed). The dense W + Δ
+    and a dense weight gradient never exist (see peftkern.sparse_diff_linear).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, indices: torch.Tensor, values_dtype=None):
+        super().__init__()
+        from .reference.sparse_diff import validate
+
+        if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
+            raise TypeError("indices must be a 1-D int32 or int64 tensor of flat positions in the weight")
+        validate(indices, weight.numel())
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.weight.requires_grad_(False)
+        if bias is not None:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+            self.bias.requires_grad_(False)
+        else:
+            self.bias = None
+        self.register_buffer("indices", indices.to(weight.device))
+        self.values = nn.Parameter(torch.zeros(indices.numel(), device=weight.device,
+                                               dtype=values_dtype or weight.dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, indices: torch.Tensor, values_dtype=None) -> "SparseDiffLinear":
+        """Wrap an nn.Linear (weight and bias shared, frozen) with trainable values at `indices`."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        return cls(linear.weight, linear.bias, indices, values_dtype=values_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_diff_linear(x, self.weight, self.indices, self.values, self.bias)
+
+    def to_sparse_diff(self):
+        """The trained diff, ready to save or to apply to another copy of the base weight."""
+        from .sparse_diff import SparseDiff
+
+        return SparseDiff(self.indices.clone(), self.values.detach().clone(), self.weight.shape)
+
+    def extra_repr(self) -> str:
+        out_f, in_f = self.weight.shape
+        return f"in_features={in_f}, out_features={out_f}, nnz={self.indices.numel()}, bias={self.bias is not None}"
