@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print backend_info(): versions, devices, extension, auto choices")
     bench = sub.add_parser("bench", help="time each op against the eager baseline and the F.linear floor")
-    bench.add_argument("--op", choices=["lora", "adapter", "all"], default="all")
+    bench.add_argument("--op", choices=["lora", "adapter", "sparse", "all"], default="all")
     bench.add_argument("--quick", action="store_true", help="fewer, smaller cases and repeats")
     bench.add_argument("--json", metavar="PATH", help="write all medians and metadata as JSON")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG chart of speedup and share of the floor")

@@ -26,7 +26,7 @@ def test_bench_quick_writes_table_json_and_plot(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "speedup vs eager" in out.stdout and "overhead vs floor" in out.stdout
     results = json.loads((tmp_path / "r.json").read_text())
-    assert results["torch"] and {row["op"] for row in results["rows"]} == {"lora", "adapter"}
+    assert results["torch"] and {row["op"] for row in results["rows"]} == {"lora", "adapter", "sparse"}
     for row in results["rows"]:
         assert {"eager", "peftkern", "floor"} <= set(row["results"])
         assert all(r["median_ms"] > 0 for r in row["results"].values())

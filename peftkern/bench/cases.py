@@ -67,3 +67,34 @@ def adapter_cases(device: torch.device, quick: bool = False) -> list[AdapterCase
     if quick:
         return [AdapterCase(512, 256, 16, torch.float32)]
     return [AdapterCase(4096, 1024, 64, torch.float32)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseCase:
+    kind: str  # "apply" (sparse_diff_apply_) or "linear" (sparse_diff_linear forward + backward)
+    n_out: int
+    n_in: int
+    density: float
+    dtype: torch.dtype
+    m: int = 0  # tokens, for "linear"
+
+    @property
+    def label(self) -> str:
+        tokens = f"M={self.m} " if self.kind == "linear" else ""
+        return (f"{self.kind} {tokens}{self.n_out}x{self.n_in} {100 * self.density:g}% "
+                f"{str(self.dtype).replace('torch.', '')}")
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        return d
+
+
+def sparse_cases(device: torch.device, quick: bool = False) -> list[SparseCase]:
+    """apply into 4096x4096 at 0.1%, 1%, 5%; sparse_diff_linear at 1% (GPU bf16 M=8192, CPU fp32 M=512)."""
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    if quick:
+        return [SparseCase("apply", 1024, 1024, 0.01, dtype), SparseCase("linear", 1024, 1024, 0.01, dtype, m=128)]
+    return ([SparseCase("apply", 4096, 4096, d, dtype) for d in (0.001, 0.01, 0.05)]
+            + [SparseCase("linear", 4096, 4096, 0.01, dtype, m=8192 if gpu else 512)])

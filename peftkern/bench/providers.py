@@ -11,6 +11,15 @@ Bottleneck adapter
 - floor:    one elementwise pass over h forward and over dy backward (h·s): reading h and writing the
             output once, which any adapter must do
 - peftkern_fwd: the forward alone under no_grad, for the share of the bandwidth roofline
+Sparse diff, apply (into a 4096x4096 weight)
+- eager:    index_put_(accumulate=True) into a copy of the weight (how a diff is applied without peftkern)
+- peftkern: sparse_diff_apply_ in place, returning the backup; the diff's indices are validated once
+- peftkern_fresh: the same with indices never seen before, so validation runs in the timed call
+- floor:    index_put_(accumulate=True) in place: the library's cheapest call making the same update
+Sparse diff, linear (forward + backward, x and values requiring grad)
+- eager:    the SpIEL-style computation: clone W, scatter the values in, F.linear, dense weight gradient
+- peftkern: sparse_diff_linear
+- floor:    the bare frozen F.linear, forward and backward
 x / h requires grad in every provider, as an activation inside a network does.
 """
 from __future__ import annotations
@@ -138,3 +147,54 @@ def adapter_providers(case, device: torch.device) -> tuple[dict[str, Callable[[]
         zero()
 
     return {"eager": eager, "peftkern": fused, "floor": floor, "peftkern_fwd": fused_fwd}, "AdapterHub-style eager"
+
+
+def sparse_providers(case, device: torch.device) -> tuple[dict[str, Callable[[], None]], str]:
+    import peftkern
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    numel = case.n_out * case.n_in
+    nnz = max(1, round(case.density * numel))
+    weight = torch.randn(case.n_out, case.n_in, generator=gen).to(device=device, dtype=case.dtype)
+    idx = torch.randperm(numel, generator=gen)[:nnz].sort().values.to(device)
+    values = (torch.randn(nnz, generator=gen) * 1e-3).to(device=device, dtype=case.dtype)
+    if case.kind == "apply":
+        flat = weight.view(-1)
+
+        def eager():
+            weight.clone().view(-1).index_put_((idx,), values, accumulate=True)
+
+        def fused():
+            peftkern.sparse_diff_apply_(weight, idx, values)
+
+        def fused_fresh():
+            peftkern.sparse_diff_apply_(weight, idx.clone(), values)
+
+        def floor():
+            flat.index_put_((idx,), values, accumulate=True)
+
+        return ({"eager": eager, "peftkern": fused, "peftkern_fresh": fused_fresh, "floor": floor},
+                "index_put_(accumulate=True) into a copy")
+
+    x = torch.randn(case.m, case.n_in, generator=gen).to(device=device, dtype=case.dtype).requires_grad_()
+    dy = torch.randn(case.m, case.n_out, generator=gen).to(device=device, dtype=case.dtype)
+    values.requires_grad_()
+
+    def zero():
+        x.grad = None
+        values.grad = None
+
+    def eager():
+        w = weight.clone().view(-1).scatter_add(0, idx, values).view(weight.shape)
+        F.linear(x, w).backward(dy)
+        zero()
+
+    def fused():
+        peftkern.sparse_diff_linear(x, weight, idx, values).backward(dy)
+        zero()
+
+    def floor():
+        F.linear(x, weight).backward(dy)
+        zero()
+
+    return {"eager": eager, "peftkern": fused, "floor": floor}, "SpIEL-style eager (clone, scatter, dense grad)"

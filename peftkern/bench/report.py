@@ -54,7 +54,8 @@ def print_table(results: dict) -> None:
             console = Console(width=200)
         console.print(table)
     for op, what in (("lora", "bare F.linear of the frozen base, fwd+bwd"),
-                     ("adapter", "one elementwise pass over h (fwd) and dy (bwd)")):
+                     ("adapter", "one elementwise pass over h (fwd) and dy (bwd)"),
+                     ("sparse", "apply: in-place index_put_(accumulate=True); linear: bare F.linear fwd+bwd")):
         row = next((r for r in results["rows"] if r["op"] == op), None)
         if row is not None:
             print(f"{op}: eager = {row['eager_provider']}; floor = {what}")
@@ -62,6 +63,10 @@ def print_table(results: dict) -> None:
         if row.get("roofline"):
             print(f"{row['label']}: forward {row['roofline']['forward_gb_per_s']:.0f} GB/s = "
                   f"{row['roofline']['forward_pct_of_copy_bw']:.0f}% of the measured copy bandwidth")
+    for row in results["rows"]:
+        fresh = row["results"].get("peftkern_fresh")
+        if fresh:
+            print(f"{row['label']}: peftkern with first-time index validation {fresh['median_ms']:.3f} ms")
     if results.get("ceilings"):
         c = results["ceilings"]
         print(f"ceilings: bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s, copy {c['copy_gb_per_s']:.0f} GB/s")

@@ -7,15 +7,17 @@ import sys
 
 import torch
 
-from .cases import adapter_cases, lora_cases
+from .cases import AdapterCase, LoraCase, SparseCase, adapter_cases, lora_cases, sparse_cases
 from .ceilings import measure_ceilings
-from .providers import adapter_providers, lora_providers
+from .providers import adapter_providers, lora_providers, sparse_providers
+from .memory import peak_mb_in_subprocess
 from .timing import measure_group
 
-OPS = ("lora", "adapter")
+OPS = ("lora", "adapter", "sparse")
 # op -> (cases, providers, the custom op family auto chooses a backend for)
 _OPS = {"lora": (lora_cases, lora_providers, "lora_linear"),
-        "adapter": (adapter_cases, adapter_providers, "bottleneck_adapter")}
+        "adapter": (adapter_cases, adapter_providers, "bottleneck_adapter"),
+        "sparse": (sparse_cases, sparse_providers, None)}
 
 
 def run(ops: list[str], *, quick: bool, device: torch.device) -> dict:
@@ -29,6 +31,11 @@ def run(ops: list[str], *, quick: bool, device: torch.device) -> dict:
         _, providers, family = _OPS[op]
         steps, eager_name = providers(case, device)
         result = measure_group(steps, device, quick=quick)
+        if device.type == "cpu" and not quick:  # CPU peak memory: a fresh process per provider
+            for name in result:
+                result[name]["peak_mem_mb"] = peak_mb_in_subprocess(op, case.as_dict(), name)
+        if family is None:  # sparse: apply and linear are different op families
+            family = "sparse_diff_apply" if case.kind == "apply" else "sparse_diff_linear"
         backend = peftkern._backend.auto_choice(family, device, case.dtype)
         rows.append({"op": op, "case": case.as_dict(), "label": case.label, "backend": backend,
                      "eager_provider": eager_name, "results": result})
@@ -63,3 +70,13 @@ def roofline(row: dict, ceilings: dict | None) -> dict | None:
     seconds = row["results"]["peftkern_fwd"]["median_ms"] * 1e-3
     achieved = bytes_min / seconds / 1e9
     return {"forward_gb_per_s": achieved, "forward_pct_of_copy_bw": 100 * achieved / ceilings["copy_gb_per_s"]}
+
+
+def case_from_dict(op: str, d: dict):
+    d = dict(d)
+    d["dtype"] = getattr(torch, d["dtype"])
+    return {"lora": LoraCase, "adapter": AdapterCase, "sparse": SparseCase}[op](**d)
+
+
+def providers_for(op: str, case, device: torch.device):
+    return _OPS[op][1](case, device)

@@ -1,7 +1,8 @@
 """Timing. GPU: triton.testing.do_bench (CUDA events, warm-up, median) per provider, and the peak
 memory one step adds on top of its inputs (CUDA caching allocator). CPU: providers interleaved
 round by round (so drift hits all alike), median wall-clock per provider, at torch's thread count;
-peak memory is not tracked on CPU and is reported as None."""
+peak memory is measured apart (peftkern/bench/memory.py), in a fresh process per provider, because
+the allocator setting it needs would slow the timed runs."""
 from __future__ import annotations
 
 import statistics

@@ -1,0 +1,51 @@
+"""Print the README's results tables (markdown) from a results JSON written by `python -m peftkern bench --json`.
+
+    python benchmarks/results_table.py benchmarks/results/<device>.json
+Every number in the tables comes from that one file.
+"""
+import json
+import sys
+
+
+def _ms(row, provider):
+    r = row["results"].get(provider)
+    return "-" if r is None else f"{r['median_ms']:.3f}"
+
+
+def _mem(row):
+    vals = [row["results"][p]["peak_mem_mb"] for p in ("eager", "peftkern", "floor")]
+    return "-" if any(v is None for v in vals) else " / ".join(f"{v:.0f}" for v in vals)
+
+
+def table(results: dict) -> str:
+    head = (f"From `{results['command']}` on {results['device']} ({results['device_type']}"
+            f"{', %d threads' % results['cpu_threads'] if results['device_type'] == 'cpu' else ''}), "
+            f"torch {results['torch']}, triton {results['triton']}, {results['date']}.")
+    lines = [head, "", "| op | case | backend | eager ms | peftkern ms | floor ms | speedup vs eager | "
+             "overhead vs floor | peak MB eager / peftkern / floor |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        r = row["results"]
+        speed = r["eager"]["median_ms"] / r["peftkern"]["median_ms"]
+        over = r["peftkern"]["median_ms"] / r["floor"]["median_ms"] - 1
+        label = row["label"]
+        if "peftkern_fresh" in r:
+            label += f" (first-time validation: {_ms(row, 'peftkern_fresh')} ms)"
+        if row.get("roofline"):
+            label += f" (forward at {row['roofline']['forward_pct_of_copy_bw']:.0f}% of copy bandwidth)"
+        lines.append(f"| {row['op']} | {label} | {row['backend']} | {_ms(row, 'eager')} | {_ms(row, 'peftkern')} | "
+                     f"{_ms(row, 'floor')} | {speed:.2f}x | {100 * over:+.1f}% | {_mem(row)} |")
+    eager = {}
+    for row in results["rows"]:
+        eager.setdefault(row["op"], row["eager_provider"])
+    lines.append("")
+    lines.append("Eager baselines: " + "; ".join(f"{op}: {name}" for op, name in eager.items()) + ".")
+    if results.get("ceilings"):
+        c = results["ceilings"]
+        lines.append(f"Measured ceilings: bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s, "
+                     f"copy {c['copy_gb_per_s']:.0f} GB/s.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1], encoding="utf-8") as f:
+        print(table(json.load(f)))
