@@ -37,6 +37,8 @@ def run(ops: list[str], *, quick: bool, device: torch.device) -> dict:
         if family is None:  # sparse: apply and linear are different op families
             family = "sparse_diff_apply" if case.kind == "apply" else "sparse_diff_linear"
         backend = peftkern._backend.auto_choice(family, device, case.dtype)
+        if backend == "cuda" and device.type == "cpu":
+            backend = "cuda (C++ on CPU)"  # the compiled extension's CPU kernels
         rows.append({"op": op, "case": case.as_dict(), "label": case.label, "backend": backend,
                      "eager_provider": eager_name, "results": result})
         del steps
