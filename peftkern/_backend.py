@@ -70,6 +70,16 @@ def extension():
     return _ext_state["module"]
 
 
+def call_extension(name: str, device: torch.device, *args):
+    """peftkern._C.<name>(*args, stream) on `device`: for CUDA tensors with that device made current and
+    the current stream passed as an integer (the compiled kernels take it explicitly, see csrc/cuda)."""
+    fn = getattr(extension(), name)
+    if device.type != "cuda":
+        return fn(*args, 0)
+    with torch.cuda.device(device):
+        return fn(*args, torch.cuda.current_stream(device).cuda_stream)
+
+
 # ---- Triton ---------------------------------------------------------------------------------------
 def triton_version() -> str | None:
     import peftkern.kernels  # noqa: F401  (first: it picks interpreter or GPU mode before triton loads)

@@ -46,6 +46,27 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def run_step(fn, tensors, dy):
+    """y = fn(*tensors); y.backward(dy). Returns [y] + the gradient of each tensor (None where it has none)."""
+    for t in tensors:
+        if t is not None:
+            t.grad = None
+    y = fn(*tensors)
+    y.backward(dy)
+    return [y.detach()] + [t.grad if t is not None and t.requires_grad else None for t in tensors]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Kernel outputs start as NaN, so an element a Triton kernel forgets to write fails the comparison."""
+    from peftkern.kernels import _launch
+
+    def nan_empty(shape, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(_launch, "empty", nan_empty)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # fresh random inputs every run, but reproducible from the printed seed when a test fails

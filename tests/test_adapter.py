@@ -6,20 +6,13 @@ import torch.nn.functional as F
 import peftkern
 from peftkern.reference import activations as ref_act
 
-from .conftest import DEVICE, ERROR_FLOOR, available_backends, device_dtypes, rel_err
+from .conftest import DEVICE, ERROR_FLOOR, available_backends, device_dtypes, rel_err, run_step
 
 ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "swish", "tanh", "identity"]
 # (leading dims, d, k, biases, separate residual)
 SHAPES = [((13,), 70, 5, True, True), ((2, 9), 33, 16, False, False), ((7,), 48, 1, True, False)]
 DTYPE_PAIRS = [(d, d) for d in device_dtypes()] + [(d, torch.float32) for d in device_dtypes() if d != torch.float32]
 
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    from peftkern.kernels import _launch
-
-    monkeypatch.setattr(_launch, "empty", lambda shape, device, dtype: torch.full(shape, float("nan"), device=device,
-                                                                                  dtype=dtype))
 
 
 def make_inputs(lead, d, k, biases, with_residual, dtype, wdtype, device=DEVICE):
@@ -49,13 +42,7 @@ def eager(activation, scaling):
     return f
 
 
-def run(fn, tensors, dy):
-    for t in tensors:
-        if t is not None:
-            t.grad = None
-    y = fn(*tensors)
-    y.backward(dy)
-    return [y.detach()] + [None if t is None else t.grad for t in tensors]
+run = run_step
 
 
 def upcast(tensors):

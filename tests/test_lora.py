@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import peftkern
 from peftkern.reference import dropout as ref_dropout
 
-from .conftest import DEVICE, ERROR_FLOOR, available_backends, device_dtypes, rel_err
+from .conftest import DEVICE, ERROR_FLOOR, available_backends, device_dtypes, rel_err, run_step
 
 # (leading dims, in_features K, out_features N, r, bias, weight trainable)
 SHAPES = [
@@ -17,17 +17,6 @@ SHAPES = [
 
 # input dtype, adapter dtype: adapters share the input's dtype, or are float32 beside a half input (PEFT's default)
 DTYPE_PAIRS = [(d, d) for d in device_dtypes()] + [(d, torch.float32) for d in device_dtypes() if d != torch.float32]
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Triton outputs start as NaN, so an element a kernel forgets to write fails the comparison."""
-    from peftkern.kernels import _launch
-
-    def nan_empty(shape, device, dtype):
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-
-    monkeypatch.setattr(_launch, "empty", nan_empty)
 
 
 def make_inputs(lead, k, n, r, bias, weight_grad, dtype, adapter_dtype, device=DEVICE):
@@ -50,13 +39,7 @@ def eager_torch(x, weight, lora_a, lora_b, bias, scaling, p, seed):
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def run(fn, tensors, dy):
-    for t in tensors:
-        if t is not None:
-            t.grad = None
-    y = fn(*tensors)
-    y.backward(dy)
-    return [y.detach()] + [t.grad if t is not None and t.requires_grad else None for t in tensors]
+run = run_step
 
 
 def upcast(tensors):

@@ -8,7 +8,6 @@ sparse_diff_linear needs is remembered the same way.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -83,10 +82,8 @@ def _apply_op(weight: Tensor, indices: Tensor, values: Tensor, alpha: float) -> 
     _ensure_valid(indices, weight.numel())
     flat, offsets = _flat_and_offsets(weight, indices)
     if _backend.select("sparse_diff_apply", weight.device, weight.dtype) == "cuda":
-        ext = _backend.extension()
-        with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
-            stream = torch.cuda.current_stream(weight.device).cuda_stream if weight.is_cuda else 0
-            return ext.sparse_diff_apply(flat, offsets.contiguous(), values.contiguous(), alpha, stream)
+        return _backend.call_extension("sparse_diff_apply", weight.device, flat, offsets.contiguous(),
+                                       values.contiguous(), alpha)
     return ref.apply_(flat, offsets, values, alpha)
 
 
@@ -100,10 +97,7 @@ def _restore_op(weight: Tensor, indices: Tensor, backup: Tensor) -> None:
     _ensure_valid(indices, weight.numel())
     flat, offsets = _flat_and_offsets(weight, indices)
     if _backend.select("sparse_diff_apply", weight.device, weight.dtype) == "cuda":
-        ext = _backend.extension()
-        with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
-            stream = torch.cuda.current_stream(weight.device).cuda_stream if weight.is_cuda else 0
-            ext.sparse_diff_restore(flat, offsets.contiguous(), backup.contiguous(), stream)
+        _backend.call_extension("sparse_diff_restore", weight.device, flat, offsets.contiguous(), backup.contiguous())
         return
     ref.restore_(flat, offsets, backup)
 

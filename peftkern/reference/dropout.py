@@ -75,15 +75,11 @@ def multiplier(rows: int, cols: int, seed: int, p: float, *, dtype, device, row_
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     ext = _backend.extension()
-    args = (row_offset, seed, keep_threshold(p), 1.0 / (1.0 - p))
-    if ext is not None and device.type == "cpu" and dtype in (torch.float32, torch.float64):
-        out = torch.empty((rows, cols), dtype=dtype)
-        ext.dropout_multiplier(out, *args)
-        return out
-    if ext is not None and device.type == "cuda" and ext.with_cuda:
-        with torch.cuda.device(device):
-            out = torch.empty((rows, cols), dtype=dtype, device=device)
-            ext.dropout_multiplier(out, *args, torch.cuda.current_stream(device).cuda_stream)
+    compiled = ext is not None and (
+        (device.type == "cpu" and dtype in (torch.float32, torch.float64)) or (device.type == "cuda" and ext.with_cuda))
+    if compiled:
+        out = torch.empty((rows, cols), dtype=dtype, device=device)
+        _backend.call_extension("dropout_multiplier", device, out, row_offset, seed, keep_threshold(p), 1.0 / (1.0 - p))
         return out
     keep = keep_mask(rows, cols, seed, p, device=device, row_offset=row_offset)
     return keep.to(dtype) * (1.0 / (1.0 - p))
