@@ -1,0 +1,1 @@
+"""Backends for other PEFT libraries: `peftkern.integrations.peft` for Hugging Face PEFT."""
