@@ -25,7 +25,10 @@ def test_bench_quick_writes_table_json_and_plot(tmp_path):
     out = run_cli("bench", "--op", "all", "--quick", "--json", "r.json", "--plot", "r.png", tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "speedup vs eager" in out.stdout and "overhead vs floor" in out.stdout
+    assert "tokens/s" in out.stdout and "peftkern" in out.stdout  # the end-to-end fine-tuning comparison
     results = json.loads((tmp_path / "r.json").read_text())
+    assert [r["variant"] for r in results["e2e"]] == ["peft", "peftkern"]
+    assert results["e2e"][1]["layers_patched"] > 0 and all(r["tokens_per_s"] > 0 for r in results["e2e"])
     assert results["torch"] and {row["op"] for row in results["rows"]} == {"lora", "adapter", "sparse"}
     for row in results["rows"]:
         assert {"eager", "peftkern", "floor"} <= set(row["results"])
