@@ -39,6 +39,18 @@ def table(results: dict) -> str:
         eager.setdefault(row["op"], row["eager_provider"])
     lines.append("")
     lines.append("Eager baselines: " + "; ".join(f"{op}: {name}" for op, name in eager.items()) + ".")
+    if results.get("e2e"):
+        e = results["e2e"]
+        lines.append("")
+        lines.append(f"End to end (`--op e2e`): random-init Llama, {e[0]['parameters'] / 1e6:.1f}M parameters, PEFT LoRA "
+                     f"r=16 on q/k/v/o/gate/up/down, dropout {e[0]['dropout']}, batch {e[0]['batch']} x seq "
+                     f"{e[0]['seq']}, {e[0]['dtype']}, {e[0]['steps']} timed steps:")
+        lines.append("")
+        lines.append("| variant | tokens/s | peak MB | layers on peftkern |")
+        lines.append("|---|---|---|---|")
+        for r in e:
+            lines.append(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['peak_mem_mb']:.0f} ({r['memory_kind']}) | "
+                         f"{r['layers_patched']} |")
     if results.get("ceilings"):
         c = results["ceilings"]
         lines.append(f"Measured ceilings: bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s, "
