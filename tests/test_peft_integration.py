@@ -136,3 +136,17 @@ def test_training_with_dropout_lowers_the_loss():
         losses.append(loss.item())
     # a tiny random-init model learns slowly; a steady 10% drop is learning, not dropout noise
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+
+
+def test_embedding_lora_stays_on_pefts_path_and_linear_layers_are_patched(caplog):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(std=0.05)
+    reference = step(model, ids)
+    with caplog.at_level(logging.INFO, logger="peftkern.integrations.peft"):
+        assert patch(model) == 2  # the two q_proj layers
+    assert "embed_tokens stays on PEFT's own forward" in caplog.text and "Embedding" in caplog.text
+    assert_same(step(model, ids), reference)
