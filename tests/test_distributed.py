@@ -55,6 +55,10 @@ def _worker(rank, init_file, out_file, mode):
             grads = {n: (g.full_tensor() if hasattr(g, "full_tensor") else g) for n, g in grads.items()}
         if rank == 0:
             torch.save(grads, out_file)
+        # full_tensor() all-gathers may still be in flight on ranks that never read their result; a
+        # barrier (ordered after them on the same group) completes them before the group is torn down,
+        # which otherwise can abort the process
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
