@@ -90,7 +90,7 @@ setup(
     ],
     extras_require={
         "bench": ["tqdm", "rich", "matplotlib", "peft", "pytest-benchmark"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "peft", "expecttest",
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "peft",
                  "tqdm", "rich", "matplotlib"],
     },
     entry_points={"console_scripts": ["peftkern=peftkern.__main__:main"]},

@@ -28,7 +28,12 @@ def _bench(args) -> int:
     results = runner.run([op for op in ops if op != "e2e"], quick=args.quick, device=device)
     if results["rows"]:
         report.print_table(results)
-    if "e2e" in ops:
+    from .bench.providers import peft_available
+
+    if "e2e" in ops and not peft_available():
+        print("e2e skipped: it fine-tunes a Hugging Face PEFT model, and peft is not installed "
+              "(pip install peft, or the bench extra)")
+    elif "e2e" in ops:
         from .bench import e2e
 
         if device.type == "cuda" and not args.quick:
@@ -42,8 +47,11 @@ def _bench(args) -> int:
         report.write_json(results, args.json)
         print(f"wrote {args.json}")
     if args.plot and results["rows"]:
-        report.plot(results, args.plot)
-        print(f"wrote {args.plot}")
+        try:
+            report.plot(results, args.plot)
+            print(f"wrote {args.plot}")
+        except ImportError:
+            print("--plot needs matplotlib (pip install matplotlib, or the bench extra); no chart written")
     return 0
 
 

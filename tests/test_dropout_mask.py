@@ -1,14 +1,16 @@
 """The one dropout mask of every backend: torch spelling, C++ extension and Triton kernel agree bit for bit."""
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-import peftkern
-from peftkern.reference import dropout as ref_dropout
-from peftkern.reference import lora as ref_lora
+hypothesis = pytest.importorskip("hypothesis", reason="the property tests need hypothesis (in the test extras)")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
-from .conftest import ERROR_FLOOR, rel_err
+import peftkern  # noqa: E402
+from peftkern.reference import dropout as ref_dropout  # noqa: E402
+from peftkern.reference import lora as ref_lora  # noqa: E402
+
+from .conftest import ERROR_FLOOR, rel_err  # noqa: E402
 
 masks = st.tuples(st.integers(1, 40), st.integers(1, 70), st.integers(0, 2**63 - 1), st.integers(0, 50),
                   st.floats(0.01, 0.95))
