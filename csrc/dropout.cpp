@@ -7,37 +7,10 @@
 #include <cstdint>
 
 #include "dropout.h"
+#include "philox.h"
 
 namespace peftkern {
 namespace {
-
-struct Words4 {
-  uint32_t w[4];
-};
-
-inline uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
-  const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
-  *hi = static_cast<uint32_t>(p >> 32);
-  return static_cast<uint32_t>(p);
-}
-
-inline Words4 philox4x32_10(uint64_t counter, uint64_t seed) {
-  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
-  uint32_t c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    uint32_t hi_b, hi_a;
-    const uint32_t lo_b = mulhilo(0xCD9E8D57u, c2, &hi_b);
-    const uint32_t lo_a = mulhilo(0xD2511F53u, c0, &hi_a);
-    c0 = hi_b ^ c1 ^ k0;
-    c2 = hi_a ^ c3 ^ k1;
-    c1 = lo_b;
-    c3 = lo_a;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return {{c0, c1, c2, c3}};
-}
 
 template <typename scalar_t>
 void fill_multiplier(scalar_t* out, int64_t rows, int64_t cols, int64_t row_offset, uint64_t seed,
@@ -48,11 +21,12 @@ void fill_multiplier(scalar_t* out, int64_t rows, int64_t cols, int64_t row_offs
     scalar_t* o = out + m * cols;
     const uint64_t row_counter = static_cast<uint64_t>((m + row_offset) * groups);
     for (int64_t g = 0; g < groups; ++g) {
-      const Words4 r = philox4x32_10(row_counter + static_cast<uint64_t>(g), seed);
+      uint32_t r[4];
+      philox4x32_10(row_counter + static_cast<uint64_t>(g), seed, r);
       const int64_t c0 = 4 * g;
       const int64_t n = cols - c0 < 4 ? cols - c0 : 4;
       for (int64_t l = 0; l < n; ++l) {
-        o[c0 + l] = (r.w[l] >> 8) >= threshold ? scale : scalar_t(0);
+        o[c0 + l] = (r[l] >> 8) >= threshold ? scale : scalar_t(0);
       }
     }
   }
