@@ -16,6 +16,7 @@ class LoraCase:
     dtype: torch.dtype
     dropout: float
     bias: bool = False
+    family = "lora_linear"  # the op family whose backend `auto` chooses
 
     @property
     def label(self) -> str:
@@ -47,6 +48,7 @@ class AdapterCase:
     k: int  # bottleneck
     dtype: torch.dtype
     activation: str = "relu"
+    family = "bottleneck_adapter"
 
     @property
     def label(self) -> str:
@@ -77,6 +79,10 @@ class SparseCase:
     density: float
     dtype: torch.dtype
     m: int = 0  # tokens, for "linear"
+
+    @property
+    def family(self) -> str:
+        return "sparse_diff_apply" if self.kind == "apply" else "sparse_diff_linear"
 
     @property
     def label(self) -> str:

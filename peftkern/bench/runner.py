@@ -14,10 +14,9 @@ from .memory import peak_mb_in_subprocess
 from .timing import measure_group
 
 OPS = ("lora", "adapter", "sparse")
-# op -> (cases, providers, the custom op family auto chooses a backend for)
-_OPS = {"lora": (lora_cases, lora_providers, "lora_linear"),
-        "adapter": (adapter_cases, adapter_providers, "bottleneck_adapter"),
-        "sparse": (sparse_cases, sparse_providers, None)}
+# op -> (cases, providers)
+_OPS = {"lora": (lora_cases, lora_providers), "adapter": (adapter_cases, adapter_providers),
+        "sparse": (sparse_cases, sparse_providers)}
 
 
 def run(ops: list[str], *, quick: bool, device: torch.device) -> dict:
@@ -28,15 +27,13 @@ def run(ops: list[str], *, quick: bool, device: torch.device) -> dict:
     jobs = [(op, case) for op in ops for case in _OPS[op][0](device, quick)]
     rows = []
     for op, case in tqdm(jobs, desc="peftkern bench", unit="case"):
-        _, providers, family = _OPS[op]
+        providers = _OPS[op][1]
         steps, eager_name = providers(case, device)
         result = measure_group(steps, device, quick=quick)
         if device.type == "cpu" and not quick:  # CPU peak memory: a fresh process per provider
             for name in result:
                 result[name]["peak_mem_mb"] = peak_mb_in_subprocess(op, case.as_dict(), name)
-        if family is None:  # sparse: apply and linear are different op families
-            family = "sparse_diff_apply" if case.kind == "apply" else "sparse_diff_linear"
-        backend = peftkern._backend.auto_choice(family, device, case.dtype)
+        backend = peftkern._backend.auto_choice(case.family, device, case.dtype)
         if backend == "cuda" and device.type == "cpu":
             backend = "cuda (C++ on CPU)"  # the compiled extension's CPU kernels
         rows.append({"op": op, "case": case.as_dict(), "label": case.label, "backend": backend,

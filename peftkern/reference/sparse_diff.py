@@ -48,8 +48,8 @@ def restore_(flat: torch.Tensor, offsets: torch.Tensor, backup: torch.Tensor) ->
 
 # ---- the linear layer ------------------------------------------------------------------------------
 
-def csr(indices: torch.Tensor, values: torch.Tensor, shape, dtype) -> torch.Tensor:
-    """Δ as a sparse CSR [out, in] tensor in `dtype` (rows sorted, as CSR requires)."""
+def csr(indices: torch.Tensor, values: torch.Tensor, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Δ as a sparse CSR [out, in] tensor in `dtype`, the permutation from the diff's order to CSR order)."""
     n_out, n_in = shape
     idx = indices.to(torch.int64)
     order = torch.argsort(idx)
@@ -59,7 +59,7 @@ def csr(indices: torch.Tensor, values: torch.Tensor, shape, dtype) -> torch.Tens
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_out), 0)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and fine for these ops
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, cols, values[order].to(dtype), (n_out, n_in))
+        return torch.sparse_csr_tensor(crow, cols, values[order].to(dtype), (n_out, n_in)), order
 
 
 def linear_fwd(x, weight, indices, values, bias):
@@ -67,7 +67,7 @@ def linear_fwd(x, weight, indices, values, bias):
     y = torch.nn.functional.linear(x, weight, bias)
     if indices.numel():
         acc = acc_dtype(x.dtype)
-        delta = csr(indices, values, weight.shape, acc)
+        delta, _ = csr(indices, values, weight.shape, acc)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             y += torch.sparse.mm(delta, x.t().to(acc)).t().to(y.dtype)
@@ -81,17 +81,18 @@ def linear_bwd(dy, x, weight, indices, values, need_x, need_weight, need_values,
     dx, dw, dv, db = (x.new_empty(0) for _ in range(4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        delta, order = csr(indices, values, weight.shape, acc) if indices.numel() else (None, None)
         if need_x:
             dx = torch.mm(dy, weight)
-            if indices.numel():
-                delta_t = csr(indices, values, weight.shape, acc).t().to_sparse_csr()
-                dx += torch.sparse.mm(delta_t, dy.t().to(acc)).t().to(dx.dtype)
+            if delta is not None:
+                dx += torch.sparse.mm(delta.t().to_sparse_csr(), dy.t().to(acc)).t().to(dx.dtype)
         if need_values:
-            if indices.numel():
-                # g[i] = Σ_t dy[t, row_i]·x[t, col_i], only at the diff's positions
-                idx = indices.to(torch.int64)
-                order = torch.argsort(idx)
-                pattern = csr(indices, torch.ones_like(values, dtype=acc), weight.shape, acc)
+            if delta is not None:
+                # g[i] = Σ_t dy[t, row_i]·x[t, col_i], only at the diff's positions, then mapped back from
+                # CSR order to the diff's order. The pattern reuses Δ's structure with finite values:
+                # sampled_addmm with beta=0 still propagates a NaN or inf held in its input.
+                pattern = torch.sparse_csr_tensor(delta.crow_indices(), delta.col_indices(),
+                                                  torch.zeros_like(delta.values()), delta.shape)
                 sampled = torch.sparse.sampled_addmm(pattern, dy.t().to(acc), x.to(acc), beta=0.0, alpha=1.0)
                 dv = torch.empty(values.shape, dtype=acc, device=values.device)
                 dv[order] = sampled.values()
