@@ -10,7 +10,11 @@ The dropout mask is regenerated from the seed wherever it is needed (kernels/dro
 mask nor dropout(x) is ever written. Split-M partial sums replace atomics, so every result is
 deterministic. The rank-r products run in fp32, exact fp32 when the adapters are fp32 (kernels/_launch.dot_precision):
 they are memory-bound, and this keeps fp32 adapters' gradients as accurate as PEFT's own.
-The main GEMM runs in the input dtype on the tensor cores, accumulating in fp32.
+The main GEMM runs in the input dtype on the tensor cores, accumulating in fp32. The rank-r term is
+added to that fp32 accumulator in the epilogue, before the one rounding to the output dtype: with float32
+adapters beside a float16/bfloat16 x (PEFT's default) no factor of the rank-r product (S, Bᵀ; dS, A in
+backward) is ever rounded to 16 bits, and the sum is rounded once where PEFT rounds the base result and
+the sum each once.
 """
 import torch
 import triton

@@ -242,3 +242,62 @@ def test_empty_batch(backend):
         y.sum().backward()
     assert y.shape == (0, 7)
     assert torch.equal(a.grad, torch.zeros_like(a)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+# ---- half-precision base with float32 adapters (PEFT's default) ----------------------------------
+
+def peft_eager(x, weight, lora_a, lora_b, bias, scaling, p, seed):
+    """Hugging Face PEFT's LoRA Linear forward, spelled out: the base linear in x's dtype, the LoRA branch
+    on x cast to the adapters' dtype (float32), the sum taken in float32 and cast back to x's dtype.
+    The dropout mask is peftkern's (a function of the seed), so both sides compute the same function."""
+    x2 = x.reshape(-1, x.shape[-1])
+    base = F.linear(x2, weight, bias)
+    xa = x2.to(lora_a.dtype)
+    if p > 0:
+        xa = xa * ref_dropout.multiplier(x2.shape[0], x2.shape[1], seed, p, dtype=lora_a.dtype, device=x.device)
+    y = (base + F.linear(F.linear(xa, lora_a), lora_b) * scaling).to(x.dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def mixed_dtypes():
+    # bf16 through Triton needs a GPU (the interpreter's bf16 tl.dot is broken); the reference runs it anywhere
+    return [(backend, dtype) for backend in ("reference", "triton")
+            for dtype in (torch.float16, torch.bfloat16)
+            if dtype in device_dtypes() or backend == "reference"]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("backend,dtype", mixed_dtypes(), ids=lambda v: str(v).replace("torch.", ""))
+def test_half_base_with_float32_adapters_is_at_least_as_accurate_as_peft(backend, dtype, p, poisoned):
+    """The rank-r product stays in float32 until the one final add (as PEFT computes it), forward and backward,
+    so no output or gradient is further from the float64 oracle than PEFT's own eager computation."""
+    if backend not in available_backends("lora_linear", dtype):
+        pytest.skip(f"backend {backend} cannot run {dtype} on {DEVICE.type} here")
+    lead, k, n, r = (3, 21), 70, 45, 6
+    tensors = make_inputs(lead, k, n, r, True, False, dtype, torch.float32)
+    scaling, seed = 1.5, 4321
+    dy = torch.randn(*lead, n, device=DEVICE, dtype=dtype)
+
+    def fused(x, w, a, b, bias_):
+        return peftkern.lora_linear(x, w, a, b, scaling=scaling, bias=bias_, dropout_p=p, seed=seed)
+
+    with peftkern.use_backend(backend):
+        ours = run(fused, tensors, dy)
+    peft_out = run(lambda *t: peft_eager(*t, scaling, p, seed), tensors, dy)
+    with peftkern.use_backend("reference"):
+        oracle = run(fused, upcast(tensors), dy.double())
+    assert ours[0].dtype == dtype and ours[3].dtype == ours[4].dtype == torch.float32
+    for name, o, e, ref in zip(["y", "dx", "dweight", "dlora_a", "dlora_b", "dbias"], ours, peft_out, oracle):
+        if ref is None:
+            continue
+        ours_err, peft_err = rel_err(o, ref), rel_err(e, ref)
+        if o.dtype == torch.float32:
+            # the adapters' gradients: both sides are float32 sums, equal up to summation order; a factor
+            # rounded to 16 bits on the way (x ⊙ mask, S, dS) would cost ~1e-3, far above this bound
+            bound = 2 * peft_err + ERROR_FLOOR[torch.float32]
+        else:
+            # y and dx in x's dtype: one rounding of (base + float32 rank-r term), never more than PEFT's;
+            # the 1% margin covers float32 reassociation (scaling before or after the add) moving a final
+            # rounding by one ulp; a 16-bit rank-r factor costs 40-60% here
+            bound = 1.01 * peft_err
+        assert ours_err <= bound, f"{name}: {ours_err:.4g} vs PEFT's {peft_err:.4g} ({backend}, {dtype})"
