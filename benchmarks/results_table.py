@@ -1,10 +1,13 @@
 """Print the README's results tables (markdown) from a results JSON written by `python -m peftkern bench --json`.
 
-    python benchmarks/results_table.py benchmarks/results/<device>.json
-Every number in the tables comes from that one file.
+    python benchmarks/results_table.py benchmarks/results/<device>.json [--plot benchmarks/results/<device>.png]
+Every number in the tables comes from that one file; `--plot` redraws its chart from the same file
+(what `bench --plot` draws), so the chart can follow changes to the plot without a new measurement.
 """
+import argparse
 import json
-import sys
+
+from peftkern.bench import report
 
 
 def _ms(row, provider):
@@ -12,33 +15,42 @@ def _ms(row, provider):
     return "-" if r is None else f"{r['median_ms']:.3f}"
 
 
-def _mem(row):
-    vals = [row["results"][p]["peak_mem_mb"] for p in ("eager", "peftkern", "floor")]
+def _mem(row, eager):
+    vals = [row["results"][p]["peak_mem_mb"] for p in (eager, "peftkern", "floor")]
     return "-" if any(v is None for v in vals) else " / ".join(f"{v:.0f}" for v in vals)
 
 
 def table(results: dict) -> str:
+    load = results.get("background_load") or {}
+    busy = (f" With {load['processes']} busy background process(es) running ({load['kind']})."
+            if load.get("processes") else "")
     head = (f"From `{results['command']}` on {results['device']} ({results['device_type']}"
             f"{', %d threads' % results['cpu_threads'] if results['device_type'] == 'cpu' else ''}), "
-            f"torch {results['torch']}, triton {results['triton']}, {results['date']}.")
+            f"torch {results['torch']}, triton {results['triton']}, {results['date']}.{busy}")
     lines = [head, "", "| op | case | backend | eager ms | peftkern ms | floor ms | speedup vs eager | "
              "overhead vs floor | peak MB eager / peftkern / floor |", "|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         r = row["results"]
-        speed = r["eager"]["median_ms"] / r["peftkern"]["median_ms"]
-        over = r["peftkern"]["median_ms"] / r["floor"]["median_ms"] - 1
-        label = row["label"]
-        if "peftkern_fresh" in r:
-            label += f" (first-time validation: {_ms(row, 'peftkern_fresh')} ms)"
-        if row.get("roofline"):
-            label += f" (forward at {row['roofline']['forward_pct_of_copy_bw']:.0f}% of copy bandwidth)"
-        lines.append(f"| {row['op']} | {label} | {row['backend']} | {_ms(row, 'eager')} | {_ms(row, 'peftkern')} | "
-                     f"{_ms(row, 'floor')} | {speed:.2f}x | {100 * over:+.1f}% | {_mem(row)} |")
+        for eager, suffix in report.baselines(row):  # sparse apply: also against the in-place update by hand
+            d = report.derived(row, eager)
+            label = f"{row['label']} {suffix}" if suffix else row["label"]
+            if "peftkern_fresh" in r and not suffix:
+                label += f" (first-time validation: {_ms(row, 'peftkern_fresh')} ms)"
+            if row.get("roofline"):
+                label += f" (forward at {row['roofline']['forward_pct_of_copy_bw']:.0f}% of copy bandwidth)"
+            lines.append(f"| {row['op']} | {label} | {row['backend']} | {_ms(row, eager)} | "
+                         f"{_ms(row, 'peftkern')} | {_ms(row, 'floor')} | {d['speedup']:.2f}x | "
+                         f"{100 * d['overhead']:+.1f}% | {_mem(row, eager)} |")
     eager = {}
     for row in results["rows"]:
         eager.setdefault(row["op"], row["eager_provider"])
     lines.append("")
     lines.append("Eager baselines: " + "; ".join(f"{op}: {name}" for op, name in eager.items()) + ".")
+    if any("eager_inplace" in row["results"] for row in results["rows"]):
+        lines.append(report.SECOND_EAGER[0].upper() + report.SECOND_EAGER[1:] + ".")
+    note = report.peak_memory_note(results)
+    if note:
+        lines.append(f"Peak memory \"-\": {note}.")
     if results.get("e2e"):
         e = results["e2e"]
         lines.append("")
@@ -58,6 +70,18 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="a JSON file written by `python -m peftkern bench --json`")
+    parser.add_argument("--plot", metavar="PNG", help="also redraw the chart from this JSON into PNG")
+    args = parser.parse_args(argv)
+    with open(args.results, encoding="utf-8") as f:
+        results = json.load(f)
+    print(table(results))
+    if args.plot:
+        report.plot(results, args.plot)
+    return 0
+
+
 if __name__ == "__main__":
-    with open(sys.argv[1], encoding="utf-8") as f:
-        print(table(json.load(f)))
+    raise SystemExit(main())

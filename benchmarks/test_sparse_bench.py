@@ -8,7 +8,7 @@ from peftkern.bench.providers import sparse_providers
 from .conftest import DEVICE, QUICK
 
 PARAMS = [(case, provider) for case in sparse_cases(DEVICE, quick=QUICK)
-          for provider in (["eager", "peftkern", "peftkern_fresh", "floor"] if case.kind == "apply"
+          for provider in (["eager", "eager_inplace", "peftkern", "peftkern_fresh", "floor"] if case.kind == "apply"
                            else ["eager", "peftkern", "floor"])]
 
 

@@ -1,9 +1,18 @@
-"""python -m peftkern info | bench"""
+"""python -m peftkern info | bench   (python -m peftkern --version)"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
+
+
+def bench_ops() -> tuple[str, ...]:
+    """Every op `bench --op` accepts besides "all"; the README's Benchmarks section lists the same
+    (tests/test_cli.py checks it)."""
+    from .bench.runner import OPS
+
+    return (*OPS, "e2e")
 
 
 def _info(_args) -> int:
@@ -18,35 +27,60 @@ def _info(_args) -> int:
     return 0
 
 
+def _dry_run(ops: list[str], args, device) -> int:
+    """Print what the bench would time, without building tensors or timing anything."""
+    from .bench import e2e, runner
+
+    print(f"peftkern bench --dry-run on {device.type}{' (--quick)' if args.quick else ''}, "
+          f"background load: {args.background_load} busy process(es)")
+    for op in ops:
+        if op == "e2e":
+            s = e2e.bench_settings(device.type, args.quick)
+            print(f"e2e: fine-tune {e2e.size_summary(s['size'])}; PEFT vs patched, each in a fresh process, "
+                  f"{s['steps']} steps of batch {s['batch']} x seq {s['seq']}, dropout {s['dropout']}")
+            continue
+        for case in runner.cases_for(op, device, quick=args.quick):
+            print(f"{op}: {case.family}: {case.label}")
+    return 0
+
+
 def _bench(args) -> int:
     import torch
 
     from .bench import report, runner
+    from .bench.background import BackgroundLoad
 
-    ops = list(runner.OPS) + ["e2e"] if args.op == "all" else [args.op]
+    ops = list(bench_ops()) if args.op == "all" else [args.op]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = runner.run([op for op in ops if op != "e2e"], quick=args.quick, device=device)
-    if results["rows"]:
-        report.print_table(results)
-    from .bench.providers import peft_available
+    if args.dry_run:
+        return _dry_run(ops, args, device)
+    started = time.perf_counter()
+    with BackgroundLoad(args.background_load) as load:
+        if load.n:
+            print(f"background load: {load.n} busy process(es) running (pids {' '.join(map(str, load.pids))}), "
+                  f"each a {load.describe()['kind']}; stopped when the bench ends", flush=True)
+        results = runner.run([op for op in ops if op != "e2e"], quick=args.quick, device=device,
+                             background_load=load.describe())
+        if results["rows"]:
+            report.print_table(results)
+        from .bench.providers import peft_available
 
-    if "e2e" in ops and not peft_available():
-        print("e2e skipped: it fine-tunes a Hugging Face PEFT model, and peft is not installed "
-              "(pip install peft, or the bench extra)")
-    elif "e2e" in ops:
-        from .bench import e2e
+        if "e2e" in ops and not peft_available():
+            print("e2e skipped: it fine-tunes a Hugging Face PEFT model, and peft is not installed "
+                  "(pip install peft, or the bench extra)")
+        elif "e2e" in ops:
+            from .bench import e2e
 
-        if device.type == "cuda" and not args.quick:
-            settings = dict(size="1b", steps=20, batch=1, seq=2048, dropout=0.1)
-        else:
-            settings = dict(size="small", steps=3 if args.quick else 10, batch=4, seq=128 if args.quick else 256,
-                            dropout=0.1)
-        results["e2e"] = e2e.compare(**settings)
-        e2e.print_rows(results["e2e"])
+            results["e2e"] = e2e.compare(**e2e.bench_settings(device.type, args.quick))
+            e2e.print_rows(results["e2e"])
+    if load.n:
+        print(f"background load: {load.n} process(es) stopped")
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    print(f"bench took {results['wall_s']:.0f} s")
     if args.json:
         report.write_json(results, args.json)
         print(f"wrote {args.json}")
-    if args.plot and results["rows"]:
+    if args.plot and (results["rows"] or results.get("e2e")):
         try:
             report.plot(results, args.plot)
             print(f"wrote {args.plot}")
@@ -55,17 +89,45 @@ def _bench(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more processes, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import peftkern
+
     parser = argparse.ArgumentParser(prog="python -m peftkern", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"peftkern {peftkern.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print backend_info(): versions, devices, extension, auto choices")
     bench = sub.add_parser("bench", help="time each op against the eager baseline and the F.linear floor")
-    bench.add_argument("--op", choices=["lora", "adapter", "sparse", "e2e", "all"], default="all",
-                       help="e2e: fine-tune a random-init Llama with PEFT LoRA, unpatched vs patched")
-    bench.add_argument("--quick", action="store_true", help="fewer, smaller cases and repeats")
+    bench.add_argument("--op", choices=[*bench_ops(), "all"], default="all",
+                       help="lora: lora_linear; adapter: bottleneck_adapter; sparse: sparse_diff_apply_ and "
+                            "sparse_diff_linear; e2e: fine-tune a random-init Llama with PEFT LoRA, unpatched "
+                            "vs patched; all (default): every one of them")
+    bench.add_argument("--quick", action="store_true",
+                       help="fewer, smaller cases and repeats; on CPU also no peak-memory measurement "
+                            "(it needs a fresh process per provider), so that column shows \"-\"")
+    bench.add_argument("--background-load", type=_non_negative_int, default=0, metavar="N",
+                       help="keep N busy processes (single-threaded matmul loops) running for the whole "
+                            "bench, to show how the CPU rows hold up on a loaded machine; recorded in the "
+                            "table header and JSON; stopped when the bench ends, Ctrl-C included")
+    bench.add_argument("--dry-run", action="store_true",
+                       help="list the cases each op would time and exit, timing nothing")
     bench.add_argument("--json", metavar="PATH", help="write all medians and metadata as JSON")
-    bench.add_argument("--plot", metavar="PATH", help="write a PNG chart of speedup and share of the floor")
-    args = parser.parse_args(argv)
+    bench.add_argument("--plot", metavar="PATH",
+                       help="write a PNG chart: one panel per op family, speedup and share of the floor")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     return {"info": _info, "bench": _bench}[args.command](args)
 
 

@@ -13,6 +13,8 @@ Bottleneck adapter
 - peftkern_fwd: the forward alone under no_grad, for the share of the bandwidth roofline
 Sparse diff, apply (into a 4096x4096 weight)
 - eager:    index_put_(accumulate=True) into a copy of the weight (how a diff is applied without peftkern)
+- eager_inplace: the in-place update a user writes by hand with the same result as sparse_diff_apply_:
+            backup = w.view(-1)[idx] (a gather, for restoring later), then w.view(-1).index_add_(0, idx, v)
 - peftkern: sparse_diff_apply_ in place, returning the backup; the diff's indices are validated once
 - peftkern_fresh: the same with indices never seen before, so validation runs in the timed call
 - floor:    index_put_(accumulate=True) in place: the library's cheapest call making the same update
@@ -164,6 +166,10 @@ def sparse_providers(case, device: torch.device) -> tuple[dict[str, Callable[[],
         def eager():
             weight.clone().view(-1).index_put_((idx,), values, accumulate=True)
 
+        def eager_inplace():
+            flat[idx]  # the backup a reversible apply keeps (advanced indexing copies)
+            flat.index_add_(0, idx, values)
+
         def fused():
             peftkern.sparse_diff_apply_(weight, idx, values)
 
@@ -173,7 +179,8 @@ def sparse_providers(case, device: torch.device) -> tuple[dict[str, Callable[[],
         def floor():
             flat.index_put_((idx,), values, accumulate=True)
 
-        return ({"eager": eager, "peftkern": fused, "peftkern_fresh": fused_fresh, "floor": floor},
+        return ({"eager": eager, "eager_inplace": eager_inplace, "peftkern": fused, "peftkern_fresh": fused_fresh,
+                 "floor": floor},
                 "index_put_(accumulate=True) into a copy")
 
     x = torch.randn(case.m, case.n_in, generator=gen).to(device=device, dtype=case.dtype).requires_grad_()

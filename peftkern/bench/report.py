@@ -3,11 +3,35 @@ from __future__ import annotations
 
 import json
 
+# the op family each row belongs to (what `auto` dispatches on); older JSON files lack the "family" field
+_FAMILY_OF_OP = {"lora": "lora_linear", "adapter": "bottleneck_adapter"}
+# the eager baselines of a row: (results key, how the table names a second one)
+EAGER_BASELINES = (("eager", ""), ("eager_inplace", "vs in-place by hand"))
+FLOORS = {"lora": "bare F.linear of the frozen base, fwd+bwd",
+          "adapter": "one elementwise pass over h (fwd) and dy (bwd)",
+          "sparse": "apply: in-place index_put_(accumulate=True); linear: bare F.linear fwd+bwd"}
+BAR_NAMES = {"eager": "speedup vs eager", "eager_inplace": "speedup vs in-place eager written by hand"}
+SECOND_EAGER = ("sparse apply, second row: the in-place update written by hand with sparse_diff_apply_'s "
+                "result (backup = w.view(-1)[idx]; w.view(-1).index_add_(0, idx, v))")
 
-def derived(row: dict) -> dict:
+
+def family(row: dict) -> str:
+    if "family" in row:
+        return row["family"]
+    if row["op"] == "sparse":
+        return "sparse_diff_apply" if row["case"]["kind"] == "apply" else "sparse_diff_linear"
+    return _FAMILY_OF_OP[row["op"]]
+
+
+def derived(row: dict, eager: str = "eager") -> dict:
     r = row["results"]
-    fused, eager, floor = r["peftkern"]["median_ms"], r["eager"]["median_ms"], r["floor"]["median_ms"]
-    return {"speedup": eager / fused, "overhead": fused / floor - 1.0}
+    fused, base, floor = r["peftkern"]["median_ms"], r[eager]["median_ms"], r["floor"]["median_ms"]
+    return {"speedup": base / fused, "overhead": fused / floor - 1.0}
+
+
+def baselines(row: dict) -> list[tuple[str, str]]:
+    """The (results key, label suffix) of each eager baseline this row was timed against."""
+    return [(key, suffix) for key, suffix in EAGER_BASELINES if key in row["results"]]
 
 
 COLUMNS = ("op", "shape", "backend", "eager ms", "peftkern ms", "floor ms", "speedup vs eager",
@@ -15,36 +39,54 @@ COLUMNS = ("op", "shape", "backend", "eager ms", "peftkern ms", "floor ms", "spe
 
 
 def table_rows(results: dict) -> list[tuple[str, ...]]:
+    """One line per row and eager baseline (sparse apply has two: a scatter into a copy, and in place)."""
     rows = []
     for row in results["rows"]:
-        r, d = row["results"], derived(row)
+        r = row["results"]
+        for eager, suffix in baselines(row):
+            d = derived(row, eager)
 
-        def mem(name):
-            v = r[name]["peak_mem_mb"]
-            return "-" if v is None else f"{v:.0f}"
+            def mem(name):
+                v = r[name]["peak_mem_mb"]
+                return "-" if v is None else f"{v:.0f}"
 
-        rows.append((row["op"], row["label"], row["backend"], f"{r['eager']['median_ms']:.3f}",
-                     f"{r['peftkern']['median_ms']:.3f}", f"{r['floor']['median_ms']:.3f}",
-                     f"{d['speedup']:.2f}x", f"{100 * d['overhead']:+.1f}%",
-                     f"{mem('eager')}/{mem('peftkern')}/{mem('floor')}"))
+            label = f"{row['label']} {suffix}" if suffix else row["label"]
+            rows.append((row["op"], label, row["backend"], f"{r[eager]['median_ms']:.3f}",
+                         f"{r['peftkern']['median_ms']:.3f}", f"{r['floor']['median_ms']:.3f}",
+                         f"{d['speedup']:.2f}x", f"{100 * d['overhead']:+.1f}%",
+                         f"{mem(eager)}/{mem('peftkern')}/{mem('floor')}"))
     return rows
 
 
+def title(results: dict) -> str:
+    cpu = results["device_type"] == "cpu"
+    load = results.get("background_load") or {}
+    busy = (f"; background load: {load['processes']} busy process{'es' if load['processes'] > 1 else ''} "
+            f"({load['kind']})" if load.get("processes") else "")
+    return (f"peftkern bench on {results['device']} ({results['device_type']}"
+            f"{', %d threads' % results['cpu_threads'] if cpu else ''}), "
+            f"torch {results['torch']}, triton {results['triton']}; fwd+bwd median ms{busy}")
+
+
+def peak_memory_note(results: dict) -> str | None:
+    """Why the peak-memory column shows "-" (None when every value was measured)."""
+    if all(v.get("peak_mem_mb") is not None for row in results["rows"] for v in row["results"].values()):
+        return None
+    return results.get("peak_mem_note") or "peak memory was not measured for the rows showing \"-\""
+
+
 def print_table(results: dict) -> None:
-    title = (f"peftkern bench on {results['device']} ({results['device_type']}"
-             f"{', %d threads' % results['cpu_threads'] if results['device_type'] == 'cpu' else ''}), "
-             f"torch {results['torch']}, triton {results['triton']}; fwd+bwd median ms")
     rows = table_rows(results)
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # rich is in the bench extra; without it, a plain aligned table
         widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
-        print(title)
+        print(title(results))
         for line in [COLUMNS] + rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
     else:
-        table = Table(title=title)
+        table = Table(title=title(results))
         for col in COLUMNS:
             table.add_column(col, justify="right" if "ms" in col or "vs" in col else "left")
         for line in rows:
@@ -53,12 +95,15 @@ def print_table(results: dict) -> None:
         if not console.is_terminal:  # piped into a file or CI log: do not squeeze the table to 80 columns
             console = Console(width=200)
         console.print(table)
-    for op, what in (("lora", "bare F.linear of the frozen base, fwd+bwd"),
-                     ("adapter", "one elementwise pass over h (fwd) and dy (bwd)"),
-                     ("sparse", "apply: in-place index_put_(accumulate=True); linear: bare F.linear fwd+bwd")):
+    for op, what in FLOORS.items():
         row = next((r for r in results["rows"] if r["op"] == op), None)
         if row is not None:
             print(f"{op}: eager = {row['eager_provider']}; floor = {what}")
+    if any("eager_inplace" in row["results"] for row in results["rows"]):
+        print(SECOND_EAGER)
+    note = peak_memory_note(results)
+    if note:
+        print(f"peak MB \"-\": {note}")
     for row in results["rows"]:
         if row.get("roofline"):
             print(f"{row['label']}: forward {row['roofline']['forward_gb_per_s']:.0f} GB/s = "
@@ -77,25 +122,87 @@ def write_json(results: dict, path: str) -> None:
         json.dump(results, f, indent=1)
 
 
+def plot_panels(results: dict) -> list[tuple[str, list[tuple[str, list[tuple[str, float]]]]]]:
+    """What the chart draws: [(op family, [(case label, [(bar name, ratio)])])], every ratio "higher is
+    better" with 1.0 = parity. Kept apart from matplotlib so it can be checked without drawing."""
+    panels: dict[str, list] = {}
+    for row in results["rows"]:
+        r = row["results"]
+        bars = [(BAR_NAMES[eager], derived(row, eager)["speedup"]) for eager, _ in baselines(row)]
+        bars.append(("floor time / peftkern time", r["floor"]["median_ms"] / r["peftkern"]["median_ms"]))
+        panels.setdefault(family(row), []).append((row["label"], bars))
+    e2e = results.get("e2e") or []
+    by_variant = {e["variant"]: e for e in e2e}
+    if {"peft", "peftkern"} <= set(by_variant):
+        peft, kern = by_variant["peft"], by_variant["peftkern"]
+        label = f"{peft['parameters'] / 1e6:.1f}M Llama, {peft['batch']}x{peft['seq']}"
+        panels["e2e"] = [(label, [("tokens/s, patched / PEFT", kern["tokens_per_s"] / peft["tokens_per_s"]),
+                                  ("peak memory, PEFT / patched", peft["peak_mem_mb"] / kern["peak_mem_mb"])])]
+    return list(panels.items())
+
+
 def plot(results: dict, path: str) -> None:
+    """Write the chart of `figure(results)` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure(results: dict):
+    """One panel per op family (each with its own log axis, so a 40x sparse bar does not flatten the
+    LoRA bars), the family named in every label, the 1.0 line labelled, values written on the bars.
+    Returns the matplotlib Figure; the caller closes it (matplotlib.pyplot.close).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    rows = results["rows"]
-    labels = [row["label"] for row in rows]
-    speedup = [derived(row)["speedup"] for row in rows]
-    of_floor = [row["results"]["floor"]["median_ms"] / row["results"]["peftkern"]["median_ms"] for row in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 3), 4.5))
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], speedup, width=0.4, label="speedup vs eager (x)")
-    ax.bar([x + 0.2 for x in xs], of_floor, width=0.4, label="floor time / peftkern time")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    ax.set_title(f"peftkern on {results['device']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ratio = FuncFormatter(lambda v, _: f"{v:g}x")
+
+    panels = plot_panels(results)
+    if not panels:
+        raise ValueError("nothing to plot: the results have no rows and no e2e comparison")
+    widths = [max(2, sum(len(bars) for _, bars in cases)) for _, cases in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7, 0.9 * sum(widths) + 2), 5.5),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    colors = {}
+    for ax, (fam, cases) in zip(axes[0], panels):
+        n_bars = max(len(bars) for _, bars in cases)
+        width = 0.8 / n_bars
+        values = []
+        for x, (_, bars) in enumerate(cases):
+            for j, (name, value) in enumerate(bars):
+                color = colors.setdefault(name, f"C{len(colors)}")
+                pos = x - 0.4 + width * (j + 0.5)
+                ax.bar(pos, value, width=width, color=color, label=name)
+                ax.annotate(f"{value:.2f}x", (pos, value), ha="center", va="bottom", fontsize=6)
+                values.append(value)
+        ax.set_yscale("log")
+        low, high = min(values + [1.0]), max(values + [1.0])
+        ax.set_ylim(low / 1.6, high * 1.8)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.annotate("1.0 = parity", (0.99, 1.0), xycoords=("axes fraction", "data"), ha="right", va="top",
+                    fontsize=7, bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels([f"{fam}\n{label}" for label, _ in cases], rotation=35, ha="right", fontsize=6)
+        ax.set_title(fam, fontsize=9)
+        ax.tick_params(axis="y", which="both", labelsize=7)
+        ax.yaxis.set_major_formatter(ratio)  # 0.5x, 2x, 40x rather than 5 x 10^-1
+        ax.yaxis.set_minor_formatter(ratio if high / low < 20 else NullFormatter())
+    axes[0][0].set_ylabel("ratio, higher is better (log scale)")
+    handles, names = [], []
+    for ax in axes[0]:
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    load = results.get("background_load") or {}
+    busy = f", {load['processes']} busy background process(es)" if load.get("processes") else ""
+    fig.suptitle(f"peftkern on {results['device']} ({results['device_type']}{busy})", fontsize=10)
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 3), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
+    return fig

@@ -19,7 +19,16 @@ _OPS = {"lora": (lora_cases, lora_providers), "adapter": (adapter_cases, adapter
         "sparse": (sparse_cases, sparse_providers)}
 
 
-def run(ops: list[str], *, quick: bool, device: torch.device) -> dict:
+PEAK_MEM_NOTES = {
+    "quick": "not measured with --quick: on CPU each provider's peak is measured in a fresh process "
+             "(peftkern/bench/memory.py), which --quick skips to stay fast; run without --quick",
+    "unmeasurable": "this platform cannot measure a CPU step's peak (it needs glibc's mallopt and "
+                    "/proc/self/clear_refs)",
+}
+
+
+def run(ops: list[str], *, quick: bool, device: torch.device, background_load: dict | None = None) -> dict:
+    """Time every case of `ops`; `background_load` (BackgroundLoad.describe()) is recorded as given."""
     from tqdm.auto import tqdm
 
     import peftkern
@@ -36,8 +45,8 @@ def run(ops: list[str], *, quick: bool, device: torch.device) -> dict:
         backend = peftkern._backend.auto_choice(case.family, device, case.dtype)
         if backend == "cuda" and device.type == "cpu":
             backend = "cuda (C++ on CPU)"  # the compiled extension's CPU kernels
-        rows.append({"op": op, "case": case.as_dict(), "label": case.label, "backend": backend,
-                     "eager_provider": eager_name, "results": result})
+        rows.append({"op": op, "family": case.family, "case": case.as_dict(), "label": case.label,
+                     "backend": backend, "eager_provider": eager_name, "results": result})
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -53,9 +62,17 @@ def run(ops: list[str], *, quick: bool, device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m peftkern"] + sys.argv[1:]),
         "quick": quick,
+        "background_load": background_load or {"processes": 0, "kind": None},
+        "peak_mem_note": _peak_mem_note(rows, quick, device),
         "ceilings": ceilings,
         "rows": rows,
     }
+
+
+def _peak_mem_note(rows: list[dict], quick: bool, device: torch.device) -> str | None:
+    if all(v["peak_mem_mb"] is not None for row in rows for v in row["results"].values()):
+        return None
+    return PEAK_MEM_NOTES["quick" if quick and device.type == "cpu" else "unmeasurable"]
 
 
 def roofline(row: dict, ceilings: dict | None) -> dict | None:
@@ -75,6 +92,10 @@ def case_from_dict(op: str, d: dict):
     d = dict(d)
     d["dtype"] = getattr(torch, d["dtype"])
     return {"lora": LoraCase, "adapter": AdapterCase, "sparse": SparseCase}[op](**d)
+
+
+def cases_for(op: str, device: torch.device, *, quick: bool) -> list:
+    return _OPS[op][0](device, quick)
 
 
 def providers_for(op: str, case, device: torch.device):
