@@ -301,3 +301,26 @@ def test_half_base_with_float32_adapters_is_at_least_as_accurate_as_peft(backend
             # rounding by one ulp; a 16-bit rank-r factor costs 40-60% here
             bound = 1.01 * peft_err
         assert ours_err <= bound, f"{name}: {ours_err:.4g} vs PEFT's {peft_err:.4g} ({backend}, {dtype})"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_zero_in_features_gives_the_bias_like_f_linear(backend, bias):
+    """F.linear accepts in_features == 0 (an empty sum): the result is the bias (or zeros), every
+    gradient has its input's shape, and lora_b's gradient is zero."""
+    if backend not in available_backends("lora_linear", torch.float32):
+        pytest.skip(f"backend {backend} unavailable here")
+    x = torch.randn(2, 3, 0, device=DEVICE, requires_grad=True)
+    w = torch.randn(5, 0, device=DEVICE, requires_grad=True)
+    a = torch.randn(2, 0, device=DEVICE, requires_grad=True)
+    b = torch.randn(5, 2, device=DEVICE, requires_grad=True)
+    bb = torch.randn(5, device=DEVICE, requires_grad=True) if bias else None
+    dy = torch.randn(2, 3, 5, device=DEVICE)
+    for p in (0.0, 0.3):
+        with peftkern.use_backend(backend):
+            ours = run(lambda *t: peftkern.lora_linear(*t[:4], bias=t[4], dropout_p=p, seed=3), [x, w, a, b, bb], dy)
+        expected = run(lambda *t: F.linear(t[0], t[1], t[4]) + 0 * t[3].sum() + 0 * t[2].sum(), [x, w, a, b, bb], dy)
+        for name, o, e in zip(["y", "dx", "dweight", "dlora_a", "dlora_b", "dbias"], ours, expected):
+            assert (o is None) == (e is None), name
+            if o is not None:
+                assert o.shape == e.shape and torch.equal(o, e), name

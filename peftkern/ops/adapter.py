@@ -7,6 +7,7 @@ formula without a copy.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -153,8 +154,9 @@ def bottleneck_adapter(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up
     """
     _check(h, w_down, b_down, w_up, b_up, activation, scaling, residual)
     lead, d = h.shape[:-1], h.shape[-1]
-    h2 = h.reshape(-1, d)
-    res2 = residual.reshape(-1, d) if residual is not None else None
+    # an explicit row count: reshape(-1, 0) is ambiguous when d is 0
+    h2 = h.reshape(math.prod(lead), d)
+    res2 = residual.reshape(math.prod(lead), d) if residual is not None else None
     out, _ = torch.ops.peftkern.bottleneck_adapter_fwd(h2, w_down, b_down, w_up, b_up, res2, activation,
                                                        float(scaling))
     return out.view(*lead, d)

@@ -8,6 +8,7 @@ seed (a CPU int64 tensor, so that a fresh seed per step does not recompile a com
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -161,6 +162,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, sc
         seed_t = (torch.randint(0, SEED_LIMIT // 2, (), dtype=torch.int64) if seed is None
                   else torch.tensor(seed, dtype=torch.int64))
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    # an explicit row count: reshape(-1, 0) is ambiguous when in_features is 0 (which F.linear allows)
+    x2 = x.reshape(math.prod(lead), x.shape[-1])
     y, _ = torch.ops.peftkern.lora_linear_fwd(x2, weight, lora_a, lora_b, bias, float(scaling), p, seed_t)
     return y.view(*lead, weight.shape[0])
