@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers", reason="the PEFT integration 
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from peftkern.integrations.peft import patch, unpatch  # noqa: E402
+from peftkern.integrations.peft import LayersNotPatchedWarning, patch, unpatch  # noqa: E402
 
 from .conftest import rel_err  # noqa: E402
 
@@ -57,7 +57,8 @@ def test_logits_loss_and_every_lora_gradient_match_peft():
     assert patch(model) == 2 * len(TARGETS)
     assert_same(step(model, ids), reference)
     assert unpatch(model) == 2 * len(TARGETS)
-    assert not any("forward" in vars(m) for m in model.modules()), "unpatch leaves no instance forward behind"
+    assert not any("forward" in vars(m) for m in model.modules()), "patch() stores no instance forward"
+    assert {type(m).__name__ for m in model.modules() if hasattr(m, "lora_A")} == {"Linear"}, "PEFT's class again"
     assert_same(step(model, ids), reference, tol=0)
 
 
@@ -97,7 +98,8 @@ def test_adapter_switching_rslora_multiple_adapters_and_disabling():
 
 def test_dora_layers_stay_on_pefts_path_with_a_logged_reason(caplog):
     model = lora_model(use_dora=True)
-    with caplog.at_level(logging.INFO, logger="peftkern.integrations.peft"):
+    with caplog.at_level(logging.INFO, logger="peftkern.integrations.peft"), \
+            pytest.warns(LayersNotPatchedWarning, match="DoRA"):
         assert patch(model) == 0
     assert "DoRA" in caplog.text or "variant" in caplog.text
     assert caplog.text.count("stays on PEFT's own forward") == 2 * len(TARGETS)
@@ -146,7 +148,8 @@ def test_embedding_lora_stays_on_pefts_path_and_linear_layers_are_patched(caplog
             if "lora_B" in name or "lora_embedding_B" in name:
                 p.normal_(std=0.05)
     reference = step(model, ids)
-    with caplog.at_level(logging.INFO, logger="peftkern.integrations.peft"):
+    with caplog.at_level(logging.INFO, logger="peftkern.integrations.peft"), \
+            pytest.warns(LayersNotPatchedWarning, match="1 of 3 LoRA layers.*embed_tokens"):
         assert patch(model) == 2  # the two q_proj layers
     assert "embed_tokens stays on PEFT's own forward" in caplog.text and "Embedding" in caplog.text
     assert_same(step(model, ids), reference)

@@ -4,116 +4,284 @@
     n = patch(peft_model)     # every LoRA Linear that can run fused now does; returns how many
     unpatch(peft_model)       # back to PEFT's own forward
 
-patch() replaces the `forward` of each eligible `peft.tuners.lora.layer.Linear` instance with one that
-computes the base layer and the first active adapter in one `peftkern.lora_linear` call (dropout,
-bias, PEFT's `scaling` including rsLoRA), and any further active adapters with PEFT's own eager math.
-Nothing else changes: no parameter, buffer or config is added, so state dicts, `save_pretrained`
-output and adapter switching (`set_adapter`, `disable_adapter`, merging) behave exactly as before.
-Per call, whatever the fused path does not cover (merged or disabled adapters, mixed-batch
-`adapter_names`, extra forward arguments, mismatched dtypes) goes to PEFT's own forward.
-Layers it cannot run at all (DoRA and other LoRA variants, lora_bias, a base layer that is not
-nn.Linear or transformers' Conv1D, quantized layers, Conv, Embedding) stay on PEFT's path, and patch()
-logs each one with the reason.
+What patch() does
+    A LoRA layer is patched by changing its class from PEFT's `peft.tuners.lora.layer.Linear` to
+    `FusedLoraLinear`, a subclass defined in this module whose only change is `forward`: the base layer
+    and the first active adapter run as one `peftkern.lora_linear` call (dropout, bias, PEFT's `scaling`
+    including rsLoRA), further active adapters with PEFT's own eager math. No parameter, buffer or config is
+    added, so state dicts, `save_pretrained` output, `repr`, adapter switching (`set_adapter`,
+    `disable_adapter`, merging) behave exactly as before.
+
+Why a class swap (and not a bound method stored on each instance)
+    A class defined at module level pickles by reference (`peftkern.integrations.peft.FusedLoraLinear`), so
+    a patched model round-trips through `pickle`, `torch.save`/`torch.load` (whole model) and
+    `copy.deepcopy` and comes back patched; a bound method in the instance `__dict__` does not unpickle.
+    Module hooks on the patched layer itself keep working because `nn.Module.__call__` runs them around
+    whichever `forward` the class has. (torch's own parametrize and FSDP2 patch modules the same way.)
+
+Which layers, and when they fall back
+    Decided once per layer in patch(): only a PEFT LoRA `Linear` (exactly that class) whose *direct*
+    `base_layer` is a plain `nn.Linear` or transformers' `Conv1D` is patched. Anything else stays on PEFT's
+    forward: LoRA stacked on another adapter (LoHa/LoKr/AdaLoRA in a `PeftMixedModel`, whose base layer is
+    that adapter's layer), quantized or other base layers, Embedding/Conv LoRA layers. patch() logs each one
+    (logger `peftkern.integrations.peft`, INFO) and emits one `LayersNotPatchedWarning` per call that lists
+    them, grouped by reason; it is silent when every LoRA layer was patched.
+    Checked per call (things that can change after patch()), falling back to PEFT's forward for that call:
+    extra forward arguments (e.g. mixed-batch `adapter_names`), merged or disabled adapters, an active
+    adapter that is a LoRA variant (DoRA, ...) or has `lora_bias` (e.g. added later by `add_adapter`),
+    dropout other than `nn.Dropout`/`nn.Identity`, dtypes or devices the fused op does not take (or
+    `disable_input_dtype_casting` with adapters in another dtype than the input, where PEFT raises), and
+    any forward (pre-)hook, backward hook, instance-level `forward` override or accelerate `_hf_hook` on
+    the base layer, lora_A, lora_B or the dropout module (e.g. `accelerate.cpu_offload`, `device_map`
+    offloading, a user's hook), or a global module hook: the fused path would skip them.
+
+Layers added after patch()
+    patch() marks the model; PEFT's `BaseTuner.inject_adapter` (behind `get_peft_model`, `add_adapter`,
+    `load_adapter`, `inject_adapter_in_model`) is wrapped once, at import of this module, so that after it
+    injects into a marked model the new LoRA layers are patched too (and any it cannot patch are
+    reported). On unmarked models the wrapper only calls PEFT's method. unpatch() removes the mark.
 """
 from __future__ import annotations
 
+import functools
 import logging
-import types
+import warnings
+from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
+
+from peft.tuners.lora.layer import Linear as _PeftLoraLinear
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import BaseTuner
 
 from ..ops.lora import lora_linear
 
+__all__ = ["patch", "unpatch", "unsupported_reason", "FusedLoraLinear", "LayersNotPatchedWarning"]
+
 log = logging.getLogger(__name__)
-_ATTR = "_peftkern_patched"
+# a plain bool attribute on the model (and its PEFT tuner objects): new LoRA layers injected into a model
+# carrying it are patched as they appear; being in the instance __dict__, it survives pickling and deepcopy
+_MARK = "_peftkern_patch_new_layers"
 
 
-def _lora_linear_class():
-    from peft.tuners.lora.layer import Linear
-
-    return Linear
+class LayersNotPatchedWarning(UserWarning):
+    """patch() left some LoRA layers on PEFT's own forward; the message lists them and why."""
 
 
-def _base_weight(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight as [out, in], bias) of the base layer, or None if it is not a plain linear."""
-    base = module.get_base_layer()
-    if type(base) is nn.Linear:
-        return base.weight, base.bias
-    if type(base).__name__ == "Conv1D" and type(base).__module__.startswith("transformers"):
-        return base.weight.t(), base.bias  # GPT-2 style [in, out] weight: a strided view, no copy
-    return None
+def _is_conv1d(layer: nn.Module) -> bool:
+    return type(layer).__name__ == "Conv1D" and type(layer).__module__.startswith("transformers")
 
 
-def unsupported_reason(module) -> str | None:
-    """Why this PEFT LoRA layer cannot use the fused path at all, or None if it can."""
-    if type(module) is not _lora_linear_class():
-        return f"{type(module).__module__}.{type(module).__name__} is not PEFT's LoRA Linear"
-    if _base_weight(module) is None:
-        return f"base layer {type(module.get_base_layer()).__name__} is not nn.Linear or Conv1D (quantized?)"
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why the PEFT LoRA layer `module` cannot be patched at all, or None if patch() can patch it.
+
+    Decided from what cannot change after patch(): the layer's class and its direct base layer, plus the
+    adapters it holds now (an adapter added later is checked per call instead).
+    """
+    if type(module) not in (_PeftLoraLinear, FusedLoraLinear):
+        return f"{type(module).__module__}.{type(module).__name__} layers have no fused path"
+    # the *direct* base layer: get_base_layer() would unwrap a LoHa/LoKr/AdaLoRA layer underneath and the
+    # fused op would silently drop that adapter
+    base = module.base_layer
+    if type(base) is not nn.Linear and not _is_conv1d(base):
+        return (f"base layer is {type(base).__module__}.{type(base).__name__}, not a plain nn.Linear or "
+                "transformers Conv1D (another adapter underneath, quantized, or wrapped)")
     for name in module.lora_A.keys():
-        if name in getattr(module, "lora_variant", {}):
-            return f"adapter {name!r} is a LoRA variant ({type(module.lora_variant[name]).__name__}, e.g. DoRA)"
-        if getattr(module, "use_dora", {}).get(name):
-            return f"adapter {name!r} uses DoRA"
-        if getattr(module, "lora_bias", {}).get(name):
-            return f"adapter {name!r} has lora_bias"
+        reason = _adapter_reason(module, name)
+        if reason is not None:
+            return reason
     return None
 
 
-def _dropout_p(dropout: nn.Module) -> tuple[float, bool]:
-    if isinstance(dropout, nn.Dropout):
-        return float(dropout.p), dropout.training
-    return 0.0, False  # nn.Identity
+def _adapter_reason(module, name: str) -> str | None:
+    if name in getattr(module, "lora_variant", {}):
+        return f"adapter {name!r} is a LoRA variant ({type(module.lora_variant[name]).__name__}, e.g. DoRA)"
+    if getattr(module, "use_dora", {}).get(name):
+        return f"adapter {name!r} uses DoRA"
+    if getattr(module, "lora_bias", {}).get(name):
+        return f"adapter {name!r} has lora_bias"
+    if type(module.lora_A[name]) is not nn.Linear or type(module.lora_B[name]) is not nn.Linear:
+        return f"adapter {name!r} has lora_A/lora_B modules other than nn.Linear"
+    if type(module.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
+        return f"adapter {name!r} has dropout {type(module.lora_dropout[name]).__name__}"
+    return None
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    original = getattr(self, _ATTR)
-    active = [a for a in self.active_adapters if a in self.lora_A.keys()]
-    if args or kwargs or self.disable_adapters or self.merged or not active or unsupported_reason(self):
-        return original(x, *args, **kwargs)
-    weight, bias = _base_weight(self)
-    lora_a, lora_b = self.lora_A[active[0]].weight, self.lora_B[active[0]].weight
-    autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
-    dtypes_ok = x.dtype == weight.dtype and all(t.dtype in (x.dtype, torch.float32) for t in (lora_a, lora_b))
-    if not (autocast or dtypes_ok) or (bias is not None and bias.dtype != weight.dtype and not autocast):
-        return original(x, *args, **kwargs)
-    p, training = _dropout_p(self.lora_dropout[active[0]])
-    result = lora_linear(x, weight, lora_a, lora_b, scaling=float(self.scaling[active[0]]), bias=bias,
-                         dropout_p=p, training=training)
-    for name in active[1:]:  # further active adapters: PEFT's own eager math
-        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        x_l = self._cast_input_dtype(x, lora_A.weight.dtype)
-        result = result + (lora_B(lora_A(self.lora_dropout[name](x_l))) * self.scaling[name]).to(result.dtype)
-    return result
+def _global_hooks() -> bool:
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+                or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
+
+
+def _hooked(m: nn.Module) -> bool:
+    """True if calling `m` would run anything besides its class's forward: the fused path never calls it."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__ or hasattr(m, "_hf_hook"))
+
+
+class FusedLoraLinear(_PeftLoraLinear):
+    """PEFT's LoRA `Linear` whose forward runs on `peftkern.lora_linear` where it can (see the module doc).
+
+    Never constructed directly: patch() switches eligible layers' class to it, unpatch() switches back.
+    """
+
+    def _get_name(self) -> str:
+        return _PeftLoraLinear.__name__  # print(model) stays exactly PEFT's ("lora.Linear(...)")
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs or self.disable_adapters or self.merged:
+            return super().forward(x, *args, **kwargs)
+        lora_keys = self.lora_A.keys()
+        active = [a for a in self.active_adapters if a in lora_keys]
+        if not active or any(_adapter_reason(self, a) is not None for a in active):
+            return super().forward(x, *args, **kwargs)
+        first = active[0]
+        base = self.base_layer
+        lora_A, lora_B, dropout = self.lora_A[first], self.lora_B[first], self.lora_dropout[first]
+        if (_hooked(base) or _hooked(lora_A) or _hooked(lora_B) or _hooked(dropout) or _global_hooks()):
+            return super().forward(x, *args, **kwargs)  # PEFT's forward calls those modules, hooks and all
+        weight, bias = (base.weight, base.bias) if type(base) is nn.Linear else (base.weight.t(), base.bias)
+        lora_a, lora_b = lora_A.weight, lora_B.weight
+        autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+        if not autocast:
+            same_dtype = x.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype)
+            adapter_dtypes = (x.dtype,) if not getattr(self, "cast_input_dtype_enabled", True) \
+                else (x.dtype, torch.float32)  # casting disabled: PEFT itself raises on a dtype mismatch
+            if not same_dtype or lora_a.dtype not in adapter_dtypes or lora_b.dtype not in adapter_dtypes:
+                return super().forward(x, *args, **kwargs)
+        if not (weight.device == x.device == lora_a.device == lora_b.device):
+            return super().forward(x, *args, **kwargs)  # let PEFT (or its error) decide
+        training = isinstance(dropout, nn.Dropout) and dropout.training
+        result = lora_linear(x, weight, lora_a, lora_b, scaling=float(self.scaling[first]), bias=bias,
+                             dropout_p=float(dropout.p) if training else 0.0, training=training)
+        if len(active) == 1:
+            return result
+        # further active adapters: PEFT's own eager math, in its order of casts and accumulation
+        result_dtype = result.dtype
+        x = self._cast_input_dtype(x, lora_a.dtype)
+        for name in active[1:]:
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            x = self._cast_input_dtype(x, lora_A.weight.dtype)
+            result = result + lora_B(lora_A(self.lora_dropout[name](x))) * self.scaling[name]
+        return result.to(result_dtype)
+
+
+def _check_model(model, fn: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}(model): `model` must be a torch.nn.Module (a PEFT model or a model with PEFT "
+                        f"LoRA layers), got {type(model).__name__}")
+
+
+def _patch_layers(model: nn.Module, skip: set[int] = frozenset()) -> tuple[int, int, list[tuple[str, str]]]:
+    """Patch every eligible LoRA layer of `model` not in `skip` (ids). Returns (patched now, LoRA layers
+    seen, [(name, reason)] of those left on PEFT's path)."""
+    patched, seen, skipped = 0, 0, []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or id(module) in skip:
+            continue
+        seen += 1
+        if type(module) is FusedLoraLinear:
+            continue
+        reason = unsupported_reason(module)
+        if reason is not None:
+            log.info("peftkern: %s stays on PEFT's own forward: %s", name, reason)
+            skipped.append((name or type(model).__name__, reason))
+            continue
+        module.__class__ = FusedLoraLinear
+        patched += 1
+    return patched, seen, skipped
+
+
+def _warn_skipped(seen: int, skipped: list[tuple[str, str]], stacklevel: int) -> None:
+    if not skipped:
+        return
+    by_reason = defaultdict(list)
+    for name, reason in skipped:
+        by_reason[reason].append(name)
+    parts = []
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        parts.append(f"{len(names)} x {reason} ({shown})")
+    warnings.warn(f"peftkern patch(): {len(skipped)} of {seen} LoRA layers stay on PEFT's own forward: "
+                  + "; ".join(parts), LayersNotPatchedWarning, stacklevel=stacklevel + 1)
+
+
+def _set_mark(model: nn.Module, value: bool) -> None:
+    # mark the model and every PEFT tuner inside it (and the model each tuner wraps): inject_adapter is
+    # called on the tuner with the wrapped model, or on PeftMixedModel's tuner with PeftMixedModel itself
+    targets = [model] + [m for m in model.modules() if isinstance(m, BaseTuner)]
+    targets += [t.model for t in targets if isinstance(t, BaseTuner) and isinstance(t.model, nn.Module)]
+    for t in targets:
+        if value:
+            t.__dict__[_MARK] = True
+        else:
+            t.__dict__.pop(_MARK, None)
 
 
 def patch(model: nn.Module) -> int:
-    """Run every eligible LoRA Linear of a PEFT model on peftkern; returns how many layers were patched."""
-    linear_cls = _lora_linear_class()
-    from peft.tuners.lora.layer import LoraLayer
+    """Run every eligible LoRA Linear of a Hugging Face PEFT model on `peftkern.lora_linear`.
 
-    patched = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or getattr(module, _ATTR, None) is not None:
-            continue
-        reason = unsupported_reason(module) if isinstance(module, linear_cls) else \
-            f"{type(module).__name__} layers have no fused path"
-        if reason is not None:
-            log.info("peftkern: %s stays on PEFT's own forward: %s", name, reason)
-            continue
-        setattr(module, _ATTR, module.forward)  # PEFT's bound forward, kept for fallbacks and unpatch
-        module.forward = types.MethodType(_fused_forward, module)
-        patched += 1
+    Args:
+        model: a `PeftModel`, `PeftMixedModel`, PEFT tuner (`LoraModel`) or any `nn.Module` holding PEFT LoRA
+            layers (e.g. after `inject_adapter_in_model`). Patched in place; calling it again is harmless.
+    Returns:
+        the number of layers patched by this call.
+    Raises:
+        TypeError: `model` is not an `nn.Module`.
+    Warns:
+        LayersNotPatchedWarning: once per call if some LoRA layers stay on PEFT's own forward (or there are
+            none), listing them grouped by reason. Silent when every LoRA layer was patched.
+
+    Outputs and gradients match PEFT's forward within dtype tolerance; the state dict and saved adapters are
+    unchanged. Layers that PEFT injects into this model later (`add_adapter`, `load_adapter`, ...) are
+    patched as they appear. The patched model pickles, `torch.save`s and deep-copies as a patched model.
+    """
+    _check_model(model, "patch")
+    patched, seen, skipped = _patch_layers(model)
+    _set_mark(model, True)
+    if seen == 0:
+        warnings.warn(f"peftkern patch(): found no PEFT LoRA layers in this {type(model).__name__}; nothing "
+                      "was patched", LayersNotPatchedWarning, stacklevel=2)
+    _warn_skipped(seen, skipped, stacklevel=2)
     return patched
 
 
 def unpatch(model: nn.Module) -> int:
-    """Undo patch(): every patched layer gets PEFT's own forward back. Returns how many were restored."""
+    """Undo patch(): every patched layer runs PEFT's own forward again and layers injected later are no
+    longer patched. Returns how many layers were restored. Raises TypeError if `model` is not an nn.Module."""
+    _check_model(model, "unpatch")
     restored = 0
     for module in model.modules():
-        if getattr(module, _ATTR, None) is not None:
-            del module.forward  # the instance attribute; the class's forward shows through again
-            delattr(module, _ATTR)
+        if type(module) is FusedLoraLinear:
+            module.__class__ = _PeftLoraLinear
             restored += 1
+    _set_mark(model, False)
     return restored
+
+
+def _marked(obj) -> bool:
+    return isinstance(obj, nn.Module) and obj.__dict__.get(_MARK, False)
+
+
+def _install_inject_hook() -> None:
+    """Wrap `BaseTuner.inject_adapter` once so that injection into a patched model patches the new layers."""
+    original = BaseTuner.inject_adapter
+    if getattr(original, "_peftkern_wrapped", False):  # importlib.reload of this module
+        return
+
+    @functools.wraps(original)
+    def inject_adapter(self, model, *args, **kwargs):
+        if not (_marked(self) or _marked(model)):
+            return original(self, model, *args, **kwargs)
+        before = {id(m) for m in model.modules() if isinstance(m, LoraLayer)}
+        result = original(self, model, *args, **kwargs)
+        _, seen, skipped = _patch_layers(model, skip=before)
+        _warn_skipped(seen, skipped, stacklevel=2)
+        return result
+
+    inject_adapter._peftkern_wrapped = True
+    BaseTuner.inject_adapter = inject_adapter
+
+
+_install_inject_hook()

@@ -1,0 +1,45 @@
+"""pytest plugin: run Hugging Face PEFT's own tests with peftkern's backend patched in after every injection.
+
+Load it with `-p peftkern_patch_plugin` (this folder on PYTHONPATH); see README.md here for the full check.
+After each `BaseTuner.inject_adapter` (behind `get_peft_model`, `PeftModel.from_pretrained`, `add_adapter`,
+`load_adapter`, `inject_adapter_in_model`, `PeftMixedModel.add_adapter`) it calls
+`peftkern.integrations.peft.patch()` on the model that was injected into, so every LoRA layer PEFT's tests
+build runs on peftkern wherever peftkern can run it. The run ends with a line saying how many layers were
+patched and how many forwards took the fused path, so a run that silently patched nothing cannot pass for
+a check.
+
+patch()'s LayersNotPatchedWarning is silenced here: PEFT's tests inject LoHa, IA3, ... adapters too, and
+some of its tests assert that no warning is raised.
+"""
+import warnings
+
+_counts = {"patched_layers": 0, "fused_forwards": 0}
+
+
+def pytest_configure(config):
+    import peftkern.integrations.peft as integration
+    from peft.tuners.tuners_utils import BaseTuner
+
+    inject = BaseTuner.inject_adapter  # already peftkern's wrapper (patches marked models' new layers)
+
+    def inject_adapter_then_patch(self, model, *args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", integration.LayersNotPatchedWarning)
+            result = inject(self, model, *args, **kwargs)
+            _counts["patched_layers"] += integration.patch(model)
+        return result
+
+    BaseTuner.inject_adapter = inject_adapter_then_patch
+
+    fused = integration.lora_linear
+
+    def counting_lora_linear(*args, **kwargs):
+        _counts["fused_forwards"] += 1
+        return fused(*args, **kwargs)
+
+    integration.lora_linear = counting_lora_linear  # the name FusedLoraLinear.forward calls
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"peftkern: {_counts['patched_layers']} LoRA layers patched, "
+                                f"{_counts['fused_forwards']} forwards on the fused path")
