@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from .ops import _checks
 from .ops.adapter import bottleneck_adapter
 from .ops.lora import lora_linear
 from .ops.sparse_diff import sparse_diff_linear
@@ -13,25 +14,45 @@ from .reference.activations import CODES as _ACTIVATIONS, NAMES as _ACTIVATION_N
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable rank-r update:  y = x·Wᵀ + b + (alpha/r)·B·A·dropout(x).
+    """A frozen linear layer plus a trainable rank-r update (LoRA):
 
-    `weight` and `bias` are frozen; `lora_a` [r, in] is Kaiming-uniform and `lora_b` [out, r] zero at
-    start (PEFT's default), so a new layer computes exactly its base linear. `merge_()` folds
-    scaling·B·A into `weight` for inference and `unmerge_()` restores the original weight bit for bit.
+        y = x·weightᵀ + bias + scaling·(dropout(x)·lora_aᵀ)·lora_bᵀ,   scaling = alpha / r
+
+    Build one around an existing layer with `LoRALinear.from_linear(linear, r, alpha, dropout)`, or
+    from scratch with `LoRALinear(in_features, out_features, ...)` (the frozen weight and bias then get
+    nn.Linear's initialisation).
+
+    Args:
+        in_features: int >= 0, the width of x's last dim (0 is allowed, as in nn.Linear: y is the bias).
+        out_features: int >= 0, the width of y's last dim.
+        r: int >= 1, the rank of the update.
+        alpha: finite real number; the update is scaled by alpha / r (PEFT's `lora_alpha`).
+        dropout: real number in [0, 1): dropout on the LoRA branch only (the base path never sees it),
+            active in training mode; kept elements are scaled by 1/(1 - dropout).
+        bias: whether the frozen base layer has a bias.
+        device, dtype: where and in which floating dtype the four parameters are made.
+
+    Parameters: `weight` [out_features, in_features] and `bias` [out_features] (or None), both frozen
+    (requires_grad False); `lora_a` [r, in_features] Kaiming-uniform and `lora_b` [out_features, r] zeros,
+    PEFT's default initialisation, so a new layer computes exactly its base linear.
+
+    Raises (in the constructor, naming the argument): TypeError when in_features, out_features or r is
+    not an int, or alpha or dropout is not a real number; ValueError when one is out of range or not finite.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  bias: bool = True, device=None, dtype=None):
         super().__init__()
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be an int >= 1, got {r!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _checks.integer("in_features", in_features, low=0)
+        _checks.integer("out_features", out_features, low=0)
+        _checks.integer("r", r, low=1)
+        alpha = _checks.real_number("alpha", alpha)
+        dropout = _checks.real_number("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.alpha = alpha
         self.scaling = alpha / r
-        self.dropout = float(dropout)
+        self.dropout = dropout
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.lora_a = nn.Parameter(torch.empty(r, in_features, **factory))
@@ -48,13 +69,22 @@ class LoRALinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def reset_lora_parameters(self) -> None:
-        """PEFT's default LoRA init: A Kaiming-uniform (a=sqrt(5)), B zeros."""
+        """Re-initialise the adapter as PEFT does by default: `lora_a` Kaiming-uniform (a=sqrt(5)), `lora_b`
+        zeros, so the layer computes its base linear again. The frozen weight and bias are not touched."""
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0) -> "LoRALinear":
-        """Wrap an existing nn.Linear; its weight and bias are shared (not copied) and frozen."""
+        """A LoRALinear over an existing nn.Linear.
+
+        The linear's `weight` and `bias` are shared, not copied, and frozen (their requires_grad is set to
+        False, also as seen from `linear`). `lora_a` [r, in_features] and `lora_b` [out_features, r] are new,
+        on the linear's device and in its dtype, with PEFT's default initialisation, so the result computes
+        exactly what `linear` computes until `lora_b` is trained. r, alpha and dropout are as in the
+        constructor. Raises TypeError when `linear` is not an nn.Linear, and the constructor's errors for
+        r, alpha and dropout.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         w = linear.weight
@@ -72,11 +102,18 @@ class LoRALinear(nn.Module):
 
     @property
     def merged(self) -> bool:
+        """True between `merge_()` and `unmerge_()`: `weight` then holds weight + scaling·lora_b·lora_a."""
         return self._merged_backup is not None
 
     @torch.no_grad()
     def merge_(self) -> "LoRALinear":
-        """Fold scaling·B·A into `weight` (kept frozen); the original weight is kept to unmerge exactly."""
+        """Fold scaling·lora_b·lora_a into `weight` for inference, in place; returns self.
+
+        The sum is computed in float32 and rounded once to weight's dtype. A copy of the original weight is
+        kept (one [out_features, in_features] tensor) so that `unmerge_()` restores it bit for bit. While
+        merged, forward is a plain F.linear and the adapter receives no gradients: unmerge before training
+        again. Merging a merged layer does nothing.
+        """
         if not self.merged:
             self._merged_backup = self.weight.detach().clone()
             delta = (self.lora_b.to(torch.float32) @ self.lora_a.to(torch.float32)) * self.scaling
@@ -85,13 +122,27 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge_(self) -> "LoRALinear":
-        """Restore the exact pre-merge weight (a saved copy, not a subtraction that would round)."""
+        """Restore the exact pre-merge weight (from the saved copy, not by a subtraction that would round);
+        returns self. Unmerging a layer that is not merged does nothing."""
         if self.merged:
             self.weight.copy_(self._merged_backup)
             self._merged_backup = None
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x·weightᵀ + bias + scaling·(dropout(x)·lora_aᵀ)·lora_bᵀ (peftkern.lora_linear).
+
+        x: [..., in_features], any number of leading dims, any strides; returns [..., out_features] in x's
+        dtype. Outside torch.autocast x has weight's dtype; lora_a and lora_b have it too, or are float32
+        beside a float16/bfloat16 weight (then the update is computed in float32 and added before one
+        rounding). Inside torch.autocast everything is cast to the autocast dtype, as F.linear's inputs are.
+        Dropout runs in training mode only, with a fresh mask per call drawn from torch's generator
+        (torch.manual_seed makes it reproducible); eval() turns it off. When `merged`, this is
+        F.linear(x, weight, bias).
+
+        Raises ValueError when x's last dim is not in_features, TypeError for a non-float or mismatched
+        dtype, RuntimeError when x is on another device than the parameters.
+        """
         if self.merged:
             return torch.nn.functional.linear(x, self.weight, self.bias)
         return lora_linear(x, self.weight, self.lora_a, self.lora_b, scaling=self.scaling, bias=self.bias,
@@ -103,11 +154,27 @@ class LoRALinear(nn.Module):
 
 
 class BottleneckAdapter(nn.Module):
-    """A bottleneck adapter (Houlsby / Pfeiffer):  out = residual + scaling·(act(h·W_downᵀ + b_down)·W_upᵀ + b_up).
+    """A bottleneck adapter (Houlsby / Pfeiffer):
 
-    `forward(h, residual=None)`: without `residual`, h itself is the residual. Initialisation follows
-    AdapterHub's `init_weights` options: "bert" (default there and here: weights ~ N(0, 0.02²), biases 0)
-    or "mam_adapter" (W_down Kaiming-uniform a=sqrt(5), W_up and biases 0, so a new adapter is the identity).
+        out = residual + scaling·(act(h·w_downᵀ + b_down)·w_upᵀ + b_up)
+
+    Args:
+        d_model: int >= 0, the width of h.
+        bottleneck: int >= 1, the adapter's inner width k.
+        activation: one of "relu", "gelu" (erf form), "gelu_tanh", "silu" (alias "swish"), "tanh", "identity".
+        scaling: finite real number multiplying the adapter's output before the residual add.
+        bias: whether `b_down` and `b_up` exist.
+        device, dtype: where and in which floating dtype the parameters are made.
+        init_weights: AdapterHub's `init_weights` option: "bert" (its default and this one's: weights
+            ~ N(0, 0.02²), biases zero) or "mam_adapter" (`w_down` Kaiming-uniform a=sqrt(5), `w_up` and the
+            biases zero, so a new adapter is the identity).
+
+    Parameters (all trainable): `w_down` [bottleneck, d_model], `b_down` [bottleneck] or None,
+    `w_up` [d_model, bottleneck], `b_up` [d_model] or None.
+
+    Raises (in the constructor, naming the argument): TypeError when d_model or bottleneck is not an int
+    or scaling not a real number; ValueError when one is out of range or not finite, or activation or
+    init_weights is not one of the names above.
     """
 
     INIT_WEIGHTS = ("bert", "mam_adapter")
@@ -115,16 +182,17 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, d_model: int, bottleneck: int, activation: str = "relu", scaling: float = 1.0,
                  bias: bool = True, device=None, dtype=None, init_weights: str = "bert"):
         super().__init__()
-        if not isinstance(bottleneck, int) or isinstance(bottleneck, bool) or bottleneck < 1:
-            raise ValueError(f"bottleneck must be an int >= 1, got {bottleneck!r}")
-        if activation not in _ACTIVATIONS:
+        _checks.integer("d_model", d_model, low=0)
+        _checks.integer("bottleneck", bottleneck, low=1)
+        scaling = _checks.real_number("scaling", scaling)
+        if not isinstance(activation, str) or activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(repr(n) for n in _ACTIVATION_NAMES)}; "
                              f"got {activation!r}")
         if init_weights not in self.INIT_WEIGHTS:
             raise ValueError(f"init_weights must be one of {self.INIT_WEIGHTS}, got {init_weights!r}")
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.bottleneck = d_model, bottleneck
-        self.activation, self.scaling, self.init_weights = activation, float(scaling), init_weights
+        self.activation, self.scaling, self.init_weights = activation, scaling, init_weights
         self.w_down = nn.Parameter(torch.empty(bottleneck, d_model, **factory))
         self.b_down = nn.Parameter(torch.empty(bottleneck, **factory)) if bias else None
         self.w_up = nn.Parameter(torch.empty(d_model, bottleneck, **factory))
@@ -133,6 +201,7 @@ class BottleneckAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Re-initialise every parameter as `init_weights` says (see the class docstring)."""
         if self.init_weights == "bert":
             nn.init.normal_(self.w_down, std=0.02)
             nn.init.normal_(self.w_up, std=0.02)
@@ -144,6 +213,17 @@ class BottleneckAdapter(nn.Module):
                 nn.init.zeros_(b)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """out = residual + scaling·(act(h·w_downᵀ + b_down)·w_upᵀ + b_up) (peftkern.bottleneck_adapter).
+
+        h: [..., d_model], any number of leading dims, any strides. residual: h's shape and dtype, or None
+        (then h itself is the residual, Houlsby-style; pass the sublayer's input for Pfeiffer-style).
+        Returns h's shape and dtype. Outside torch.autocast the parameters have h's dtype, or are float32
+        beside a float16/bfloat16 h; inside it everything is cast to the autocast dtype. Gradients reach h,
+        residual and every parameter that requires grad.
+
+        Raises ValueError when h's last dim is not d_model or residual's shape differs from h's, TypeError
+        for a non-float or mismatched dtype, RuntimeError when the tensors are on different devices.
+        """
         return bottleneck_adapter(h, self.w_down, self.b_down, self.w_up, self.b_up, activation=self.activation,
                                   scaling=self.scaling, residual=residual)
 

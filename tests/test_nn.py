@@ -34,6 +34,45 @@ def test_constructor_and_bad_arguments():
         LoRALinear.from_linear(torch.nn.Conv1d(3, 3, 1))
 
 
+BAD_LORA_ARGS = [
+    # (keyword arguments, exception, words the message must hold): each fails in the constructor,
+    # naming the argument the user passed (not a derived value such as `scaling`)
+    (dict(alpha=float("nan")), ValueError, ["alpha", "finite", "nan"]),
+    (dict(alpha=float("inf")), ValueError, ["alpha", "finite"]),
+    (dict(alpha="16"), TypeError, ["alpha", "str"]),
+    (dict(r=2.0), TypeError, ["r", "int", "float"]),
+    (dict(r=True), TypeError, ["r", "bool"]),
+    (dict(r=-1), ValueError, ["r", ">= 1", "-1"]),
+    (dict(dropout=float("nan")), ValueError, ["dropout", "finite"]),
+    (dict(dropout="0.1"), TypeError, ["dropout", "str"]),
+    (dict(dropout=-0.5), ValueError, ["dropout", ">= 0.0"]),
+    (dict(in_features=-3), ValueError, ["in_features", ">= 0", "-3"]),
+    (dict(out_features=4.0), TypeError, ["out_features", "int", "float"]),
+]
+
+
+@pytest.mark.parametrize("kw,exc,words", BAD_LORA_ARGS, ids=[str(b[0]) for b in BAD_LORA_ARGS])
+def test_lora_layer_validates_its_arguments_when_built(kw, exc, words):
+    args = {"in_features": 16, "out_features": 8, **kw}
+    with pytest.raises(exc) as info:
+        LoRALinear(**args)
+    for word in words:
+        assert word in str(info.value), f"message {str(info.value)!r} should mention {word!r}"
+    if "in_features" not in kw and "out_features" not in kw:
+        with pytest.raises(exc) as info:
+            LoRALinear.from_linear(torch.nn.Linear(16, 8), **kw)
+        assert words[0] in str(info.value)
+
+
+def test_zero_in_features_layer_is_its_bias():
+    layer = LoRALinear(0, 5, r=2)
+    x = torch.randn(3, 0, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, layer.bias.expand(3, 5), rtol=0, atol=0)
+    y.sum().backward()
+    assert x.grad.shape == (3, 0) and torch.count_nonzero(layer.lora_b.grad) == 0
+
+
 def test_training_updates_only_the_adapter_and_lowers_the_loss():
     torch.manual_seed(0)
     layer = LoRALinear(16, 8, r=4, alpha=8, dropout=0.1).to(DEVICE)
@@ -127,6 +166,19 @@ def test_adapter_bad_arguments():
         BottleneckAdapter(16, 0)
     with pytest.raises(ValueError, match="init_weights"):
         BottleneckAdapter(16, 4, init_weights="xavier")
+    with pytest.raises(ValueError, match="scaling"):
+        BottleneckAdapter(16, 4, scaling=float("nan"))
+    with pytest.raises(TypeError, match="d_model"):
+        BottleneckAdapter(16.0, 4)
+
+
+def test_adapter_blames_h_when_its_width_is_wrong():
+    adapter = BottleneckAdapter(16, 4)
+    with pytest.raises(ValueError) as info:
+        adapter(torch.randn(3, 15))
+    message = str(info.value)
+    assert message.startswith("h") and "16" in message and "(3, 15)" in message, message
+    assert "w_down must" not in message, "the weights agree with each other: h is what is wrong"
 
 
 def test_adapter_trains_and_matches_functional():

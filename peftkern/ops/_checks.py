@@ -32,6 +32,21 @@ def same_device(reference_name: str, reference: torch.Tensor, **others) -> None:
                                f"move them to one device")
 
 
+# ---- the dtype rule of every op -------------------------------------------------------------------
+# Outside torch.autocast, an op's input (x, h, a sparse diff's weight), its frozen weight, bias and
+# residual share one dtype. Its trainable adapter tensors (lora_a, lora_b, w_down, b_down, w_up, b_up,
+# sparse values) have that dtype too, with one exception: float32 beside a float16/bfloat16 input,
+# which is how PEFT keeps adapters by default. float32 adapters beside a float64 input are refused like
+# any other mismatch (as F.linear refuses a float32 weight beside a float64 input): float64 is the
+# dtype of gradient checks, where a float32 parameter is a mistake, not a choice.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtypes(x_dtype: torch.dtype) -> tuple:
+    """The dtypes a trainable adapter tensor may have beside an input of dtype `x_dtype`."""
+    return (x_dtype, torch.float32) if x_dtype in HALF_DTYPES else (x_dtype,)
+
+
 def same_dtype(reference_name: str, reference: torch.Tensor, **others) -> None:
     for name, value in others.items():
         if value is not None and value.dtype != reference.dtype:
@@ -40,9 +55,25 @@ def same_dtype(reference_name: str, reference: torch.Tensor, **others) -> None:
 
 
 def adapter_dtype(name: str, value: torch.Tensor, x_name: str, x: torch.Tensor) -> None:
-    """Trainable adapter parameters may be float32 next to a float16/bfloat16 input (PEFT's default)."""
-    if value.dtype != x.dtype and value.dtype != torch.float32:
+    """A trainable adapter tensor has x's dtype, or float32 beside a float16/bfloat16 x (PEFT's default)."""
+    if value.dtype in adapter_dtypes(x.dtype):
+        return
+    if x.dtype in HALF_DTYPES:
         raise TypeError(f"{name} must have {x_name}'s dtype ({x.dtype}) or float32, got {value.dtype}")
+    raise TypeError(f"{name} must have {x_name}'s dtype ({x.dtype}), got {value.dtype} (float32 adapter "
+                    f"parameters are accepted beside a float16/bfloat16 {x_name} only; outside torch.autocast "
+                    f"cast one of them, e.g. {name}.to({x.dtype}))")
+
+
+def input_dtypes(x_name: str, x: torch.Tensor, *, frozen: dict, adapters: dict) -> None:
+    """The dtype rule above for one call: `frozen` tensors must have x's dtype, `adapters` may also be
+    float32 beside a half-precision x. Skipped under torch.autocast, which casts every input itself."""
+    if autocast_active(x.device):
+        return
+    same_dtype(x_name, x, **frozen)
+    for name, value in adapters.items():
+        if value is not None:
+            adapter_dtype(name, value, x_name, x)
 
 
 def real_number(name: str, value, *, low=None, high=None, high_inclusive=True) -> float:
@@ -55,6 +86,14 @@ def real_number(name: str, value, *, low=None, high=None, high_inclusive=True) -
         raise ValueError(f"{name} must be >= {low}, got {value}")
     if high is not None and (value > high if high_inclusive else value >= high):
         raise ValueError(f"{name} must be {'<=' if high_inclusive else '<'} {high}, got {value}")
+    return value
+
+
+def integer(name: str, value, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
 
 

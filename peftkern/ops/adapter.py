@@ -120,6 +120,11 @@ def _check(h, w_down, b_down, w_up, b_up, activation, scaling, residual):
     d = h.shape[-1]
     k = w_down.shape[0]
     if w_down.shape[1] != d:
+        # h and the two weights each carry d; blame the one that disagrees with the other two
+        if w_up.shape[0] == w_down.shape[1]:
+            raise ValueError(f"h's last dim must equal the adapter's width d={w_down.shape[1]} (w_down is "
+                             f"{tuple(w_down.shape)} = [k, d], w_up is {tuple(w_up.shape)} = [d, k]), got h of "
+                             f"shape {tuple(h.shape)}")
         raise ValueError(f"w_down must have shape (k, {d}) = [bottleneck, h's last dim], got {tuple(w_down.shape)}")
     if k < 1:
         raise ValueError(f"w_down must have at least one row (bottleneck k >= 1), got {tuple(w_down.shape)}")
@@ -134,10 +139,8 @@ def _check(h, w_down, b_down, w_up, b_up, activation, scaling, residual):
         _checks.tensor("residual", residual)
         _checks.shape("residual", residual, tuple(h.shape), "h's shape")
     _checks.same_device("h", h, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up, residual=residual)
-    if not _checks.autocast_active(h.device):
-        _checks.same_dtype("h", h, residual=residual)
-        _checks.adapter_dtype("w_down", w_down, "h", h)
-        _checks.adapter_dtype("w_up", w_up, "h", h)
+    _checks.input_dtypes("h", h, frozen=dict(residual=residual), adapters=dict(w_down=w_down, w_up=w_up))
+    if not _checks.autocast_active(h.device):  # each bias has its weight's dtype
         _checks.same_dtype("w_down", w_down, b_down=b_down)
         _checks.same_dtype("w_up", w_up, b_up=b_up)
     if not isinstance(activation, str) or activation not in act.CODES:

@@ -131,10 +131,7 @@ def _check(x, weight, lora_a, lora_b, bias, scaling, dropout_p, training, seed):
     if bias is not None:
         _checks.shape("bias", bias, (out_features,), "[out_features]")
     _checks.same_device("x", x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
-    if not _checks.autocast_active(x.device):
-        _checks.same_dtype("x", x, weight=weight, bias=bias)
-        _checks.adapter_dtype("lora_a", lora_a, "x", x)
-        _checks.adapter_dtype("lora_b", lora_b, "x", x)
+    _checks.input_dtypes("x", x, frozen=dict(weight=weight, bias=bias), adapters=dict(lora_a=lora_a, lora_b=lora_b))
     _checks.real_number("scaling", scaling)
     _checks.real_number("dropout_p", dropout_p, low=0.0, high=1.0, high_inclusive=False)
     if not isinstance(training, bool):

@@ -1,0 +1,71 @@
+"""One dtype rule for every op (peftkern/ops/_checks.py): outside torch.autocast an op's input, frozen weight,
+bias and residual share one dtype; trainable adapter tensors have that dtype too, or float32 beside a
+float16/bfloat16 input (PEFT's default) and nowhere else."""
+import itertools
+
+import pytest
+import torch
+
+import peftkern
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def allowed(x_dtype, adapter_dtype):
+    return adapter_dtype == x_dtype or (adapter_dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16))
+
+
+def lora(x_dtype, a_dtype):
+    x, w, bias = torch.randn(3, 8).to(x_dtype), torch.randn(5, 8).to(x_dtype), torch.randn(5).to(x_dtype)
+    a, b = torch.randn(2, 8).to(a_dtype), torch.randn(5, 2).to(a_dtype)
+    return "lora_a", [x, w, a, b, bias], lambda: peftkern.lora_linear(x, w, a, b, bias=bias)
+
+
+def adapter(x_dtype, a_dtype):
+    h = torch.randn(3, 8).to(x_dtype)
+    wd, bd, wu, bu = (torch.randn(*s).to(a_dtype) for s in [(2, 8), (2,), (8, 2), (8,)])
+    return "w_down", [h, wd, bd, wu, bu], lambda: peftkern.bottleneck_adapter(h, wd, bd, wu, bu)
+
+
+def sparse_linear(x_dtype, a_dtype):
+    x, w = torch.randn(3, 8).to(x_dtype), torch.randn(5, 8).to(x_dtype)
+    idx, values = torch.tensor([0, 9, 33]), torch.randn(3).to(a_dtype)
+    return "values", [x, w, values], lambda: peftkern.sparse_diff_linear(x, w, idx, values)
+
+
+def sparse_apply(x_dtype, a_dtype):
+    w = torch.randn(5, 8).to(x_dtype)
+    idx, values = torch.tensor([0, 9, 33]), torch.randn(3).to(a_dtype)
+    return "values", [w, values], lambda: peftkern.sparse_diff_apply_(w, idx, values)
+
+
+@pytest.mark.parametrize("op", [lora, adapter, sparse_linear, sparse_apply], ids=lambda f: f.__name__)
+def test_every_op_follows_the_one_dtype_rule(op):
+    for x_dtype, a_dtype in itertools.product(DTYPES, DTYPES):
+        name, tensors, call = op(x_dtype, a_dtype)
+        before = [t.clone() for t in tensors]
+        with peftkern.use_backend("reference"):
+            if allowed(x_dtype, a_dtype):
+                assert call().dtype == x_dtype  # the result (the backup for apply_) has the input's dtype
+                continue
+            with pytest.raises(TypeError) as info:
+                call()
+        message = str(info.value)
+        assert name in message and str(x_dtype) in message and str(a_dtype) in message, (x_dtype, a_dtype, message)
+        for t, b in zip(tensors, before):
+            assert torch.equal(t, b), f"{op.__name__} changed an input while raising"
+
+
+def test_float32_module_refuses_float64_input_like_nn_linear():
+    """A float32 module fed float64 input raises TypeError naming the parameter, whichever module it is
+    (nn.Linear raises too): no op quietly mixes a float32 parameter into a float64 computation."""
+    from peftkern.nn import BottleneckAdapter, LoRALinear
+
+    h = torch.randn(2, 16, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        torch.nn.Linear(16, 16)(h)
+    with pytest.raises(TypeError, match="weight"):
+        LoRALinear(16, 16)(h)
+    with pytest.raises(TypeError, match="w_down"):
+        BottleneckAdapter(16, 4)(h)
+    assert BottleneckAdapter(16, 4, dtype=torch.float64)(h).dtype == torch.float64
