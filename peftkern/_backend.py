@@ -39,7 +39,24 @@ def _validate(name: str, source: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the peftkern ops inside the block on backend `name` ("auto", "triton", "cuda", "reference")."""
+    """Context manager: the peftkern ops called inside the block run on backend `name`.
+
+    name: "auto" (the default outside any block: Triton kernels on CUDA, the plain-torch reference path on
+    CPU, the compiled extension for sparse-diff apply/restore where it is built), "triton" (the Triton
+    kernels; on CPU tensors through Triton's interpreter, float32/float16 only), "cuda" (the compiled
+    extension peftkern._C, which implements sparse-diff apply/restore) or "reference" (plain torch, any
+    device and dtype including float64). Case and surrounding spaces are ignored.
+
+    The innermost block wins, and it wins over the environment variable PEFTKERN_BACKEND (same names,
+    read at every call). The backend that runs a forward also runs its backward, so a block around the
+    forward alone decides both. Blocks are per thread / asyncio task (a contextvar).
+
+    Raises ValueError (on entry) for a name not in the list above. An op called inside the block raises
+    RuntimeError, saying why, when the backend cannot run it (no implementation of that op, Triton or
+    the extension not installed or not built, or an unsupported dtype or device).
+
+    Example:  with peftkern.use_backend("reference"): y = peftkern.lora_linear(x, w, a, b)
+    """
     token = _override.set(_validate(name, "use_backend(name)"))
     try:
         yield
@@ -155,7 +172,17 @@ def auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def backend_info() -> dict:
-    """Versions, devices, the compiled extension's state and what `auto` picks per op and device."""
+    """What peftkern can run here, as a dict (`python -m peftkern info` prints it):
+
+    "python", "torch", "torch_cuda" (CUDA version torch was built with, or None), "triton" (version or None),
+    "triton_interpreter" (True when the Triton kernels run on CPU through the interpreter, None without
+    Triton), "devices" (list: "cpu" and "cuda:i (name)" for each GPU), "extension_built" (whether the
+    compiled extension peftkern._C imported), "extension_cuda" (whether it has CUDA kernels),
+    "extension_error" (why it did not import, or None), "requested_backend" (what use_backend /
+    PEFTKERN_BACKEND ask for now), "auto" ({op: {"cpu": backend, "cuda": backend}}: what "auto" picks per
+    op, for float32 on CPU and bfloat16 on CUDA). Raises nothing except ValueError when PEFTKERN_BACKEND
+    holds an unknown name.
+    """
     ext = extension()
     devices = ["cpu"]
     if torch.cuda.is_available():

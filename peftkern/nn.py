@@ -122,8 +122,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge_(self) -> "LoRALinear":
-        """Restore the exact pre-merge weight (from the saved copy, not by a subtraction that would round);
-        returns self. Unmerging a layer that is not merged does nothing."""
+        """Restore the pre-merge weight bit for bit (from the copy merge_ saved, not by a subtraction that
+        would round); returns self. Unmerging a layer that is not merged does nothing."""
         if self.merged:
             self.weight.copy_(self._merged_backup)
             self._merged_backup = None

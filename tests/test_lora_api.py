@@ -145,3 +145,43 @@ def test_compiled_fresh_seeds_do_not_recompile():
     y1, y2 = fn(x), fn(x)
     assert counter.frame_count == 1
     assert not torch.equal(y1, y2), "seed=None must draw a new mask per call, also when compiled"
+
+
+# ---- documentation -------------------------------------------------------------------------------
+
+def _params(fn):
+    import inspect
+
+    return [n for n in inspect.signature(fn).parameters if n != "self"]
+
+
+def test_public_docstrings_stand_alone():
+    """Users have the docstrings, not the repository's design documents: each public function and class
+    documents its own arguments, dtypes and exceptions and points nowhere else."""
+    from peftkern.nn import BottleneckAdapter, LoRALinear
+
+    documented = {
+        peftkern.lora_linear: _params(peftkern.lora_linear) + ["2**63", "float32", "bfloat16", "autocast"],
+        peftkern.bottleneck_adapter: _params(peftkern.bottleneck_adapter) + ["float32", "autocast", "gelu_tanh"],
+        peftkern.use_backend: ["auto", "triton", "cuda", "reference", "PEFTKERN_BACKEND", "backward"],
+        peftkern.backend_info: ["extension_built", "auto", "devices"],
+        LoRALinear: _params(LoRALinear.__init__) + ["lora_a", "lora_b", "scaling"],
+        LoRALinear.from_linear: ["linear", "shared", "frozen"],
+        LoRALinear.forward: ["in_features", "out_features", "float32", "autocast", "dropout"],
+        LoRALinear.merge_: ["unmerge_", "float32"],
+        LoRALinear.unmerge_: ["bit", "merge"],
+        LoRALinear.reset_lora_parameters: ["lora_a", "lora_b"],
+        LoRALinear.merged: ["merge_"],
+        BottleneckAdapter: _params(BottleneckAdapter.__init__) + ["w_down", "b_down", "w_up", "b_up"],
+        BottleneckAdapter.forward: ["h", "residual", "d_model", "float32", "autocast"],
+        BottleneckAdapter.reset_parameters: ["init_weights"],
+    }
+    for obj, words in documented.items():
+        doc = obj.__doc__ or ""
+        name = getattr(obj, "__qualname__", None) or getattr(obj.fget, "__qualname__", repr(obj))
+        assert "SPEC" not in doc, f"{name}'s docstring points to a file users do not have"
+        for word in words:
+            assert word in doc, f"{name}'s docstring should mention {word!r}"
+        if obj not in (LoRALinear.unmerge_, LoRALinear.merged, LoRALinear.reset_lora_parameters,
+                       BottleneckAdapter.reset_parameters, LoRALinear.merge_):
+            assert "Raises" in doc or "raises" in doc.lower(), f"{name}'s docstring should say what it raises"

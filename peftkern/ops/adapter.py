@@ -150,10 +150,33 @@ def _check(h, w_down, b_down, w_up, b_up, activation, scaling, residual):
 
 def bottleneck_adapter(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor], *,
                        activation: str = "relu", scaling: float = 1.0, residual: Optional[Tensor] = None) -> Tensor:
-    """out = residual + scaling·(act(h·w_downᵀ + b_down)·w_upᵀ + b_up), fused; see SPEC.md section 2.
+    """Bottleneck adapter, fused:  out = residual + scaling·(act(h·w_downᵀ + b_down)·w_upᵀ + b_up).
 
-    h [..., d], w_down [k, d], b_down [k] or None, w_up [d, k], b_up [d] or None, residual h's shape or
-    None (then h is the residual).
+    Args:
+        h: [..., d], any number of leading dims (the result keeps them), any strides.
+        w_down: [k, d], the down-projection (k >= 1, the bottleneck width).
+        b_down: [k] or None.
+        w_up: [d, k], the up-projection.
+        b_up: [d] or None.
+        activation: "relu", "gelu" (erf form), "gelu_tanh", "silu" (alias "swish"), "tanh" or "identity".
+        scaling: finite real number multiplying the adapter's output.
+        residual: h's shape and dtype, or None (then h itself is the residual).
+
+    Returns:
+        h's shape, in h's dtype. Gradients reach h, residual, the weights and the biases that require grad.
+
+    Dtypes: float32, float16, bfloat16 on GPU; float32 and float64 on CPU. Outside torch.autocast, h and
+    residual share one dtype; the weights have it too, or are float32 beside a float16/bfloat16 h (then the
+    products run in float32 and their gradients come back in float32); each bias has its weight's dtype.
+    Inside torch.autocast every floating input is cast to the autocast dtype, and so is the result.
+
+    Raises (before any work; nothing is modified):
+        ValueError: a shape that does not match (naming the argument, the expected and the received shape:
+            h when its last dim disagrees with two consistent weights), k = 0, an unknown activation (listing
+            the choices), a non-finite scaling.
+        TypeError: a non-tensor or non-floating tensor, a dtype outside the rule above, a non-real scaling.
+        RuntimeError: tensors on different devices, or a backend that cannot run this call (for example
+            "triton" with a bottleneck wider than its kernel supports).
     """
     _check(h, w_down, b_down, w_up, b_up, activation, scaling, residual)
     lead, d = h.shape[:-1], h.shape[-1]

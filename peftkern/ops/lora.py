@@ -146,11 +146,42 @@ def _check(x, weight, lora_a, lora_b, bias, scaling, dropout_p, training, seed):
 def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, scaling: float = 1.0,
                 bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = True,
                 seed: Optional[int] = None) -> Tensor:
-    """y = x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ, fused; see SPEC.md section 1.
+    """LoRA linear layer, fused:  y = x·weightᵀ + bias + scaling·(dropout(x)·lora_aᵀ)·lora_bᵀ.
 
-    x [..., in], weight [out, in], lora_a [r, in], lora_b [out, r], bias [out] or None.
-    Dropout hits only the LoRA branch, when `training` and dropout_p > 0; its mask is a function of
-    `seed` (None draws one from torch's generator) and is regenerated in backward, never stored.
+    Args:
+        x: [..., in_features], any number of leading dims (the result keeps them), any strides.
+        weight: [out_features, in_features], the frozen base weight (PyTorch's layout, as in F.linear).
+        lora_a: [r, in_features] (PEFT's lora_A.weight), r >= 1, any r.
+        lora_b: [out_features, r] (PEFT's lora_B.weight).
+        scaling: finite real number multiplying the rank-r term (PEFT's alpha / r).
+        bias: [out_features] or None.
+        dropout_p: real number in [0, 1). Dropout applies to the LoRA branch only, and only when
+            `training` is True and dropout_p > 0; kept elements are scaled by 1 / (1 - dropout_p).
+        training: bool; False turns dropout off.
+        seed: int in [0, 2**63), or None to draw one from torch's default generator (so torch.manual_seed
+            makes runs reproducible). The mask is a function of the seed and of x's shape only: the same
+            seed and inputs give the same result bit for bit, on every backend. The mask is regenerated in
+            backward, never stored.
+
+    Returns:
+        [..., out_features] in x's dtype. Gradients reach every input that requires grad (usually lora_a and
+        lora_b; x, weight and bias too when they require it); backward uses no atomics, so repeated runs
+        give identical gradients.
+
+    Dtypes: float32, float16, bfloat16 on GPU; float32 and float64 on CPU (float16 and bfloat16 run there too
+    on the reference backend). Outside torch.autocast, x, weight and bias share one dtype; lora_a and lora_b
+    have it too, or are float32 beside a float16/bfloat16 x (PEFT's default): the rank-r term is then
+    computed in float32 and added to the base result before one rounding to x's dtype, and their gradients
+    come back in float32. Inside torch.autocast every floating input is cast to the autocast dtype, as
+    F.linear's are, and so is the result.
+
+    Raises (before any work; nothing is modified):
+        ValueError: a shape that does not match (naming the argument, the expected and the received shape),
+            r = 0, a non-finite scaling, dropout_p outside [0, 1), seed outside [0, 2**63).
+        TypeError: a non-tensor or non-floating tensor, a dtype outside the rule above, a non-real scaling
+            or dropout_p, a non-bool training, a non-int seed.
+        RuntimeError: tensors on different devices, or a backend (peftkern.use_backend / PEFTKERN_BACKEND)
+            that cannot run this call (saying why).
     """
     _check(x, weight, lora_a, lora_b, bias, scaling, dropout_p, training, seed)
     p = float(dropout_p) if training else 0.0
