@@ -69,3 +69,22 @@ def test_float32_module_refuses_float64_input_like_nn_linear():
     with pytest.raises(TypeError, match="w_down"):
         BottleneckAdapter(16, 4)(h)
     assert BottleneckAdapter(16, 4, dtype=torch.float64)(h).dtype == torch.float64
+
+
+def test_patched_peft_model_with_float64_base_and_float32_adapters_stays_on_pefts_path():
+    """PEFT runs float32 adapters beside a float64 base (it casts x to the adapters' dtype); peftkern's rule
+    refuses that mix, so the patched layer must leave it to PEFT rather than raise."""
+    pytest.importorskip("peft", reason="the PEFT integration needs peft (in the test extras)")
+    from peft import LoraConfig, get_peft_model
+
+    from peftkern.integrations.peft import patch
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 6)).double(), LoraConfig(r=2, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    layer.lora_A["default"].float()
+    layer.lora_B["default"].float()
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    expected = model(x)
+    patch(model)
+    assert torch.equal(model(x), expected)

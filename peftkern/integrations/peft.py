@@ -56,6 +56,7 @@ from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTuner
 
+from ..ops import _checks
 from ..ops.lora import lora_linear
 
 __all__ = ["patch", "unpatch", "unsupported_reason", "FusedLoraLinear", "LayersNotPatchedWarning"]
@@ -147,7 +148,7 @@ class FusedLoraLinear(_PeftLoraLinear):
         if not autocast:
             same_dtype = x.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype)
             adapter_dtypes = (x.dtype,) if not getattr(self, "cast_input_dtype_enabled", True) \
-                else (x.dtype, torch.float32)  # casting disabled: PEFT itself raises on a dtype mismatch
+                else _checks.adapter_dtypes(x.dtype)  # casting disabled: PEFT itself raises on a dtype mismatch
             if not same_dtype or lora_a.dtype not in adapter_dtypes or lora_b.dtype not in adapter_dtypes:
                 return super().forward(x, *args, **kwargs)
         if not (weight.device == x.device == lora_a.device == lora_b.device):
