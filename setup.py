@@ -42,6 +42,9 @@ def _extension_and_cmdclass():
     # the C++ standard is left to torch, whose headers set the minimum; no FMA contraction, so that
     # w + alpha * v rounds exactly as the torch reference does (bit-identical sparse-diff apply)
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    # no debug info: Python's CFLAGS add -g, which with torch's headers nearly doubles each file's compile
+    # CPU time (measured 53 s -> 29 s for csrc/dropout.cpp) and makes each object 16 MB instead of 0.3 MB
+    cxx_flags.append("-g0")
     define_macros = []
     if with_cuda:
         define_macros.append(("PEFTKERN_WITH_CUDA", None))
