@@ -93,7 +93,7 @@ setup(
     ],
     extras_require={
         "bench": ["tqdm", "rich", "matplotlib", "peft", "pytest-benchmark"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "peft",
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "peft", "accelerate",
                  "tqdm", "rich", "matplotlib"],
     },
     entry_points={"console_scripts": ["peftkern=peftkern.__main__:main"]},

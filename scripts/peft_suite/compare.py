@@ -34,7 +34,8 @@ def run(peft_src: Path, pytest_args: list[str], junit: Path, patched: bool) -> d
            f"--junitxml={junit}", *(["-p", "peftkern_patch_plugin"] if patched else []), *pytest_args]
     print(("patched:   " if patched else "unpatched: ") + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=peft_src, env=env, capture_output=True, text=True)
-    tail = proc.stdout.strip().splitlines()[-3:]
+    lines = proc.stdout.strip().splitlines()
+    tail = [line for line in lines if line.startswith("peftkern:")] + lines[-1:]
     print("\n".join("    " + line for line in tail), flush=True)
     if not junit.exists():
         sys.exit(f"pytest wrote no report (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
@@ -48,6 +49,8 @@ def main() -> None:
     args, pytest_args = parser.parse_known_args()
     if not (args.peft_src / "tests").is_dir():
         parser.error(f"--peft-src {args.peft_src} has no tests/ folder (unpack PEFT's sdist there)")
+    # the sdist leaves out tests/__init__.py, and test_custom_models.py imports its helpers relatively
+    (args.peft_src / "tests" / "__init__.py").touch()
     args.out.mkdir(parents=True, exist_ok=True)
     plain = run(args.peft_src, pytest_args, args.out.resolve() / "unpatched.xml", patched=False)
     fused = run(args.peft_src, pytest_args, args.out.resolve() / "patched.xml", patched=True)
