@@ -1,10 +1,24 @@
-"""python -m peftkern info | bench, as a user runs them."""
+"""python -m peftkern info | bench | --version, and examples/finetune.py, as a user runs them."""
+import argparse
 import json
 import os
+import pathlib
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
+
+import peftkern
+from peftkern.__main__ import build_parser, main
+from peftkern.bench import report, runner
+from peftkern.bench.background import BackgroundLoad
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def run_cli(*args, tmp_path):
@@ -13,11 +27,40 @@ def run_cli(*args, tmp_path):
                           env=env, cwd=tmp_path, timeout=600)
 
 
+def op_choices() -> list[str]:
+    """The --op choices as the CLI's own parser declares them."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(next(a for a in commands.choices["bench"]._actions if a.dest == "op").choices)
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pids, timeout=20.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
 def test_info(tmp_path):
     out = run_cli("info", tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr
     for word in ("torch", "triton", "extension_built", "lora_linear"):
         assert word in out.stdout
+
+
+def test_version(tmp_path):
+    out = run_cli("--version", tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"peftkern {peftkern.__version__}"
 
 
 def test_bench_quick_writes_table_json_and_plot(tmp_path):
@@ -33,9 +76,179 @@ def test_bench_quick_writes_table_json_and_plot(tmp_path):
     for row in results["rows"]:
         assert {"eager", "peftkern", "floor"} <= set(row["results"])
         assert all(r["median_ms"] > 0 for r in row["results"].values())
+    apply_rows = [row for row in results["rows"] if row["family"] == "sparse_diff_apply"]
+    assert apply_rows and all("eager_inplace" in row["results"] for row in apply_rows)
+    assert "vs in-place by hand" in out.stdout  # the second eager baseline has its own table line
+    assert results["background_load"]["processes"] == 0 and results["wall_s"] > 0
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_quick_says_why_peak_memory_is_missing(tmp_path):
+    """On CPU, --quick skips the per-provider memory processes; the table must say so, not just show "-"."""
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA --quick measures peak memory (max_memory_allocated), so there is no '-' to explain")
+    out = run_cli("bench", "--op", "adapter", "--quick", "--json", "r.json", tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["peak_mem_note"] == runner.PEAK_MEM_NOTES["quick"]
+    assert 'peak MB "-": not measured with --quick' in out.stdout
 
 
 def test_bad_arguments(tmp_path):
     out = run_cli("bench", "--op", "nope", tmp_path=tmp_path)
     assert out.returncode != 0 and "invalid choice" in out.stderr
+    for bad in ("-1", "two"):
+        out = run_cli("bench", "--background-load", bad, "--dry-run", tmp_path=tmp_path)
+        assert out.returncode != 0 and "--background-load" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("op", op_choices())
+def test_every_op_is_accepted(op, capsys):
+    """--dry-run goes through the same parsing and case lists as a real run, without timing anything
+    (a real --quick run of every op is test_bench_quick_writes_table_json_and_plot)."""
+    assert main(["bench", "--op", op, "--quick", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ops = [o for o in op_choices() if o != "all"] if op == "all" else [op]
+    for name in ops:
+        if name == "e2e":
+            assert re.search(r"e2e: fine-tune small: [\d.]+M parameters", out)
+        else:
+            cases = runner.cases_for(name, device, quick=True)
+            assert cases and all(f"{name}: {case.family}: {case.label}" in out for case in cases)
+
+
+def test_readme_lists_every_op():
+    """The README's bench synopsis names exactly the CLI's --op choices, and each op is described."""
+    choices = op_choices()
+    section = README.split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    assert f"[--op {'|'.join(choices)}]" in section, "README bench synopsis out of date"
+    for op in choices:
+        assert f"`{op}`" in section, f"README does not describe --op {op}"
+
+
+def test_background_load_starts_and_stops_its_processes():
+    with BackgroundLoad(2) as load:
+        pids = load.pids
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        assert load.describe()["processes"] == 2 and load.describe()["kind"]
+    assert wait_gone(pids, timeout=0.5) == []  # stopped and reaped before the with-block returns
+    with pytest.raises(KeyError):  # an error inside the block still stops the workers
+        with BackgroundLoad(1) as load:
+            pids = load.pids
+            raise KeyError("boom")
+    assert wait_gone(pids, timeout=0.5) == []
+    with BackgroundLoad(0) as load:
+        assert load.pids == [] and load.describe()["processes"] == 0
+
+
+@pytest.mark.parametrize("bad,error", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_background_load_rejects_bad_counts(bad, error):
+    with pytest.raises(error, match="background load n"):
+        BackgroundLoad(bad)
+
+
+def test_background_load_workers_exit_when_their_parent_is_killed(tmp_path):
+    """SIGKILL leaves no exit path to run in the parent: the workers notice the parent is gone."""
+    script = ("import os, signal\nfrom peftkern.bench.background import BackgroundLoad\n"
+              "load = BackgroundLoad(1).__enter__()\nprint(load.pids[0], flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == -signal.SIGKILL
+    pid = int(out.stdout.split()[0])
+    assert wait_gone([pid]) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_bench_background_load_stops_on_interrupt(sig, tmp_path):
+    """Ctrl-C (SIGINT) or SIGTERM during a bench run: the background processes are stopped."""
+    proc = subprocess.Popen([sys.executable, "-m", "peftkern", "bench", "--op", "lora", "--quick",
+                             "--background-load", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"pids (\d+)", line)
+        assert match, line + proc.stderr.read()
+        pid = int(match.group(1))
+        assert alive(pid)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode != 0
+    assert wait_gone([pid]) == []
+
+
+def test_bench_background_load_recorded(tmp_path):
+    """A tiny real run under load (its timings mean nothing): JSON and header record the load, and the
+    workers are gone when the command returns."""
+    out = run_cli("bench", "--op", "lora", "--quick", "--background-load", "1", "--json", "r.json",
+                  tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["background_load"]["processes"] == 1 and results["background_load"]["kind"]
+    assert "background load: 1 busy process" in out.stdout  # the table title
+    assert "background load: 1 process(es) stopped" in out.stdout
+    pid = int(re.search(r"pids (\d+)", out.stdout).group(1))
+    assert not alive(pid)
+
+
+def test_plot_has_a_log_panel_per_op_family_with_e2e():
+    pytest.importorskip("matplotlib", reason="the chart needs matplotlib (in the test extras)")
+    import matplotlib.pyplot as plt
+
+    results = json.loads((ROOT / "benchmarks/results/cpu-2core.json").read_text())
+    families = {report.family(row) for row in results["rows"]} | {"e2e"}
+    fig = report.figure(results)
+    try:
+        axes = [ax for ax in fig.axes if ax.get_title()]
+        assert {ax.get_title() for ax in axes} == families
+        for ax in axes:
+            assert ax.get_yscale() == "log"
+            labels = [t.get_text() for t in ax.get_xticklabels()]
+            assert labels and all(label.startswith(ax.get_title() + "\n") for label in labels)
+            assert any(t.get_text() == "1.0 = parity" for t in ax.texts)
+            assert any(list(line.get_ydata()) == [1.0, 1.0] for line in ax.get_lines())
+    finally:
+        plt.close(fig)
+
+
+def test_sparse_apply_has_an_in_place_baseline():
+    from peftkern.bench.cases import SparseCase
+    from peftkern.bench.providers import sparse_providers
+
+    case = SparseCase("apply", 16, 8, 0.25, torch.float32)
+    steps, _ = sparse_providers(case, torch.device("cpu"))
+    assert {"eager", "eager_inplace", "peftkern", "floor"} <= set(steps)
+    steps["eager_inplace"]()
+    row = {"op": "sparse", "family": case.family, "label": case.label, "backend": "x", "eager_provider": "x",
+           "results": {k: {"median_ms": 1.0 + i, "peak_mem_mb": None} for i, k in enumerate(steps)}}
+    lines = report.table_rows({"rows": [row]})
+    assert [line[1] for line in lines] == [case.label, case.label + " vs in-place by hand"]
+    assert lines[1][3] == f"{row['results']['eager_inplace']['median_ms']:.3f}"
+
+
+def test_finetune_help_states_the_model_size_it_builds():
+    from peftkern.bench import e2e
+
+    out = subprocess.run([sys.executable, str(ROOT / "examples/finetune.py"), "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    for size in e2e.SIZES:
+        assert e2e.size_summary(size) in text
+    assert "10M" not in text  # the old, wrong figure
+    transformers = pytest.importorskip("transformers", reason="the size check builds the model on meta")
+    peft = pytest.importorskip("peft", reason="the LoRA size check builds the PEFT model on meta")
+    for size in e2e.SIZES:  # the counts in --help are those of the model train() really builds
+        cfg = transformers.LlamaConfig(max_position_embeddings=64, **e2e.SIZES[size])
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(cfg)
+            base = sum(p.numel() for p in model.parameters())
+            model = peft.get_peft_model(model, peft.LoraConfig(r=e2e.LORA_R, target_modules=e2e.TARGETS))
+            total = sum(p.numel() for p in model.parameters())
+        assert e2e.parameter_counts(size) == {"base": base, "lora": total - base}

@@ -16,3 +16,14 @@ def test_readme_example_runs(index):
 
 def test_readme_has_examples():
     assert len(BLOCKS) >= 3
+
+
+def test_readme_results_table_is_generated_from_the_committed_json():
+    """The CPU results in the README are benchmarks/results_table.py's output for the committed JSON,
+    so no number in them was typed by hand."""
+    import json
+
+    from benchmarks import results_table
+
+    results = json.loads((README.parent / "benchmarks/results/cpu-2core.json").read_text(encoding="utf-8"))
+    assert results_table.table(results) in README.read_text(encoding="utf-8")
