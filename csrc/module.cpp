@@ -18,6 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("stream") = 0);
   m.def("sparse_diff_validate", &peftkern::sparse_diff_validate,
         "(0, -1) if indices are in range and unique, (1, i) out of range at i, (2, i) duplicate at i (CPU)");
+  // apply/restore check every index against the weight themselves (see csrc/sparse_diff.cpp) and return
+  // the first out-of-range position as a 1-element tensor (== indices.numel() when all are in range)
   m.def("sparse_diff_apply",
         [](torch::Tensor& weight, const torch::Tensor& indices, const torch::Tensor& values, double alpha,
            int64_t stream) {
@@ -30,20 +32,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           }
           return peftkern::sparse_diff_apply(weight, indices, values, alpha);
         },
-        "weight[indices] += alpha * values (validated indices); returns the previous values", pybind11::arg("weight"),
-        pybind11::arg("indices"), pybind11::arg("values"), pybind11::arg("alpha"), pybind11::arg("stream") = 0);
+        "weight[indices] += alpha * values, indices bounds-checked first; returns (backup, first_bad)",
+        pybind11::arg("weight"), pybind11::arg("indices"), pybind11::arg("values"), pybind11::arg("alpha"),
+        pybind11::arg("stream") = 0);
   m.def("sparse_diff_restore",
         [](torch::Tensor& weight, const torch::Tensor& indices, const torch::Tensor& backup, int64_t stream) {
           if (weight.is_cuda()) {
 #ifdef PEFTKERN_WITH_CUDA
-            peftkern::sparse_diff_restore_cuda(weight, indices, backup, stream);
-            return;
+            return peftkern::sparse_diff_restore_cuda(weight, indices, backup, stream);
 #else
             TORCH_CHECK(false, "sparse_diff_restore: peftkern._C was built without CUDA");
 #endif
           }
-          peftkern::sparse_diff_restore(weight, indices, backup);
+          return peftkern::sparse_diff_restore(weight, indices, backup);
         },
-        "weight[indices] = backup", pybind11::arg("weight"), pybind11::arg("indices"), pybind11::arg("backup"),
-        pybind11::arg("stream") = 0);
+        "weight[indices] = backup, indices bounds-checked first; returns first_bad", pybind11::arg("weight"),
+        pybind11::arg("indices"), pybind11::arg("backup"), pybind11::arg("stream") = 0);
 }

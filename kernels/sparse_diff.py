@@ -9,6 +9,9 @@
         the gradient of the values as a sampled dense-dense product: only the diff's positions are
         computed, and split-M partial sums are added in a fixed order (no atomics, deterministic).
 The dense x·Wᵀ and dy·W stay with the library GEMM (cuBLAS); no [out, in] tensor is ever allocated.
+The positions come from a layout built in the same call from range-checked indices
+(peftkern/ops/sparse_diff.py); the kernels still mask every gathered column/row against the size of
+the tensor it addresses (one compare per position), so no position can ever address memory outside it.
 """
 import torch
 import triton
@@ -21,7 +24,7 @@ from ._launch import target_programs
 @triton.jit
 def _spmm_segments_kernel(
     src_ptr, seg_ptr, col_ptr, val_ptr, out_ptr,
-    M,
+    M, K,
     stride_sm, stride_sk, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_Z: tl.constexpr,
 ):
@@ -37,6 +40,7 @@ def _spmm_segments_kernel(
         offs_z = z0 + tl.arange(0, BLOCK_Z)
         z_ok = offs_z < end
         cols = tl.load(col_ptr + offs_z, mask=z_ok, other=0).to(tl.int64)
+        z_ok = z_ok & (cols >= 0) & (cols < K)
         vals = tl.load(val_ptr + offs_z, mask=z_ok, other=0.0).to(tl.float32)
         src = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sk,
                       mask=m_ok[:, None] & z_ok[None, :], other=0.0).to(tl.float32)
@@ -49,7 +53,7 @@ def _spmm_segments_kernel(
 @triton.jit
 def _sddmm_kernel(
     dy_ptr, x_ptr, row_ptr, col_ptr, part_ptr,
-    M, NNZ, rows_per_split,
+    M, N, K, NNZ, rows_per_split,
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_ps,
     BLOCK_M: tl.constexpr, BLOCK_Z: tl.constexpr,
 ):
@@ -59,12 +63,13 @@ def _sddmm_kernel(
     z_ok = offs_z < NNZ
     r = tl.load(row_ptr + offs_z, mask=z_ok, other=0).to(tl.int64)
     c = tl.load(col_ptr + offs_z, mask=z_ok, other=0).to(tl.int64)
+    pos_ok = z_ok & (r >= 0) & (r < N) & (c >= 0) & (c < K)  # masked positions sum to 0
     m_begin = pid_s * rows_per_split
     m_end = tl.minimum(m_begin + rows_per_split, M)
     acc = tl.zeros((BLOCK_Z,), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
         offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        ok = (offs_m[:, None] < m_end) & z_ok[None, :]
+        ok = (offs_m[:, None] < m_end) & pos_ok[None, :]
         g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + r[None, :] * stride_dyn, mask=ok, other=0.0)
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + c[None, :] * stride_xk, mask=ok, other=0.0)
         acc += tl.sum(g.to(tl.float32) * xv.to(tl.float32), axis=0)
@@ -82,7 +87,7 @@ def spmm_add_(out: torch.Tensor, src: torch.Tensor, seg: torch.Tensor, cols: tor
         return
     block_m, block_z = _blocks()
     _spmm_segments_kernel[(triton.cdiv(M, block_m), J)](
-        src, seg, cols, vals, out, M,
+        src, seg, cols, vals, out, M, src.shape[1],
         src.stride(0), src.stride(1), out.stride(0), out.stride(1),
         BLOCK_M=block_m, BLOCK_Z=block_z, num_warps=4,
     )
@@ -102,7 +107,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     splits = triton.cdiv(M, rows_per_split)
     part = _launch.empty((splits, nnz), dy.device, torch.float32)
     _sddmm_kernel[(z_blocks, splits)](
-        dy, x, rows, cols, part, M, nnz, rows_per_split,
+        dy, x, rows, cols, part, M, dy.shape[1], x.shape[1], nnz, rows_per_split,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), part.stride(0),
         BLOCK_M=block_m, BLOCK_Z=block_z, num_warps=4,
     )

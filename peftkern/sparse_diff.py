@@ -10,27 +10,63 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 
 import torch
 
-from .ops.sparse_diff import INT32_LIMIT, sparse_diff_apply_, sparse_diff_restore_
+from .ops.sparse_diff import INT32_LIMIT, _ensure_unique, sparse_diff_apply_, sparse_diff_restore_
+from .reference.sparse_diff import check_range
 
 FORMAT = "peftkern.SparseDiff/1"
 
 
-class SparseDiff:
-    """Flat row-major `indices` into a weight of `shape`, and the `values` added there.
+def _check_shape(shape) -> torch.Size:
+    if isinstance(shape, torch.Size):
+        return shape
+    if isinstance(shape, (int, float, str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be a sequence of ints such as (out_features, in_features), got "
+                        f"{type(shape).__name__} {shape!r}")
+    dims = list(shape)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise TypeError(f"shape must be a sequence of non-negative ints, got {tuple(dims)!r}")
+    return torch.Size(dims)
 
-    Indices are int32 when the weight has at most 2**31 - 1 elements (half the memory), else int64.
+
+class SparseDiff:
+    """A sparse fine-tune of one weight: `values` added at flat row-major `indices` of a weight of `shape`.
+
+    Args:
+        indices: 1-D int32 or int64 tensor of positions in `weight.view(-1)`, each in
+            [0, prod(shape)) and each at most once (int64 required above 2**31 - 1 elements).
+        values: 1-D floating tensor, one value per index, on the indices' device.
+        shape: the dense weight's shape, a sequence of ints (e.g. `(out_features, in_features)`).
+
+    Raises `TypeError` for wrong types/dtypes (including an int `shape`), `ValueError` for mismatched
+    lengths, devices or repeated indices, `IndexError` for an index outside the weight. The indices are
+    validated once here, so `to_dense()`, `apply_()` and a file written by `save()` always agree.
+    `from_dense` builds one from a dense delta, `load` reads one written by `save`.
     """
 
     def __init__(self, indices: torch.Tensor, values: torch.Tensor, shape):
-        self.indices, self.values, self.shape = indices, values, torch.Size(shape)
+        if not isinstance(indices, torch.Tensor) or not isinstance(values, torch.Tensor):
+            raise TypeError(f"indices and values must be torch.Tensors, got {type(indices).__name__} and "
+                            f"{type(values).__name__}")
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+        if not values.is_floating_point():
+            raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
         if indices.dim() != 1 or values.dim() != 1 or indices.numel() != values.numel():
             raise ValueError(f"indices and values must be 1-D of one length, got {tuple(indices.shape)} and "
                              f"{tuple(values.shape)}")
-        if indices.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+        if indices.device != values.device:
+            raise ValueError(f"indices are on {indices.device} but values on {values.device}; move them to one device")
+        self.shape = _check_shape(shape)
+        numel = math.prod(self.shape)
+        if indices.dtype == torch.int32 and numel > INT32_LIMIT:
+            raise TypeError(f"indices must be int64 for a weight of {numel} elements (more than 2**31 - 1), got int32")
+        _ensure_unique(indices, numel)  # IndexError out of range, ValueError for a repeat
+        self.indices, self.values = indices, values
 
     def __repr__(self) -> str:
         n = math.prod(self.shape)
@@ -40,11 +76,17 @@ class SparseDiff:
 
     @property
     def nnz(self) -> int:
+        """Number of stored positions."""
         return self.indices.numel()
 
     @classmethod
     def from_dense(cls, delta: torch.Tensor, *, k: int | None = None, density: float | None = None) -> "SparseDiff":
-        """Keep the k largest-magnitude entries of `delta` (or a `density` fraction of them), indices sorted."""
+        """Keep the `k` largest-|delta| entries of `delta` (or a `density` fraction in (0, 1] of them).
+
+        Indices come out sorted, int32 when the weight has at most 2**31 - 1 elements, else int64;
+        values keep `delta`'s dtype. Give exactly one of `k` and `density` (ValueError otherwise).
+        A delta holding NaN or inf raises ValueError: which entries are "largest" would be meaningless.
+        """
         if not isinstance(delta, torch.Tensor) or not delta.is_floating_point():
             raise TypeError(f"delta must be a floating-point torch.Tensor, got {getattr(delta, 'dtype', type(delta))}")
         if (k is None) == (density is None):
@@ -57,13 +99,21 @@ class SparseDiff:
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
             raise ValueError(f"k must be an int in [0, {n}], got {k!r}")
         flat = delta.detach().reshape(-1)
+        bad = int((~torch.isfinite(flat)).sum())
+        if bad:
+            raise ValueError(f"delta has {bad} non-finite entries (NaN or inf); a sparse diff of them is "
+                             f"meaningless (check the fine-tune that produced it)")
         top = torch.topk(flat.abs(), k, sorted=False).indices if k else flat.new_empty(0, dtype=torch.int64)
         top, _ = torch.sort(top)
         index_dtype = torch.int32 if n <= INT32_LIMIT else torch.int64
         return cls(top.to(index_dtype), flat[top].clone(), delta.shape)
 
     def to_dense(self) -> torch.Tensor:
-        out = torch.zeros(math.prod(self.shape), dtype=self.values.dtype, device=self.values.device)
+        """The dense delta: zeros of `shape` in the values' dtype with the values at their positions."""
+        numel = math.prod(self.shape)
+        _ensure_unique(self.indices, numel)
+        check_range(self.indices, numel)  # every call: the indices may have been changed through .numpy()
+        out = torch.zeros(numel, dtype=self.values.dtype, device=self.values.device)
         out[self.indices.to(torch.int64)] = self.values
         return out.view(self.shape)
 
@@ -73,34 +123,65 @@ class SparseDiff:
         return SparseDiff(self.indices.to(values.device), values, self.shape)
 
     def save(self, path) -> None:
-        """A safetensors file: tensors "indices" and "values"; metadata keeps shape and dtype."""
+        """Write a safetensors file: tensors "indices" and "values"; metadata keeps format, shape and dtype.
+
+        FileNotFoundError if the directory does not exist."""
         from safetensors.torch import save_file
 
+        parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"cannot save to {os.fspath(path)!r}: directory {parent!r} does not exist "
+                                    f"(create it first, e.g. os.makedirs)")
         metadata = {"format": FORMAT, "shape": json.dumps(list(self.shape)),
                     "dtype": str(self.values.dtype).replace("torch.", "")}
         save_file({"indices": self.indices.contiguous().cpu(), "values": self.values.contiguous().cpu()},
-                  str(path), metadata=metadata)
+                  os.fspath(path), metadata=metadata)
 
     @classmethod
     def load(cls, path, device="cpu") -> "SparseDiff":
+        """Read a file written by `save` onto `device`. Every field is checked: a file that is not a
+        SparseDiff, lacks a tensor, has unreadable or inconsistent metadata (a shape too small for its
+        indices, a dtype that is not the values'), or holds repeated indices raises ValueError naming
+        the file and the field."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        name = os.fspath(path)
+        with safe_open(name, framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a peftkern SparseDiff file (format {meta.get('format')!r})")
-            return cls(f.get_tensor("indices"), f.get_tensor("values"), json.loads(meta["shape"]))
+                raise ValueError(f"{name} is not a peftkern SparseDiff file (format {meta.get('format')!r})")
+            missing = [t for t in ("indices", "values") if t not in f.keys()]
+            if missing:
+                raise ValueError(f"{name}: tensor {missing[0]!r} is missing")
+            indices, values = f.get_tensor("indices"), f.get_tensor("values")
+        try:
+            shape = _check_shape(json.loads(meta.get("shape", "")))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{name}: metadata field 'shape' must be a JSON list of non-negative ints, got "
+                             f"{meta.get('shape')!r}") from err
+        dtype = meta.get("dtype")
+        if dtype != str(values.dtype).replace("torch.", ""):
+            raise ValueError(f"{name}: metadata field 'dtype' is {dtype!r} but the values tensor is {values.dtype}")
+        try:
+            return cls(indices, values, shape)
+        except (IndexError, ValueError, TypeError) as err:
+            raise ValueError(f"{name}: field 'indices' does not fit metadata field 'shape' {list(shape)}: {err}") from err
 
     def apply_(self, weight: torch.Tensor, *, alpha: float = 1.0) -> torch.Tensor:
-        """Add this diff to `weight` in place; returns the backup for restore_."""
+        """Add `alpha`·values into `weight` (of this diff's shape) in place; returns the backup for restore_.
+
+        Same rounding and errors as peftkern.sparse_diff_apply_; ValueError if the shape differs."""
         self._check_weight(weight)
         return sparse_diff_apply_(weight, self.indices, self.values, alpha=alpha)
 
     def restore_(self, weight: torch.Tensor, backup: torch.Tensor) -> None:
+        """Write `backup` (from apply_) back into `weight`: the original weight, bit for bit."""
         self._check_weight(weight)
         sparse_diff_restore_(weight, self.indices, backup)
 
     def _check_weight(self, weight: torch.Tensor) -> None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
         if tuple(weight.shape) != tuple(self.shape):
             raise ValueError(f"weight must have the diff's shape {tuple(self.shape)}, got {tuple(weight.shape)}")
 

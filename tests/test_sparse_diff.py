@@ -128,17 +128,90 @@ def test_int64_required_for_huge_weights(monkeypatch):
         peftkern.sparse_diff_apply_(torch.zeros(20, 10), torch.arange(3, dtype=torch.int32), torch.ones(3))
 
 
-def test_validation_is_remembered_until_the_indices_change():
+def test_duplicate_check_is_remembered_until_the_indices_change():
     weight = torch.randn(10, 10)
     idx = torch.tensor([3, 1, 4])
     backup = peftkern.sparse_diff_apply_(weight, idx, torch.ones(3))
     peftkern.sparse_diff_restore_(weight, idx, backup)
-    assert idx._peftkern_valid_for == (idx._version, 100)
-    idx[0] = 100  # in-place change: the remembered validation no longer holds
+    assert idx._peftkern_unique_for == (idx._version, 100)
+    idx[0] = 100  # in-place change: the remembered check no longer holds
     original = weight.clone()
     with pytest.raises(IndexError):
         peftkern.sparse_diff_apply_(weight, idx, torch.ones(3))
     assert torch.equal(weight, original)
+
+
+# Indices changed behind PyTorch's back (.numpy() / .data writes do not bump Tensor._version) after a
+# successful call: every kernel must still refuse them itself. Run in a subprocess, so that a kernel that
+# writes out of bounds fails this test (a crash, or a write into the neighbouring tensor) instead of
+# killing the test run.
+_MUTATED_INDICES_SCRIPT = r"""
+import sys, torch, peftkern
+backend, device = sys.argv[1], sys.argv[2]
+def expect_index_error(fn, *tensors_unchanged):
+    before = [t.clone() for t in tensors_unchanged]
+    try:
+        fn()
+    except IndexError as err:
+        assert "out of range" in str(err), str(err)
+    else:
+        raise AssertionError("no IndexError")
+    for b, t in zip(before, tensors_unchanged):
+        assert torch.equal(b, t), "a tensor was written although the call raised"
+with peftkern.use_backend(backend):
+    idx = torch.tensor([3, 17, 40], device=device)
+    val = torch.tensor([1., 2., 3.], device=device)
+    peftkern.sparse_diff_apply_(torch.zeros(8, 16, device=device), idx, val)  # validated; duplicates remembered
+    big = torch.zeros(2, 8, 16, device=device)
+    for bad in (200, 128, 10**9, -3):
+        version = idx._version
+        if device == "cpu":
+            idx.numpy()[0] = bad  # the issue's spelling
+        else:
+            idx.data[0] = bad
+        assert idx._version == version, "the write must bypass version tracking for this test to mean anything"
+        expect_index_error(lambda: peftkern.sparse_diff_apply_(big[0], idx, val), big)
+        expect_index_error(lambda: peftkern.sparse_diff_restore_(big[0], idx, val), big)
+        # a strided view: row-major position 130 of a [8, 16] view of columns 0..7 (transposed) would land
+        # in columns 8..15 of the storage, outside the view but inside the tensor's memory span
+        store = torch.zeros(16, 16, device=device)
+        view = store[:, :8].t()
+        expect_index_error(lambda: peftkern.sparse_diff_apply_(view, idx, val), store)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+def test_indices_changed_behind_torchs_back_never_reach_memory(backend, tmp_path):
+    import subprocess
+    import sys
+
+    if backend not in apply_backends():
+        pytest.skip("peftkern._C is not built for this device here")
+    script = tmp_path / "mutated.py"
+    script.write_text(_MUTATED_INDICES_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), backend, DEVICE.type], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_linear_refuses_indices_changed_behind_torchs_back(backend):
+    if backend not in available_backends("sparse_diff_linear", torch.float32):
+        pytest.skip(f"backend {backend} unavailable here")
+    x = torch.randn(4, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(5, 8, device=DEVICE)
+    idx = torch.tensor([1, 9, 30], device=DEVICE)
+    values = torch.randn(3, device=DEVICE, requires_grad=True)
+    with peftkern.use_backend(backend):
+        y = peftkern.sparse_diff_linear(x, weight, idx, values)  # validated once
+        for bad in (40, 10**9, -1):
+            idx.data[1] = bad  # .data writes do not bump _version: the remembered check still "holds"
+            with pytest.raises(IndexError, match=r"indices\[1\] = .* out of range"):
+                peftkern.sparse_diff_linear(x, weight, idx, values)
+            with pytest.raises(IndexError, match="out of range"):
+                y.sum().backward(retain_graph=True)  # the backward uses the indices too
+        assert x.grad is None and values.grad is None
 
 
 # ---- SparseDiff --------------------------------------------------------------------------------------
@@ -169,6 +242,72 @@ def test_sparse_diff_from_dense_to_dense_and_file_round_trip(tmp_path):
     save_file({"a": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a peftkern SparseDiff"):
         SparseDiff.load(tmp_path / "other.safetensors")
+
+
+def test_sparse_diff_validates_its_indices_so_to_dense_agrees_with_apply():
+    values = torch.randn(3)
+    cases = [
+        (torch.tensor([2, -3, 5]), IndexError, r"indices\[1\] = -3 is out of range"),  # used to wrap to 125
+        (torch.tensor([2, 128, 5]), IndexError, r"indices\[1\] = 128"),
+        (torch.tensor([2, 7, 2]), ValueError, r"indices\[2\] = 2 repeats"),  # to_dense kept the last value
+    ]
+    for idx, exc, message in cases:
+        with pytest.raises(exc, match=message):
+            SparseDiff(idx, values, (8, 16))
+    with pytest.raises(TypeError, match="shape must be a sequence of ints"):
+        SparseDiff(torch.tensor([1, 2, 3]), values, 128)
+    with pytest.raises(TypeError, match="non-negative ints"):
+        SparseDiff(torch.tensor([1, 2, 3]), values, (8, -16))
+    with pytest.raises(TypeError, match="values must be a floating-point"):
+        SparseDiff(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 3]), (8, 16))
+    diff = SparseDiff(torch.tensor([2, 127, 5]), values, [8, 16])
+    weight = torch.randn(8, 16)
+    applied = weight.clone()
+    diff.apply_(applied)
+    assert torch.equal(applied, weight + diff.to_dense()), "to_dense and apply_ describe the same diff"
+    diff.indices.numpy()[1] = 128  # changed behind PyTorch's back: to_dense checks again
+    with pytest.raises(IndexError, match="out of range"):
+        diff.to_dense()
+
+
+def test_from_dense_refuses_non_finite_deltas():
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        delta = torch.randn(6, 5)
+        delta[2, 3] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            SparseDiff.from_dense(delta, k=4)
+
+
+def test_load_rejects_inconsistent_files_naming_file_and_field(tmp_path):
+    from safetensors.torch import save_file
+
+    good = {"indices": torch.tensor([1, 5, 9], dtype=torch.int32), "values": torch.randn(3)}
+    meta = {"format": "peftkern.SparseDiff/1", "shape": "[4, 3]", "dtype": "float32"}
+    cases = [
+        ("small", dict(meta, shape="[2, 3]"), good, ["small.safetensors", "'indices'", "'shape'", "out of range"]),
+        ("garbage", dict(meta, shape="[4, x"), good, ["garbage.safetensors", "'shape'"]),
+        ("notlist", dict(meta, shape="12"), good, ["notlist.safetensors", "'shape'"]),
+        ("negdim", dict(meta, shape="[4, -3]"), good, ["negdim.safetensors", "'shape'"]),
+        ("dtype", dict(meta, dtype="float16"), good, ["dtype.safetensors", "'dtype'"]),
+        ("dup", meta, dict(good, indices=torch.tensor([1, 5, 5], dtype=torch.int32)), ["dup.safetensors", "repeats"]),
+        ("neg", meta, dict(good, indices=torch.tensor([1, -5, 9], dtype=torch.int32)), ["neg.safetensors", "-5"]),
+        ("missing", meta, {"indices": good["indices"]}, ["missing.safetensors", "'values'"]),
+    ]
+    for name, metadata, tensors, words in cases:
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
+        with pytest.raises(ValueError) as info:
+            SparseDiff.load(path)
+        for word in words:
+            assert word in str(info.value), f"{name}: {str(info.value)!r} should mention {word!r}"
+    save_file(good, str(tmp_path / "ok.safetensors"), metadata=meta)
+    assert SparseDiff.load(tmp_path / "ok.safetensors").shape == (4, 3)
+
+
+def test_save_into_a_missing_directory_says_so(tmp_path):
+    diff = SparseDiff(torch.tensor([1]), torch.ones(1), (2, 2))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        diff.save(tmp_path / "no" / "such" / "dir" / "d.safetensors")
 
 
 def test_model_helpers_switch_tasks_in_one_call():

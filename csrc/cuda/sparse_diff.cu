@@ -1,6 +1,10 @@
-// Sparse diff apply/restore on CUDA: one thread per entry, grid-stride. The indices were validated
-// (range, no duplicates) by the caller before this runs, so entries never collide and no atomics are
-// needed. Same arithmetic as csrc/sparse_diff.cpp: w = round(float(w) + alpha * float(v)).
+// Sparse diff apply/restore on CUDA: one thread per entry, grid-stride. Same arithmetic as
+// csrc/sparse_diff.cpp: w = round(float(w) + alpha * float(v)).
+// Memory safety, on every call and trusting no earlier validation: a first kernel records the position
+// of the first out-of-range index in a device flag (atomicMin); the write kernel, launched behind it on
+// the same stream, reads the flag and writes nothing if it is set, and still skips any index outside the
+// weight on its own. The host reads the flag after the launch and raises. Duplicates (checked once by the
+// caller and remembered) cannot address memory outside the weight, so they need no per-call check.
 // Like csrc/cuda/dropout.cu this includes only torch/extension.h and the CUDA runtime; the caller
 // passes the stream and has made the weight's device current.
 #include <cuda_bf16.h>
@@ -11,6 +15,7 @@
 #include <cstdint>
 
 #include "../sparse_diff.h"
+#include "../strided_index.h"
 
 namespace peftkern {
 namespace {
@@ -58,27 +63,45 @@ __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
-template <typename w_t, typename v_t, typename index_t>
-__global__ void apply_kernel(w_t* __restrict__ w, const index_t* __restrict__ idx, const v_t* __restrict__ vals,
-                             w_t* __restrict__ backup, int64_t n, double alpha) {
-  using acc_t = typename Acc<w_t>::type;
-  const acc_t a = static_cast<acc_t>(alpha);
+__global__ void init_flag_kernel(long long* first_bad, int64_t n) { *first_bad = static_cast<long long>(n); }
+
+template <typename index_t>
+__global__ void find_out_of_range_kernel(const index_t* __restrict__ idx, int64_t n, int64_t numel,
+                                         long long* __restrict__ first_bad) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t j = static_cast<int64_t>(idx[i]);
+    const int64_t v = static_cast<int64_t>(idx[i]);
+    if (v < 0 || v >= numel) atomicMin(first_bad, static_cast<long long>(i));
+  }
+}
+
+template <typename w_t, typename v_t, typename index_t>
+__global__ void apply_kernel(w_t* __restrict__ w, StridedIndex where, const index_t* __restrict__ idx,
+                             const v_t* __restrict__ vals, w_t* __restrict__ backup, int64_t n, double alpha,
+                             const long long* __restrict__ first_bad) {
+  using acc_t = typename Acc<w_t>::type;
+  const acc_t a = static_cast<acc_t>(alpha);
+  if (*first_bad < n) return;  // an index is out of range: the whole call writes nothing
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t v = static_cast<int64_t>(idx[i]);
+    if (!where.in_range(v)) continue;
+    const int64_t j = where.offset(v);
     const w_t old = w[j];
     backup[i] = old;
-    const acc_t v = static_cast<acc_t>(to_acc(vals[i]));
-    w[j] = from_acc<w_t>(add_rn(static_cast<acc_t>(to_acc(old)), mul_rn(a, v)));
+    const acc_t val = static_cast<acc_t>(to_acc(vals[i]));
+    w[j] = from_acc<w_t>(add_rn(static_cast<acc_t>(to_acc(old)), mul_rn(a, val)));
   }
 }
 
 template <typename w_t, typename index_t>
-__global__ void restore_kernel(w_t* __restrict__ w, const index_t* __restrict__ idx, const w_t* __restrict__ backup,
-                               int64_t n) {
+__global__ void restore_kernel(w_t* __restrict__ w, StridedIndex where, const index_t* __restrict__ idx,
+                               const w_t* __restrict__ backup, int64_t n, const long long* __restrict__ first_bad) {
+  if (*first_bad < n) return;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    w[static_cast<int64_t>(idx[i])] = backup[i];
+    const int64_t v = static_cast<int64_t>(idx[i]);
+    if (where.in_range(v)) w[where.offset(v)] = backup[i];
   }
 }
 
@@ -92,24 +115,49 @@ void check_launch(const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, ": launch failed: ", cudaGetErrorString(err));
 }
 
+// a 1-element int64 flag on the weight's device, set to the first out-of-range position (or n) on `s`
+torch::Tensor flag_out_of_range(const torch::Tensor& weight, const torch::Tensor& indices, int64_t numel,
+                                cudaStream_t s) {
+  const int64_t n = indices.numel();
+  auto first_bad = torch::empty({1}, weight.options().dtype(torch::kLong));
+  auto* flag = reinterpret_cast<long long*>(first_bad.data_ptr<int64_t>());
+  init_flag_kernel<<<1, 1, 0, s>>>(flag, n);
+  if (n > 0) {
+    const int threads = 256;
+    if (indices.scalar_type() == at::kInt) {
+      find_out_of_range_kernel<<<blocks_for(n, threads), threads, 0, s>>>(indices.data_ptr<int32_t>(), n, numel, flag);
+    } else {
+      find_out_of_range_kernel<<<blocks_for(n, threads), threads, 0, s>>>(indices.data_ptr<int64_t>(), n, numel, flag);
+    }
+  }
+  check_launch("sparse_diff: index check");
+  return first_bad;
+}
+
 }  // namespace
 
-torch::Tensor sparse_diff_apply_cuda(torch::Tensor& weight, const torch::Tensor& indices, const torch::Tensor& values,
-                                     double alpha, int64_t stream) {
+std::tuple<torch::Tensor, torch::Tensor> sparse_diff_apply_cuda(torch::Tensor& weight, const torch::Tensor& indices,
+                                                                const torch::Tensor& values, double alpha,
+                                                                int64_t stream) {
+  const StridedIndex where = strided_index_of(weight);
   auto backup = torch::empty({indices.numel()}, weight.options());
-  const int64_t n = indices.numel();
-  if (n == 0) return backup;
-  const int threads = 256;
   auto s = reinterpret_cast<cudaStream_t>(stream);
+  auto first_bad = flag_out_of_range(weight, indices, where.numel, s);
+  const int64_t n = indices.numel();
+  if (n == 0) return {backup, first_bad};
+  const long long* flag = reinterpret_cast<const long long*>(first_bad.data_ptr<int64_t>());
+  const int threads = 256;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_diff_apply_cuda", [&] {
     using w_t = scalar_t;
     auto run = [&](auto* vals) {
       if (indices.scalar_type() == at::kInt) {
-        apply_kernel<<<blocks_for(n, threads), threads, 0, s>>>(weight.data_ptr<w_t>(), indices.data_ptr<int32_t>(),
-                                                                 vals, backup.data_ptr<w_t>(), n, alpha);
+        apply_kernel<<<blocks_for(n, threads), threads, 0, s>>>(weight.data_ptr<w_t>(), where,
+                                                                 indices.data_ptr<int32_t>(), vals,
+                                                                 backup.data_ptr<w_t>(), n, alpha, flag);
       } else {
-        apply_kernel<<<blocks_for(n, threads), threads, 0, s>>>(weight.data_ptr<w_t>(), indices.data_ptr<int64_t>(),
-                                                                 vals, backup.data_ptr<w_t>(), n, alpha);
+        apply_kernel<<<blocks_for(n, threads), threads, 0, s>>>(weight.data_ptr<w_t>(), where,
+                                                                 indices.data_ptr<int64_t>(), vals,
+                                                                 backup.data_ptr<w_t>(), n, alpha, flag);
       }
     };
     if (values.scalar_type() == weight.scalar_type()) {
@@ -119,27 +167,31 @@ torch::Tensor sparse_diff_apply_cuda(torch::Tensor& weight, const torch::Tensor&
     }
   });
   check_launch("sparse_diff_apply_cuda");
-  return backup;
+  return {backup, first_bad};
 }
 
-void sparse_diff_restore_cuda(torch::Tensor& weight, const torch::Tensor& indices, const torch::Tensor& backup,
-                              int64_t stream) {
-  const int64_t n = indices.numel();
-  if (n == 0) return;
-  const int threads = 256;
+torch::Tensor sparse_diff_restore_cuda(torch::Tensor& weight, const torch::Tensor& indices,
+                                       const torch::Tensor& backup, int64_t stream) {
+  const StridedIndex where = strided_index_of(weight);
   auto s = reinterpret_cast<cudaStream_t>(stream);
+  auto first_bad = flag_out_of_range(weight, indices, where.numel, s);
+  const int64_t n = indices.numel();
+  if (n == 0) return first_bad;
+  const long long* flag = reinterpret_cast<const long long*>(first_bad.data_ptr<int64_t>());
+  const int threads = 256;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_diff_restore_cuda", [&] {
     if (indices.scalar_type() == at::kInt) {
-      restore_kernel<<<blocks_for(n, threads), threads, 0, s>>>(weight.data_ptr<scalar_t>(),
+      restore_kernel<<<blocks_for(n, threads), threads, 0, s>>>(weight.data_ptr<scalar_t>(), where,
                                                                  indices.data_ptr<int32_t>(),
-                                                                 backup.data_ptr<scalar_t>(), n);
+                                                                 backup.data_ptr<scalar_t>(), n, flag);
     } else {
-      restore_kernel<<<blocks_for(n, threads), threads, 0, s>>>(weight.data_ptr<scalar_t>(),
+      restore_kernel<<<blocks_for(n, threads), threads, 0, s>>>(weight.data_ptr<scalar_t>(), where,
                                                                  indices.data_ptr<int64_t>(),
-                                                                 backup.data_ptr<scalar_t>(), n);
+                                                                 backup.data_ptr<scalar_t>(), n, flag);
     }
   });
   check_launch("sparse_diff_restore_cuda");
+  return first_bad;
 }
 
 }  // namespace peftkern

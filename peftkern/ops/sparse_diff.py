@@ -1,10 +1,14 @@
 """Sparse diff vectors: sparse_diff_apply_ / sparse_diff_restore_ (in place, bit-exact round trip) and
 sparse_diff_linear (x·(W + Δ)ᵀ with a sampled gradient for Δ's values), as peftkern:: custom ops.
 
-Index validation (range, duplicates) runs before any write. Its result is remembered on the indices
-tensor until that tensor is modified in place, so applying the same diff again (switching tasks back
-and forth) costs no second pass, and on GPU no second host sync. The CSR/CSC layout that
-sparse_diff_linear needs is remembered the same way.
+Memory safety: every kernel that reads or writes through the user's indices checks each index against
+the weight's size itself, on every call (the C++/CUDA apply and restore before any write, the reference
+path and the layout of sparse_diff_linear before indexing), and raises IndexError with nothing written.
+No cached result stands between an index and a memory access: indices can change without PyTorch
+noticing (writes through .numpy() or .data do not bump Tensor._version).
+The one thing remembered per indices tensor (until it is modified in place) is that it holds no
+duplicates: a stale answer there can only give a wrong sum, never an out-of-bounds access, and checking
+it costs a sort (on GPU, a host sync) that re-applying the same diff should not pay again.
 """
 from __future__ import annotations
 
@@ -19,33 +23,43 @@ from . import _checks
 from ._autocast import register_autocast
 
 INT32_LIMIT = 2**31 - 1
+MAX_STRIDED_DIMS = 8  # csrc/strided_index.h: a non-contiguous weight's dims the compiled kernels map
 
 
-# ---- validation and layouts, remembered per indices tensor ----------------------------------------
+# ---- the duplicate check, remembered per indices tensor ------------------------------------------
 
-def _ensure_valid(indices: Tensor, numel: int) -> None:
-    if getattr(indices, "_peftkern_valid_for", None) == (indices._version, numel):
+def _ensure_unique(indices: Tensor, numel: int) -> None:
+    """ValueError if an index repeats (IndexError if one is out of range: checked here the first time,
+    and again by every kernel on every call). Remembered until `indices` is modified in place."""
+    if getattr(indices, "_peftkern_unique_for", None) == (indices._version, numel):
         return
     ext = _backend.extension()
     if ext is not None and indices.device.type == "cpu":
         code, pos = ext.sparse_diff_validate(indices.contiguous(), numel)
         if code == 1:
-            raise IndexError(f"indices[{pos}] = {int(indices[pos])} is out of range for a weight of {numel} "
-                             f"elements (valid: 0 <= index < {numel})")
+            raise ref.out_of_range_error(indices, pos, numel)
         if code == 2:
-            raise ValueError(f"indices[{pos}] = {int(indices[pos])} repeats an earlier index; a sparse diff holds "
-                             f"each position once (sum the values of duplicates first)")
+            raise ref.duplicate_error(indices, pos)
     else:
         ref.validate(indices, numel)
-    indices._peftkern_valid_for = (indices._version, numel)
+    indices._peftkern_unique_for = (indices._version, numel)
+
+
+def _raise_if_out_of_range(indices: Tensor, numel: int, first_bad: Tensor) -> None:
+    """The compiled kernels report the first out-of-range position (== len(indices) if none); on CUDA
+    reading it waits for the launch."""
+    pos = int(first_bad)
+    if pos < indices.numel():
+        raise ref.out_of_range_error(indices, pos, numel)
 
 
 def _layout(indices: Tensor, shape: tuple[int, int]) -> dict:
-    """CSR (by output row) and CSC (by input column) views of the diff's positions, int32 where they fit."""
-    cached = getattr(indices, "_peftkern_layout", None)
-    if cached is not None and cached[0] == (indices._version, shape):
-        return cached[1]
+    """CSR (by output row) and CSC (by input column) views of the diff's positions, int32 where they fit.
+
+    Built on every call from the indices as they are now (range-checked first): a layout remembered
+    across calls would silently keep using positions the user has since changed."""
     n_out, n_in = shape
+    ref.check_range(indices, n_out * n_in)
     idx = indices.to(torch.int64)
     rows, cols = idx // n_in, idx % n_in
     small = torch.int32 if max(n_out, n_in, idx.numel()) <= INT32_LIMIT else torch.int64
@@ -57,34 +71,22 @@ def _layout(indices: Tensor, shape: tuple[int, int]) -> dict:
 
     csr = torch.argsort(idx)
     csc = torch.argsort(cols * n_out + rows)
-    layout = {"rows": rows.to(small), "cols": cols.to(small),
-              "csr_perm": csr, "csr_seg": segments(rows, n_out), "csr_cols": cols[csr].to(small),
-              "csc_perm": csc, "csc_seg": segments(cols, n_in), "csc_rows": rows[csc].to(small)}
-    indices._peftkern_layout = ((indices._version, shape), layout)
-    return layout
-
-
-def _flat_and_offsets(weight: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
-    """A 1-D contiguous alias of the weight's elements and the storage offsets of `indices` in it."""
-    if weight.is_contiguous():
-        return weight.view(-1), indices
-    # strided weight: logical row-major index -> storage offset through the strides
-    coords = torch.unravel_index(indices.to(torch.int64), weight.shape)
-    offsets = sum(c * s for c, s in zip(coords, weight.stride()))
-    span = 1 + sum((n - 1) * s for n, s in zip(weight.shape, weight.stride()))
-    return weight.as_strided((span,), (1,)), offsets
+    return {"rows": rows.to(small), "cols": cols.to(small),
+            "csr_perm": csr, "csr_seg": segments(rows, n_out), "csr_cols": cols[csr].to(small),
+            "csc_perm": csc, "csc_seg": segments(cols, n_in), "csc_rows": rows[csc].to(small)}
 
 
 # ---- apply / restore ------------------------------------------------------------------------------
 
 @torch.library.custom_op("peftkern::sparse_diff_apply_", mutates_args=("weight",))
 def _apply_op(weight: Tensor, indices: Tensor, values: Tensor, alpha: float) -> Tensor:
-    _ensure_valid(indices, weight.numel())
-    flat, offsets = _flat_and_offsets(weight, indices)
+    _ensure_unique(indices, weight.numel())
     if _backend.select("sparse_diff_apply", weight.device, weight.dtype) == "cuda":
-        return _backend.call_extension("sparse_diff_apply", weight.device, flat, offsets.contiguous(),
-                                       values.contiguous(), alpha)
-    return ref.apply_(flat, offsets, values, alpha)
+        backup, first_bad = _backend.call_extension("sparse_diff_apply", weight.device, weight, indices.contiguous(),
+                                                    values.contiguous(), alpha)
+        _raise_if_out_of_range(indices, weight.numel(), first_bad)
+        return backup
+    return ref.apply_(weight, indices, values, alpha)
 
 
 @_apply_op.register_fake
@@ -94,17 +96,26 @@ def _(weight, indices, values, alpha):
 
 @torch.library.custom_op("peftkern::sparse_diff_restore_", mutates_args=("weight",))
 def _restore_op(weight: Tensor, indices: Tensor, backup: Tensor) -> None:
-    _ensure_valid(indices, weight.numel())
-    flat, offsets = _flat_and_offsets(weight, indices)
+    _ensure_unique(indices, weight.numel())
     if _backend.select("sparse_diff_apply", weight.device, weight.dtype) == "cuda":
-        _backend.call_extension("sparse_diff_restore", weight.device, flat, offsets.contiguous(), backup.contiguous())
+        first_bad = _backend.call_extension("sparse_diff_restore", weight.device, weight, indices.contiguous(),
+                                            backup.contiguous())
+        _raise_if_out_of_range(indices, weight.numel(), first_bad)
         return
-    ref.restore_(flat, offsets, backup)
+    ref.restore_(weight, indices, backup)
 
 
 @_restore_op.register_fake
 def _(weight, indices, backup):
     return None
+
+
+def _check_writable(weight: Tensor) -> None:
+    if _checks.has_internal_overlap(weight):
+        raise ValueError("weight has overlapping memory (an expanded view); apply the diff to a real tensor")
+    if not weight.is_contiguous() and weight.dim() > MAX_STRIDED_DIMS:
+        raise ValueError(f"weight is a non-contiguous view with {weight.dim()} dims; the kernels map at most "
+                         f"{MAX_STRIDED_DIMS} (apply the diff to a contiguous tensor)")
 
 
 def _check_diff(weight_name: str, weight, indices, values_name: str, values, *, values_dtype_rule: str) -> None:
@@ -138,8 +149,7 @@ def sparse_diff_apply_(weight: Tensor, indices: Tensor, values: Tensor, *, alpha
     """
     _check_diff("weight", weight, indices, "values", values, values_dtype_rule="adapter")
     alpha = _checks.real_number("alpha", alpha)
-    if _checks.has_internal_overlap(weight):
-        raise ValueError("weight has overlapping memory (an expanded view); apply the diff to a real tensor")
+    _check_writable(weight)
     with torch.no_grad():
         return torch.ops.peftkern.sparse_diff_apply_(weight, indices, values, alpha)
 
@@ -147,8 +157,7 @@ def sparse_diff_apply_(weight: Tensor, indices: Tensor, values: Tensor, *, alpha
 def sparse_diff_restore_(weight: Tensor, indices: Tensor, backup: Tensor) -> None:
     """Write `backup` (as returned by sparse_diff_apply_) back at `indices`."""
     _check_diff("weight", weight, indices, "backup", backup, values_dtype_rule="same")
-    if _checks.has_internal_overlap(weight):
-        raise ValueError("weight has overlapping memory (an expanded view); restore into a real tensor")
+    _check_writable(weight)
     with torch.no_grad():
         torch.ops.peftkern.sparse_diff_restore_(weight, indices, backup)
 
@@ -161,7 +170,7 @@ def _impl(x: Tensor) -> str:
 
 @torch.library.custom_op("peftkern::sparse_diff_linear_fwd", mutates_args=())
 def sparse_diff_linear_fwd(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
-    _ensure_valid(indices, weight.numel())
+    _ensure_unique(indices, weight.numel())
     if _impl(x) != "triton":
         return ref.linear_fwd(x, weight, indices, values, bias)
     lay = _layout(indices, tuple(weight.shape))
@@ -180,6 +189,7 @@ def sparse_diff_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, indices: Tenso
                            need_weight: bool, need_values: bool, need_bias: bool, impl: str
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dy = dy.contiguous()
+    _ensure_unique(indices, weight.numel())
     if impl != "triton":
         return ref.linear_bwd(dy, x, weight, indices, values, need_x, need_weight, need_values, need_bias)
     k = _backend.kernels("sparse_diff")

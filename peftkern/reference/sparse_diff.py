@@ -16,33 +16,61 @@ import torch
 from .lora import acc_dtype
 
 
-def validate(indices: torch.Tensor, numel: int) -> None:
-    """IndexError for an index outside [0, numel), ValueError for a repeated index; both name the position."""
+def out_of_range_error(indices: torch.Tensor, pos: int, numel: int) -> IndexError:
+    return IndexError(f"indices[{pos}] = {int(indices[pos])} is out of range for a weight of {numel} elements "
+                      f"(valid: 0 <= index < {numel})")
+
+
+def duplicate_error(indices: torch.Tensor, pos: int) -> ValueError:
+    return ValueError(f"indices[{pos}] = {int(indices[pos])} repeats an earlier index; a sparse diff holds each "
+                      f"position once (sum the values of duplicates first)")
+
+
+def check_range(indices: torch.Tensor, numel: int) -> None:
+    """IndexError naming the first index outside [0, numel). Run where the indices are used, every time:
+    torch's own indexing would wrap a negative index instead of refusing it."""
     if indices.numel() == 0:
         return
-    idx = indices.to(torch.int64)
-    bad = (idx < 0) | (idx >= numel)
+    bad = (indices < 0) | (indices >= numel)
     if bool(bad.any()):
-        pos = int(bad.nonzero()[0, 0])
-        raise IndexError(f"indices[{pos}] = {int(idx[pos])} is out of range for a weight of {numel} elements "
-                         f"(valid: 0 <= index < {numel})")
-    sorted_idx, order = torch.sort(idx, stable=True)
+        raise out_of_range_error(indices, int(bad.nonzero()[0, 0]), numel)
+
+
+def validate(indices: torch.Tensor, numel: int) -> None:
+    """IndexError for an index outside [0, numel), ValueError for a repeated index; both name the position."""
+    check_range(indices, numel)
+    if indices.numel() == 0:
+        return
+    sorted_idx, order = torch.sort(indices.to(torch.int64), stable=True)
     repeat = sorted_idx[1:] == sorted_idx[:-1]
     if bool(repeat.any()):
-        pos = int(order[1:][repeat].min())
-        raise ValueError(f"indices[{pos}] = {int(idx[pos])} repeats an earlier index; a sparse diff holds each "
-                         f"position once (sum the values of duplicates first)")
+        raise duplicate_error(indices, int(order[1:][repeat].min()))
 
 
-def apply_(flat: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, alpha: float) -> torch.Tensor:
-    """flat[offsets] = round(acc(flat[offsets]) + alpha·acc(values)); returns the previous values."""
+def flat_and_offsets(weight: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 1-D alias of the weight's memory and the storage offsets of `indices` (range-checked) in it."""
+    check_range(indices, weight.numel())
+    if weight.is_contiguous():
+        return weight.view(-1), indices
+    # strided weight: logical row-major index -> storage offset through the strides
+    coords = torch.unravel_index(indices.to(torch.int64), weight.shape)
+    offsets = sum(c * s for c, s in zip(coords, weight.stride()))
+    span = 1 + sum((n - 1) * s for n, s in zip(weight.shape, weight.stride()))
+    return weight.as_strided((span,), (1,)), offsets
+
+
+def apply_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float) -> torch.Tensor:
+    """weight[indices] = round(acc(weight[indices]) + alpha·acc(values)) (row-major positions, any strides);
+    returns the previous values. IndexError, with nothing written, for an index out of range."""
+    flat, offsets = flat_and_offsets(weight, indices)
     backup = flat[offsets]
     acc = acc_dtype(flat.dtype)
     flat[offsets] = (backup.to(acc) + alpha * values.to(acc)).to(flat.dtype)
     return backup
 
 
-def restore_(flat: torch.Tensor, offsets: torch.Tensor, backup: torch.Tensor) -> None:
+def restore_(weight: torch.Tensor, indices: torch.Tensor, backup: torch.Tensor) -> None:
+    flat, offsets = flat_and_offsets(weight, indices)
     flat[offsets] = backup
 
 
@@ -51,6 +79,7 @@ def restore_(flat: torch.Tensor, offsets: torch.Tensor, backup: torch.Tensor) ->
 def csr(indices: torch.Tensor, values: torch.Tensor, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(Δ as a sparse CSR [out, in] tensor in `dtype`, the permutation from the diff's order to CSR order)."""
     n_out, n_in = shape
+    check_range(indices, n_out * n_in)  # every call: the indices may have changed since they were validated
     idx = indices.to(torch.int64)
     order = torch.argsort(idx)
     idx = idx[order]
