@@ -30,7 +30,8 @@ def activate(pre: torch.Tensor, code: int) -> torch.Tensor:
 
 
 def derivative(pre: torch.Tensor, code: int) -> torch.Tensor:
-    """d act / d pre, elementwise."""
+    """d act / d pre, elementwise. tanh-based ones use 1 + t = 2σ(2u), 1 − t = 2σ(−2u) instead of forming
+    1 ± t from a rounded t = tanh(u), which loses digits where |t| nears 1 (kernels/activations.py explains)."""
     if code == 0:
         return torch.ones_like(pre)
     if code == 1:
@@ -39,10 +40,10 @@ def derivative(pre: torch.Tensor, code: int) -> torch.Tensor:
         cdf = 0.5 * (1.0 + torch.erf(pre * _SQRT_HALF))
         return cdf + pre * torch.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
     if code == 3:
-        t = torch.tanh(_TANH_C * (pre + 0.044715 * pre**3))
-        return 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * _TANH_C * (1.0 + 3 * 0.044715 * pre * pre)
+        two_u = 2.0 * _TANH_C * (pre + 0.044715 * pre**3)
+        s = torch.sigmoid(two_u)
+        return s + 2.0 * pre * s * torch.sigmoid(-two_u) * _TANH_C * (1.0 + 3 * 0.044715 * pre * pre)
     if code == 4:
         sig = torch.sigmoid(pre)
         return sig * (1.0 + pre * (1.0 - sig))
-    t = torch.tanh(pre)
-    return 1.0 - t * t
+    return 4.0 * torch.sigmoid(2.0 * pre) * torch.sigmoid(-2.0 * pre)
