@@ -235,10 +235,18 @@ class BottleneckAdapter(nn.Module):
 class SparseDiffLinear(nn.Module):
     """A frozen linear layer plus a trainable sparse diff at fixed positions: y = x·(W + Δ)ᵀ + b.
 
-    `indices` (flat row-major positions in the weight) is a buffer; `values` is the trainable
-    parameter, zeros at start (so a new layer equals its source linear), in the weight's dtype unless
-    `values_dtype` says otherwise (float32 beside a half-precision weight is allowed). The dense W + Δ
-    and a dense weight gradient never exist (see peftkern.sparse_diff_linear).
+    Args:
+        weight: [out_features, in_features], frozen (kept as a Parameter with requires_grad=False).
+        bias: [out_features] or None, frozen.
+        indices: 1-D int32/int64 flat row-major positions in `weight`, each in range and each at most once
+            (IndexError / ValueError otherwise); stored as the buffer `indices`.
+        values_dtype: dtype of the trainable `values` (default weight's; float32 beside a half-precision
+            weight is allowed).
+
+    `values` (one per index) is the only trainable parameter and starts at zero, so a new layer equals its
+    source linear. `forward(x)` takes x [..., in_features] in weight's dtype and returns
+    [..., out_features] through peftkern.sparse_diff_linear: neither W + Δ nor a dense weight gradient
+    is ever built. `to_sparse_diff()` returns the trained diff as a SparseDiff.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, indices: torch.Tensor, values_dtype=None):
@@ -267,6 +275,7 @@ class SparseDiffLinear(nn.Module):
         return cls(linear.weight, linear.bias, indices, values_dtype=values_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> x·(W + Δ)ᵀ + b, [..., out_features] (errors as sparse_diff_linear)."""
         return sparse_diff_linear(x, self.weight, self.indices, self.values, self.bias)
 
     def to_sparse_diff(self):

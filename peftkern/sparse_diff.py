@@ -198,10 +198,16 @@ def _parameters(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
 
 def apply_sparse_diffs_(model: torch.nn.Module, diffs: dict[str, SparseDiff], *, alpha: float = 1.0
                         ) -> dict[str, torch.Tensor]:
-    """Apply every diff (parameter name -> SparseDiff) to the model in place; returns the backups.
+    """Apply every diff to the model in place; returns the backups for restore_sparse_diffs_.
 
-    All names and shapes are checked first; if a diff fails midway, the ones already applied are
-    restored before the error propagates, so the model is never left half-patched.
+    Args:
+        model: any nn.Module.
+        diffs: {parameter or buffer name (as in model.named_parameters()) -> SparseDiff of its shape}.
+        alpha: a finite real number scaling every diff's values.
+
+    All names and shapes are checked first (KeyError for an unknown name, ValueError for a shape that
+    differs); if a diff fails midway, the ones already applied are restored before the error
+    propagates, so the model is never left half-patched. Returns {name -> backup tensor}.
     """
     params = _parameters(model, diffs)
     for name, diff in diffs.items():
@@ -218,7 +224,10 @@ def apply_sparse_diffs_(model: torch.nn.Module, diffs: dict[str, SparseDiff], *,
 
 
 def restore_sparse_diffs_(model: torch.nn.Module, backups: dict[str, torch.Tensor], *, _diffs=None) -> None:
-    """Undo apply_sparse_diffs_: write every backup back, bit-exact."""
+    """Undo apply_sparse_diffs_(model, ...): write every backup back, bit-exact.
+
+    `backups` is what apply_sparse_diffs_ returned. RuntimeError if no diffs were applied to this model
+    with apply_sparse_diffs_, KeyError for a name the model does not have."""
     diffs = _diffs if _diffs is not None else getattr(model, "_peftkern_sparse_diffs", None)
     if diffs is None:
         raise RuntimeError("no sparse diffs were applied to this model with apply_sparse_diffs_")
@@ -231,7 +240,9 @@ def restore_sparse_diffs_(model: torch.nn.Module, backups: dict[str, torch.Tenso
 
 @contextlib.contextmanager
 def sparse_diffs_applied(model: torch.nn.Module, diffs: dict[str, SparseDiff], *, alpha: float = 1.0):
-    """`with sparse_diffs_applied(model, task_diffs): ...` runs the block on the fine-tuned model."""
+    """`with sparse_diffs_applied(model, task_diffs): ...` runs the block on the fine-tuned model and
+    restores the original weights bit for bit when the block exits, also on an exception. Arguments
+    and errors as apply_sparse_diffs_; yields the model."""
     backups = apply_sparse_diffs_(model, diffs, alpha=alpha)
     try:
         yield model

@@ -141,11 +141,26 @@ def _check_diff(weight_name: str, weight, indices, values_name: str, values, *, 
 
 
 def sparse_diff_apply_(weight: Tensor, indices: Tensor, values: Tensor, *, alpha: float = 1.0) -> Tensor:
-    """weight.view(-1)[indices] += alpha·values, in place; returns the previous values (the backup).
+    """Add `alpha`·values into `weight` at flat positions `indices`, in place; return the previous values.
 
-    Each entry is computed as round(float(w) + alpha·float(v)) (double for float64 weights), so
-    sparse_diff_restore_(weight, indices, backup) gives back the original weight bit for bit.
-    Duplicate indices raise ValueError, out-of-range ones IndexError, and the weight is then unchanged.
+    Args:
+        weight: the tensor to change (any shape and strides, float16/bfloat16/float32/float64, CPU or CUDA;
+            not an expanded view). `indices` address its elements in row-major order, as in
+            `weight.reshape(-1)`, also when it is a non-contiguous view (at most 8 dims then).
+        indices: 1-D int32 or int64 tensor on weight's device, each in [0, weight.numel()) and each at
+            most once, in any order (int64 required above 2**31 - 1 elements).
+        values: 1-D tensor, one entry per index, in weight's dtype or float32.
+        alpha: a finite real number scaling the values.
+
+    Each entry becomes round(acc(w) + alpha·acc(v)) with acc = float32 (float64 for a float64 weight),
+    so `sparse_diff_restore_(weight, indices, backup)` gives back the original bit for bit.
+    Returns the backup: 1-D, weight's dtype, one entry per index.
+
+    Raises (the weight is then unchanged): IndexError for an index out of range or negative, ValueError
+    for a repeated index, a length mismatch, a non-finite alpha or an expanded weight, TypeError for
+    wrong dtypes, RuntimeError for tensors on different devices. Every index is bounds-checked by the
+    kernel itself on every call; the duplicate check is remembered on `indices` until it is modified
+    in place (see the README's memory-safety note).
     """
     _check_diff("weight", weight, indices, "values", values, values_dtype_rule="adapter")
     alpha = _checks.real_number("alpha", alpha)
@@ -155,7 +170,11 @@ def sparse_diff_apply_(weight: Tensor, indices: Tensor, values: Tensor, *, alpha
 
 
 def sparse_diff_restore_(weight: Tensor, indices: Tensor, backup: Tensor) -> None:
-    """Write `backup` (as returned by sparse_diff_apply_) back at `indices`."""
+    """Write `backup` (as returned by sparse_diff_apply_) back into `weight` at `indices`, in place.
+
+    Same arguments and errors as sparse_diff_apply_, with `backup` (1-D, weight's dtype, one entry per
+    index) in place of values; every index is bounds-checked before anything is written.
+    """
     _check_diff("weight", weight, indices, "backup", backup, values_dtype_rule="same")
     _check_writable(weight)
     with torch.no_grad():
@@ -236,10 +255,24 @@ register_autocast("sparse_diff_linear_fwd", torch.ops.peftkern.sparse_diff_linea
 
 def sparse_diff_linear(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, bias: Optional[Tensor] = None
                        ) -> Tensor:
-    """F.linear(x, weight + scatter(indices, values), bias), without a dense W + Δ or a dense weight gradient.
+    """y = F.linear(x, weight + Δ, bias) where Δ holds `values` at flat positions `indices`, never dense.
 
-    The gradient of `values` is the sampled product g[i] = Σ_t dy[t, row_i]·x[t, col_i]. Gradients reach
-    x, values and bias (and weight, densely, only if it requires grad).
+    Args:
+        x: [..., in_features], float16/bfloat16/float32/float64.
+        weight: the frozen [out_features, in_features] base weight, x's dtype.
+        indices: 1-D int32/int64 row-major positions in weight (index i is row i // in_features, column
+            i % in_features), each in [0, out_features·in_features) and each at most once.
+        values: 1-D, one entry per index; x's dtype, or float32 beside a float16/bfloat16 x.
+        bias: optional [out_features], x's dtype.
+
+    Returns [..., out_features] in x's dtype. Gradients reach x, values and bias (and weight, densely,
+    only if it requires grad); the gradient of `values` is the sampled product
+    g[i] = Σ_t dy[t, row_i]·x[t, col_i], computed only at the diff's positions, so neither W + Δ nor a
+    dense [out, in] gradient is ever allocated. Under torch.autocast the inputs are cast like F.linear's.
+
+    Raises ValueError for shapes (naming the argument) or repeated indices, IndexError for an index out
+    of range (checked on every call, forward and backward), TypeError for dtypes, RuntimeError for
+    devices or an unavailable backend.
     """
     _checks.tensor("x", x, min_ndim=1)
     _checks.tensor("weight", weight, ndim=2)
