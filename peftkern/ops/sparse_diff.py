@@ -136,6 +136,12 @@ def _check_diff(weight_name: str, weight, indices, values_name: str, values, *, 
     _checks.same_device(weight_name, weight, indices=indices, **{values_name: values})
     if values_dtype_rule == "same":
         _checks.same_dtype(weight_name, weight, **{values_name: values})
+    elif values_dtype_rule == "diff":
+        # an in-place edit of a weight, not a product: a diff kept in float32 applies to a weight of any
+        # dtype (each entry is computed in float32, or float64 for a float64 weight, and rounded once)
+        if values.dtype not in (weight.dtype, torch.float32):
+            raise TypeError(f"{values_name} must have {weight_name}'s dtype ({weight.dtype}) or float32, "
+                            f"got {values.dtype}")
     else:
         _checks.adapter_dtype(values_name, values, weight_name, weight)
 
@@ -162,7 +168,7 @@ def sparse_diff_apply_(weight: Tensor, indices: Tensor, values: Tensor, *, alpha
     kernel itself on every call; the duplicate check is remembered on `indices` until it is modified
     in place (see the README's memory-safety note).
     """
-    _check_diff("weight", weight, indices, "values", values, values_dtype_rule="adapter")
+    _check_diff("weight", weight, indices, "values", values, values_dtype_rule="diff")
     alpha = _checks.real_number("alpha", alpha)
     _check_writable(weight)
     with torch.no_grad():
