@@ -1,4 +1,15 @@
-"""peftkern: fused kernels for parameter-efficient fine-tuning. Public names only (SPEC.md)."""
+"""peftkern: fused kernels for parameter-efficient fine-tuning.
+
+    lora_linear            y = x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ in one fused op (forward and backward)
+    bottleneck_adapter     out = residual + scaling·(act(h·w_downᵀ + b_down)·w_upᵀ + b_up)
+    sparse_diff_apply_ / sparse_diff_restore_ / sparse_diff_linear, SparseDiff and model helpers
+    nn                     LoRALinear, BottleneckAdapter, SparseDiffLinear modules
+    use_backend, backend_info   which implementation runs (auto, triton, cuda, reference)
+    integrations.peft      patch()/unpatch() for Hugging Face PEFT models
+
+Every op is a torch.library custom op with autograd; see each function's docstring for arguments,
+dtypes and errors.
+"""
 # first: peftkern.kernels picks Triton's interpreter or GPU mode, which must happen before triton loads
 from . import kernels as _kernels  # noqa: F401
 from ._backend import backend_info, use_backend
