@@ -49,6 +49,40 @@ def upcast(tensors):
     return [None if t is None else t.detach().double().requires_grad_() for t in tensors]
 
 
+PER_ROW = {"out", "dh", "dresidual"}  # outputs with one row per input row; the others sum over rows
+
+
+def torch_errors(fn, tensors, dy, oracle, names, orders=4):
+    """The error plain PyTorch makes on this problem, per output: the largest over a few row orders.
+
+    The weight and bias gradients are sums over rows, and each summation order rounds differently.
+    When such a sum nearly cancels (a k=1 bias gradient of 7 rows summing to 1% of their magnitudes),
+    its relative error is ~100x each row's rounding, and one order's error can be several times below
+    another's by luck: 2x that one draw is not "the error PyTorch makes", and an exact-to-the-ulp kernel
+    that sums in another order then fails (seed 194, k=1 tanh db_down, failed for the plain-torch reference
+    backend too). Permuting the rows of h, residual and dy poses the same problem with another summation
+    order; the per-row outputs are permuted back before they are compared."""
+    h, residual = tensors[0], tensors[5]
+    rows = h.reshape(-1, h.shape[-1]).shape[0]
+    worst = [0.0] * len(names)
+    for i in range(orders):
+        perm = torch.arange(rows, device=h.device) if i == 0 else torch.randperm(rows, device=h.device)
+        inv = torch.argsort(perm)
+
+        def permuted(t):
+            return t.detach().reshape(rows, -1)[perm].reshape(t.shape).requires_grad_(t.requires_grad)
+
+        shuffled = [permuted(h)] + tensors[1:5] + [None if residual is None else permuted(residual)]
+        outs = run(fn, shuffled, dy.reshape(rows, -1)[perm].reshape(dy.shape))
+        for j, (name, o, ref) in enumerate(zip(names, outs, oracle)):
+            if o is None:
+                continue
+            if name in PER_ROW:
+                o = o.reshape(rows, -1)[inv].reshape(o.shape)
+            worst[j] = max(worst[j], rel_err(o, ref))
+    return worst
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}k{s[2]}{'-bias' if s[3] else ''}"
                                                         f"{'-res' if s[4] else ''}")
@@ -62,10 +96,10 @@ def test_forward_and_grads_match_float64_reference(backend, dtype, wdtype, shape
     dy = torch.randn(*lead, d, device=DEVICE, dtype=dtype)
     with peftkern.use_backend(backend):
         ours = run(fused(activation, 0.7), tensors, dy)
-    torch_out = run(eager(activation, 0.7), tensors, dy)
     with peftkern.use_backend("reference"):
         oracle = run(fused(activation, 0.7), upcast(tensors), dy.double())
     names = ["out", "dh", "dw_down", "db_down", "dw_up", "db_up", "dresidual"]
+    torch_err = torch_errors(eager(activation, 0.7), tensors, dy, oracle, names)
     assert ours[0].dtype == dtype
     for name, t, o, ref in zip(names, [None] + tensors, ours, oracle):
         assert (o is None) == (ref is None), name
@@ -73,7 +107,7 @@ def test_forward_and_grads_match_float64_reference(backend, dtype, wdtype, shape
             continue
         if t is not None:
             assert o.dtype == t.dtype, f"{name} must come back in its parameter's dtype"
-        bound = 2 * rel_err(torch_out[names.index(name)], ref) + ERROR_FLOOR[dtype]
+        bound = 2 * torch_err[names.index(name)] + ERROR_FLOOR[dtype]
         err = rel_err(o, ref)
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({backend}, {dtype}, {activation})"
 
