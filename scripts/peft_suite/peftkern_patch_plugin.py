@@ -22,11 +22,16 @@ def pytest_configure(config):
 
     inject = BaseTuner.inject_adapter  # already peftkern's wrapper (patches marked models' new layers)
 
+    def fused_layers(model):
+        return sum(type(m) is integration.FusedLoraLinear for m in model.modules())
+
     def inject_adapter_then_patch(self, model, *args, **kwargs):
+        before = fused_layers(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", integration.LayersNotPatchedWarning)
-            result = inject(self, model, *args, **kwargs)
-            _counts["patched_layers"] += integration.patch(model)
+            result = inject(self, model, *args, **kwargs)  # patches new layers itself once model is marked
+            integration.patch(model)
+        _counts["patched_layers"] += fused_layers(model) - before
         return result
 
     BaseTuner.inject_adapter = inject_adapter_then_patch
