@@ -130,6 +130,10 @@ def pytest_configure(config):
                     env={name: os.environ.get(name) for name in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")})
     os.environ["TMPDIR"] = tempfile.tempdir = folder
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(folder, "inductor"))
+    # pytest-benchmark makes its storage folder (./.benchmarks) at start-up, even for tests that time
+    # nothing; unless one was asked for, it goes to the session folder too
+    if getattr(config.option, "benchmark_storage", None) == "file://./.benchmarks":
+        config.option.benchmark_storage = "file://" + os.path.join(folder, "benchmarks")
     _REPLAYS.clear()
     if seed is not None:
         # draws made while test modules are imported (e.g. bad-input tensors) follow the seed too
