@@ -399,6 +399,27 @@ def test_linear_gradcheck_float64():
                                         (x, values, bias))
 
 
+def test_linear_reuses_its_sort_only_while_it_still_sorts_the_indices():
+    """The reference path keeps the sorting permutation of the last call as a hint; indices changed behind
+    PyTorch's back (.data) to other valid positions must give the new diff's result, not the old one's."""
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 8, dtype=torch.float64)
+    idx = torch.tensor([5, 30, 12, 7, 44])
+    values = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(5, 6, dtype=torch.float64)
+    with peftkern.use_backend("reference"):
+        for positions in ([5, 30, 12, 7, 44], [31, 2, 47, 19, 8], [0, 1, 2, 3, 4]):
+            idx.data.copy_(torch.tensor(positions))
+            x.grad = values.grad = None
+            y = peftkern.sparse_diff_linear(x, weight, idx, values)
+            y.backward(dy)
+            xo, vo = x.detach().clone().requires_grad_(), values.detach().clone().requires_grad_()
+            yo = oracle_linear(xo, weight, idx, vo, None)
+            yo.backward(dy)
+            for ours, ref in ((y, yo), (x.grad, xo.grad), (values.grad, vo.grad)):
+                assert rel_err(ours, ref) < 1e-12, positions
+
+
 class _LargestAllocation(TorchDispatchMode):
     def __init__(self):
         super().__init__()

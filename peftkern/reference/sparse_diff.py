@@ -76,19 +76,50 @@ def restore_(weight: torch.Tensor, indices: torch.Tensor, backup: torch.Tensor) 
 
 # ---- the linear layer ------------------------------------------------------------------------------
 
+def _sorting_permutation(keys: torch.Tensor, indices: torch.Tensor, hint_name: str) -> torch.Tensor:
+    """argsort(keys) for keys derived from `indices` (unique when the indices are).
+
+    Sorting is most of this path's cost beside the GEMMs (and on a busy CPU torch's sort slows down far
+    more than the GEMMs do), while a diff's positions rarely change between steps. So the permutation
+    found last time is kept on the indices tensor as a hint, and reused only after checking, on every
+    call, that it still sorts the current keys strictly (one gather and one compare): a hint made stale by
+    indices changed behind PyTorch's back fails the check and is recomputed, never trusted."""
+    hint = getattr(indices, hint_name, None)
+    if hint is not None and hint.numel() == keys.numel() and hint.device == keys.device:
+        ordered = keys[hint]
+        if ordered.numel() < 2 or bool((ordered[1:] > ordered[:-1]).all()):
+            return hint
+    order = torch.argsort(keys)
+    setattr(indices, hint_name, order)
+    return order
+
+
+def _compressed(major, minor, order, n_major: int, n_minor: int, values, dtype) -> torch.Tensor:
+    """A sparse CSR [n_major, n_minor] tensor from (major, minor) coordinates sorted by `order`."""
+    crow = torch.zeros(n_major + 1, dtype=torch.int64, device=major.device)
+    crow[1:] = torch.cumsum(torch.bincount(major, minlength=n_major), 0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and fine for these ops
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, minor[order], values[order].to(dtype), (n_major, n_minor))
+
+
 def csr(indices: torch.Tensor, values: torch.Tensor, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(Δ as a sparse CSR [out, in] tensor in `dtype`, the permutation from the diff's order to CSR order)."""
     n_out, n_in = shape
     check_range(indices, n_out * n_in)  # every call: the indices may have changed since they were validated
     idx = indices.to(torch.int64)
-    order = torch.argsort(idx)
-    idx = idx[order]
+    order = _sorting_permutation(idx, indices, "_peftkern_csr_hint")
+    return _compressed(idx // n_in, idx % n_in, order, n_out, n_in, values, dtype), order
+
+
+def csr_transposed(indices: torch.Tensor, values: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """Δᵀ as a sparse CSR [in, out] tensor (Δ's CSC layout), built directly rather than by converting Δ."""
+    n_out, n_in = shape
+    check_range(indices, n_out * n_in)
+    idx = indices.to(torch.int64)
     rows, cols = idx // n_in, idx % n_in
-    crow = torch.zeros(n_out + 1, dtype=torch.int64, device=idx.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_out), 0)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and fine for these ops
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, cols, values[order].to(dtype), (n_out, n_in)), order
+    order = _sorting_permutation(cols * n_out + rows, indices, "_peftkern_csc_hint")
+    return _compressed(cols, rows, order, n_in, n_out, values, dtype)
 
 
 def linear_fwd(x, weight, indices, values, bias):
@@ -114,7 +145,8 @@ def linear_bwd(dy, x, weight, indices, values, need_x, need_weight, need_values,
         if need_x:
             dx = torch.mm(dy, weight)
             if delta is not None:
-                dx += torch.sparse.mm(delta.t().to_sparse_csr(), dy.t().to(acc)).t().to(dx.dtype)
+                delta_t = csr_transposed(indices, values, weight.shape, acc)
+                dx += torch.sparse.mm(delta_t, dy.t().to(acc)).t().to(dx.dtype)
         if need_values:
             if delta is not None:
                 # g[i] = Σ_t dy[t, row_i]·x[t, col_i], only at the diff's positions, then mapped back from
