@@ -15,7 +15,8 @@ Sparse diff, apply (into a 4096x4096 weight)
 - eager:    index_put_(accumulate=True) into a copy of the weight (how a diff is applied without peftkern)
 - eager_inplace: the in-place update a user writes by hand with the same result as sparse_diff_apply_:
             backup = w.view(-1)[idx] (a gather, for restoring later), then w.view(-1).index_add_(0, idx, v)
-- peftkern: sparse_diff_apply_ in place, returning the backup; the diff's indices are validated once
+- peftkern: sparse_diff_apply_ in place, returning the backup; the duplicate check is remembered after the
+            first call (the kernel's range check runs in every call)
 - peftkern_fresh: the same with indices never seen before, so validation runs in the timed call
 - floor:    index_put_(accumulate=True) in place: the library's cheapest call making the same update
 Sparse diff, linear (forward + backward, x and values requiring grad)
