@@ -28,12 +28,15 @@ def duplicate_error(indices: torch.Tensor, pos: int) -> ValueError:
 
 def check_range(indices: torch.Tensor, numel: int) -> None:
     """IndexError naming the first index outside [0, numel). Run where the indices are used, every time:
-    torch's own indexing would wrap a negative index instead of refusing it."""
+    torch's own indexing would wrap a negative index instead of refusing it. One pass (aminmax) when all
+    are in range: on a busy CPU every extra pass over a large index tensor costs a scheduler time slice."""
     if indices.numel() == 0:
         return
+    lo, hi = torch.aminmax(indices)
+    if int(lo) >= 0 and int(hi) < numel:
+        return
     bad = (indices < 0) | (indices >= numel)
-    if bool(bad.any()):
-        raise out_of_range_error(indices, int(bad.nonzero()[0, 0]), numel)
+    raise out_of_range_error(indices, int(bad.nonzero()[0, 0]), numel)
 
 
 def validate(indices: torch.Tensor, numel: int) -> None:
@@ -76,18 +79,23 @@ def restore_(weight: torch.Tensor, indices: torch.Tensor, backup: torch.Tensor) 
 
 # ---- the linear layer ------------------------------------------------------------------------------
 
-def _sorting_permutation(keys: torch.Tensor, indices: torch.Tensor, hint_name: str) -> torch.Tensor:
-    """argsort(keys) for keys derived from `indices` (unique when the indices are).
+def _sorting_permutation(keys: torch.Tensor, indices: torch.Tensor, hint_name: str,
+                         often_sorted: bool) -> torch.Tensor | None:
+    """argsort(keys) for keys derived from `indices` (unique when the indices are); None when
+    `often_sorted` and the keys are already strictly increasing (CSR order: diffs are mostly stored sorted,
+    so the permutation and its gathers are skipped).
 
     Sorting is most of this path's cost beside the GEMMs (and on a busy CPU torch's sort slows down far
     more than the GEMMs do), while a diff's positions rarely change between steps. So the permutation
     found last time is kept on the indices tensor as a hint, and reused only after checking, on every
     call, that it still sorts the current keys strictly (one gather and one compare): a hint made stale by
     indices changed behind PyTorch's back fails the check and is recomputed, never trusted."""
+    if keys.numel() < 2 or (often_sorted and bool((keys[1:] > keys[:-1]).all())):
+        return None
     hint = getattr(indices, hint_name, None)
     if hint is not None and hint.numel() == keys.numel() and hint.device == keys.device:
         ordered = keys[hint]
-        if ordered.numel() < 2 or bool((ordered[1:] > ordered[:-1]).all()):
+        if bool((ordered[1:] > ordered[:-1]).all()):
             return hint
     order = torch.argsort(keys)
     setattr(indices, hint_name, order)
@@ -95,31 +103,41 @@ def _sorting_permutation(keys: torch.Tensor, indices: torch.Tensor, hint_name: s
 
 
 def _compressed(major, minor, order, n_major: int, n_minor: int, values, dtype) -> torch.Tensor:
-    """A sparse CSR [n_major, n_minor] tensor from (major, minor) coordinates sorted by `order`."""
-    crow = torch.zeros(n_major + 1, dtype=torch.int64, device=major.device)
-    crow[1:] = torch.cumsum(torch.bincount(major, minlength=n_major), 0)
+    """A sparse CSR [n_major, n_minor] tensor from (major, minor) coordinates sorted by `order`
+    (None: already sorted). crow comes from a binary search over the sorted majors (n_major + 1 queries)
+    rather than a bincount + cumsum over all nonzeros."""
+    if order is not None:
+        major, minor, values = major[order], minor[order], values[order]
+    bounds = torch.arange(n_major + 1, dtype=major.dtype, device=major.device)
+    crow = torch.searchsorted(major, bounds)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and fine for these ops
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, minor[order], values[order].to(dtype), (n_major, n_minor))
+        return torch.sparse_csr_tensor(crow, minor, values.to(dtype), (n_major, n_minor))
 
 
-def csr(indices: torch.Tensor, values: torch.Tensor, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Δ as a sparse CSR [out, in] tensor in `dtype`, the permutation from the diff's order to CSR order)."""
-    n_out, n_in = shape
-    check_range(indices, n_out * n_in)  # every call: the indices may have changed since they were validated
-    idx = indices.to(torch.int64)
-    order = _sorting_permutation(idx, indices, "_peftkern_csr_hint")
-    return _compressed(idx // n_in, idx % n_in, order, n_out, n_in, values, dtype), order
+class Layout:
+    """A diff's coordinates for one call: built from the indices as they are now, range-checked first
+    (the indices may have changed since they were validated). csr() is Δ [out, in] and the permutation
+    from the diff's order to CSR order (None: the same); csr_transposed() is Δᵀ [in, out] (Δ's CSC
+    layout), built directly from the coordinates rather than by converting Δ. Backward builds both from
+    one Layout, so the indices are checked and split into rows and columns once per call."""
 
+    def __init__(self, indices: torch.Tensor, shape):
+        self.n_out, self.n_in = shape
+        check_range(indices, self.n_out * self.n_in)
+        self.indices = indices
+        self.flat = indices.to(torch.int64)
+        self.rows = torch.div(self.flat, self.n_in, rounding_mode="floor")
+        self.cols = torch.remainder(self.flat, self.n_in)
 
-def csr_transposed(indices: torch.Tensor, values: torch.Tensor, shape, dtype) -> torch.Tensor:
-    """Δᵀ as a sparse CSR [in, out] tensor (Δ's CSC layout), built directly rather than by converting Δ."""
-    n_out, n_in = shape
-    check_range(indices, n_out * n_in)
-    idx = indices.to(torch.int64)
-    rows, cols = idx // n_in, idx % n_in
-    order = _sorting_permutation(cols * n_out + rows, indices, "_peftkern_csc_hint")
-    return _compressed(cols, rows, order, n_in, n_out, values, dtype)
+    def csr(self, values: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        order = _sorting_permutation(self.flat, self.indices, "_peftkern_csr_hint", often_sorted=True)
+        return _compressed(self.rows, self.cols, order, self.n_out, self.n_in, values, dtype), order
+
+    def csr_transposed(self, values: torch.Tensor, dtype) -> torch.Tensor:
+        keys = torch.add(self.rows, self.cols, alpha=self.n_out)  # column-major position
+        order = _sorting_permutation(keys, self.indices, "_peftkern_csc_hint", often_sorted=False)
+        return _compressed(self.cols, self.rows, order, self.n_in, self.n_out, values, dtype)
 
 
 def linear_fwd(x, weight, indices, values, bias):
@@ -127,7 +145,7 @@ def linear_fwd(x, weight, indices, values, bias):
     y = torch.nn.functional.linear(x, weight, bias)
     if indices.numel():
         acc = acc_dtype(x.dtype)
-        delta, _ = csr(indices, values, weight.shape, acc)
+        delta, _ = Layout(indices, weight.shape).csr(values, acc)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             y += torch.sparse.mm(delta, x.t().to(acc)).t().to(y.dtype)
@@ -139,25 +157,27 @@ def linear_bwd(dy, x, weight, indices, values, need_x, need_weight, need_values,
     acc = acc_dtype(x.dtype)
     # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
     dx, dw, dv, db = (x.new_empty(0) for _ in range(4))
+    layout = Layout(indices, weight.shape) if indices.numel() and (need_x or need_values) else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        delta, order = csr(indices, values, weight.shape, acc) if indices.numel() else (None, None)
         if need_x:
             dx = torch.mm(dy, weight)
-            if delta is not None:
-                delta_t = csr_transposed(indices, values, weight.shape, acc)
+            if layout is not None:
+                delta_t = layout.csr_transposed(values, acc)
                 dx += torch.sparse.mm(delta_t, dy.t().to(acc)).t().to(dx.dtype)
         if need_values:
-            if delta is not None:
+            if layout is not None:
                 # g[i] = Σ_t dy[t, row_i]·x[t, col_i], only at the diff's positions, then mapped back from
-                # CSR order to the diff's order. The pattern reuses Δ's structure with finite values:
+                # CSR order to the diff's order. The pattern is Δ's structure with zero values:
                 # sampled_addmm with beta=0 still propagates a NaN or inf held in its input.
-                pattern = torch.sparse_csr_tensor(delta.crow_indices(), delta.col_indices(),
-                                                  torch.zeros_like(delta.values()), delta.shape)
+                pattern, order = layout.csr(torch.zeros(values.shape, dtype=acc, device=values.device), acc)
                 sampled = torch.sparse.sampled_addmm(pattern, dy.t().to(acc), x.to(acc), beta=0.0, alpha=1.0)
-                dv = torch.empty(values.shape, dtype=acc, device=values.device)
-                dv[order] = sampled.values()
-                dv = dv.to(values.dtype)
+                if order is None:
+                    dv = sampled.values().to(values.dtype)
+                else:
+                    dv = torch.empty(values.shape, dtype=acc, device=values.device)
+                    dv[order] = sampled.values()
+                    dv = dv.to(values.dtype)
             else:
                 dv = values.new_empty(values.shape)
         if need_weight:
