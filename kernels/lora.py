@@ -36,7 +36,7 @@ def _lora_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MAIN_PRECISION: tl.constexpr, RANK_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, M_BUCKET: tl.constexpr,  # M_BUCKET: autotuning key only
+    GROUP_M: tl.constexpr, M_BUCKET: tl.constexpr, B_LAYOUT: tl.constexpr,  # autotuning key only
 ):
     # grouped ordering (Triton tutorial 03): neighbouring programs share A row-blocks in L2
     pid = tl.program_id(0)
@@ -110,10 +110,11 @@ def _gemm_configs():
             for bm, bn, bk, w, st in tiles]
 
 
-# tuned per (power-of-two bucket of M, N, L, R, dropout, dtypes): training with varying token counts
-# does not re-tune at every new M
-_lora_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "L", "R", "HAS_DROPOUT"])(
-    _lora_gemm_kernel)
+# tuned per (power-of-two bucket of M, N, L, R, dropout, B's layout, dtypes): training with varying token
+# counts does not re-tune at every new M, and forward (B = Wᵀ, a transposed view) and dx (B = W, row-major)
+# do not share one tile choice, since the best tile depends on which way B is read
+_lora_gemm_tuned = triton.autotune(configs=_gemm_configs(),
+                                   key=["M_BUCKET", "N", "L", "R", "HAS_DROPOUT", "B_LAYOUT"])(_lora_gemm_kernel)
 
 
 def lora_gemm(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, u: torch.Tensor, bias, *,
@@ -138,5 +139,6 @@ def lora_gemm(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, u: torch.Tensor
         HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
         MAIN_PRECISION=dot_precision(a.dtype == torch.float32), RANK_PRECISION=dot_precision(u.dtype == torch.float32),
         BLOCK_R=pow2_at_least_16(R, 32), M_BUCKET=triton.next_power_of_2(M),
+        B_LAYOUT="row" if b.stride(1) == 1 else "col" if b.stride(0) == 1 else "strided",
     )
     return out

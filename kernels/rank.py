@@ -2,6 +2,8 @@
 
   _rank_down_kernel  out[M, R] = scale · (keep ⊙ X)[M, C] · P[R, C]ᵀ          one pass over X
   _rank_grad_kernel  part[z, R, C] = Σ_{m in split z} G[m, R]ᵀ · (keep ⊙ X)[m, C]   split-M reduction
+  _rank_up_add_kernel  out[M, N] += scale · keep ⊙ (T[M, R] · U[R, N])         in place, one pass over out
+        the composite LoRA path's epilogue, after a library GEMM wrote out (y = x·Wᵀ, dx = dy·W)
 
 `keep` is the optional dropout mask of kernels/dropout.py, regenerated from the seed on chip. The
 split-M partial sums are added in a fixed order afterwards (no atomics, so results are deterministic).
@@ -21,28 +23,38 @@ from .dropout import keep_tile
 @triton.jit
 def _rank_down_kernel(
     x_ptr, p_ptr, out_ptr,
-    M, C, R,
-    stride_xm, stride_xc, stride_pr, stride_pc, stride_om, stride_or,
+    M, C, R, cols_per_split,
+    stride_xm, stride_xc, stride_pr, stride_pc, stride_oz, stride_om, stride_or,
     seed, threshold, scale,
-    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, NATIVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    # NATIVE: x and p share a 16-bit dtype, so the dot takes them as they are (the products are exact in
+    # the fp32 accumulator either way; 16-bit MMA does twice the work per instruction of tf32)
+    # program (m, r, z) sums columns [z·cols_per_split, (z+1)·cols_per_split) into out[z] (split-C
+    # partials, added in a fixed order by the launcher: small batches still fill the GPU)
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
+    pid_z = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    c_begin = pid_z * cols_per_split
+    c_end = tl.minimum(c_begin + cols_per_split, C)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(c_begin, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
-                    mask=(offs_m[:, None] < M) & (offs_c[None, :] < C), other=0.0).to(tl.float32)
+                    mask=(offs_m[:, None] < M) & (offs_c[None, :] < c_end), other=0.0)
+        p = tl.load(p_ptr + offs_r[None, :] * stride_pr + offs_c.to(tl.int64)[:, None] * stride_pc,
+                    mask=(offs_r[None, :] < R) & (offs_c[:, None] < c_end), other=0.0)
+        if not NATIVE:
+            x = x.to(tl.float32)
+            p = p.to(tl.float32)
         if HAS_DROPOUT:
             x = tl.where(keep_tile(seed, offs_m, c0, C, threshold, BLOCK_C), x, 0.0)
-        p = tl.load(p_ptr + offs_r[None, :] * stride_pr + offs_c.to(tl.int64)[:, None] * stride_pc,
-                    mask=(offs_r[None, :] < R) & (offs_c[:, None] < C), other=0.0).to(tl.float32)
         acc = tl.dot(x, p, acc, input_precision=PRECISION)
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or, acc * scale,
-             mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+    tl.store(out_ptr + pid_z.to(tl.int64) * stride_oz + offs_m.to(tl.int64)[:, None] * stride_om
+             + offs_r[None, :] * stride_or, acc * scale, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
 @triton.jit
@@ -77,27 +89,72 @@ def _rank_grad_kernel(
 
 
 
-def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 0, dropout_p: float = 0.0,
-              out_dtype=torch.float32) -> torch.Tensor:
+@triton.jit
+def _rank_up_add_kernel(
+    out_ptr, t_ptr, u_ptr,
+    M, N, R,
+    stride_om, stride_on, stride_tm, stride_tr, stride_ur, stride_un,
+    seed, threshold, scale,
+    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # one grid axis (CUDA allows 2**31 - 1 programs there, 65535 on the others); column tiles vary
+    # fastest, so neighbouring programs share T's rows
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        t = tl.load(t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                    mask=m_ok[:, None] & (offs_r[None, :] < R), other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_n.to(tl.int64)[None, :] * stride_un,
+                    mask=(offs_r[:, None] < R) & n_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(t, u, acc, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        acc = tl.where(keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N), acc, 0.0)
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
+    ok = m_ok[:, None] & n_ok[None, :]
+    cur = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(ptrs, (cur + acc * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 0, dropout_p: float = 0.0
+              ) -> torch.Tensor:
     """out[M, R] = scale · (dropout(x) · p_rcᵀ) for x [M, C] and p_rc [R, C] (any strides), fp32 result.
     Exact fp32 products when p_rc (a parameter) is fp32 (see _launch.dot_precision)."""
     M, C = x.shape
     R = p_rc.shape[0]
-    out = _launch.empty((M, R), x.device, out_dtype)
+    out = _launch.empty((M, R), x.device, torch.float32)
     if M == 0 or C == 0:  # nothing to launch: an empty batch, or a zero-width input
         return out.zero_()
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
     block_m = 32 if INTERPRET else 64
     block_c = 32 if INTERPRET else 128
     block_r = pow2_at_least_16(R, 64)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
+    c_blocks = triton.cdiv(C, block_c)
+    # fewer row tiles than the GPU wants (M=2048 is 32 tiles, a quarter of an H100): split C as well
+    splits = max(1, min(c_blocks, triton.cdiv(target_programs(x.device), tiles)))
+    cols_per_split = triton.cdiv(c_blocks, splits) * block_c  # a multiple of BLOCK_C (and of 4: the mask)
+    splits = triton.cdiv(C, cols_per_split)
+    part = out.unsqueeze(0) if splits == 1 else _launch.empty((splits, M, R), x.device, torch.float32)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r), splits)
     _rank_down_kernel[grid](
-        x, p_rc, out, M, C, R,
-        x.stride(0), x.stride(1), p_rc.stride(0), p_rc.stride(1), out.stride(0), out.stride(1),
+        x, p_rc, part, M, C, R, cols_per_split,
+        x.stride(0), x.stride(1), p_rc.stride(0), p_rc.stride(1), part.stride(0), part.stride(1), part.stride(2),
         seed_v, threshold, scale * drop_scale,
         HAS_DROPOUT=dropout_p > 0.0, PRECISION=dot_precision(p_rc.dtype == torch.float32),
+        NATIVE=x.dtype == p_rc.dtype and x.dtype in (torch.float16, torch.bfloat16),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
     )
+    if splits > 1:
+        torch.sum(part, dim=0, out=out)
     return out
 
 
@@ -128,3 +185,33 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, exact: bool, se
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return part[0] if splits == 1 else part.sum(dim=0)
+
+
+def rank_up_add_(out: torch.Tensor, t: torch.Tensor, u: torch.Tensor, *, scale: float, exact: bool, seed: int = 0,
+                 dropout_p: float = 0.0) -> torch.Tensor:
+    """out[M, N] += scale · keep ⊙ (t[M, R] · u[R, N]) / (1 - p), in place, the sum in fp32 and rounded once
+    to out's dtype; `keep` is the dropout mask of an [M, N] input (kernels/dropout.py). Returns out.
+    `exact`: a factor is an fp32 parameter, so the products keep fp32 precision.
+
+    Roofline (M=8192, N=4096, R=16, bf16 out, H100): one read and one write of out (2 × 64 MiB) plus
+    t (0.5 MiB) ≈ 134 MB ≈ 45 µs at 3 TB/s; 2·M·N·R = 1.1 GFLOP is noise. That is what the composite
+    LoRA path pays beyond the library GEMM (x·Wᵀ: 275 GFLOP ≈ 0.35–0.45 ms): about 10–13%, against a
+    fused Triton GEMM that may trail cuBLAS by a similar margin, hence measured dispatch."""
+    M, N = out.shape
+    R = t.shape[1]
+    if M == 0 or N == 0 or R == 0:
+        return out
+    seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
+    # memory-bound: a [64, 128] fp32 tile is 64 registers per thread at 4 warps, the mask tile as many
+    # again; the interpreter gets small tiles (it runs every program in numpy)
+    block_m, block_n = (32, 32) if INTERPRET else (64, 128)
+    block_r = pow2_at_least_16(R, 32)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _rank_up_add_kernel[grid](
+        out, t, u, M, N, R,
+        out.stride(0), out.stride(1), t.stride(0), t.stride(1), u.stride(0), u.stride(1),
+        seed_v, threshold, scale * drop_scale,
+        HAS_DROPOUT=dropout_p > 0.0, PRECISION=dot_precision(exact),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
+    )
+    return out

@@ -18,6 +18,7 @@ from .ops.lora import lora_linear
 from .ops.sparse_diff import sparse_diff_apply_, sparse_diff_linear, sparse_diff_restore_
 from .sparse_diff import SparseDiff, apply_sparse_diffs_, restore_sparse_diffs_, sparse_diffs_applied
 from . import nn
+from . import impls as _impls  # noqa: F401  (registers every implementation with peftkern.dispatch)
 
 __version__ = "0.1.0"
 __all__ = ["lora_linear", "bottleneck_adapter", "SparseDiff", "sparse_diff_apply_", "sparse_diff_restore_",

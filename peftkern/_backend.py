@@ -17,14 +17,9 @@ import torch
 BACKENDS = ("auto", "triton", "cuda", "reference")
 ENV_VAR = "PEFTKERN_BACKEND"
 
-# op family -> backends that have an implementation of it (besides "auto")
-_OP_BACKENDS: dict[str, tuple[str, ...]] = {
-    "lora_linear": ("triton", "reference"),
-    "bottleneck_adapter": ("triton", "reference"),
-    # "cuda" here is the compiled extension: its CUDA kernels on GPU tensors, its C++ ones on CPU tensors
-    "sparse_diff_apply": ("cuda", "reference"),
-    "sparse_diff_linear": ("triton", "reference"),
-}
+# the op families; which backends implement each is registered in peftkern/impls/ (peftkern.dispatch).
+# "cuda" is the compiled extension: its CUDA kernels on GPU tensors, its C++ ones on CPU tensors
+FAMILIES = ("lora_linear", "bottleneck_adapter", "sparse_diff_apply", "sparse_diff_linear")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftkern_backend", default=None)
@@ -142,9 +137,15 @@ def _extension_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+def _supported(op: str) -> tuple[str, ...]:
+    from . import dispatch
+    return dispatch.backends(op)
+
+
 def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The implementation ("triton" or "reference" today) that runs `op` on this device and dtype."""
-    supported = _OP_BACKENDS[op]
+    """The backend ("triton", "cuda" or "reference") that runs `op` on this device and dtype; within it,
+    peftkern.dispatch picks the variant."""
+    supported = _supported(op)
     name = requested_backend()
     if name == "auto":
         return auto_choice(op, device, dtype)
@@ -163,7 +164,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    supported = _OP_BACKENDS[op]
+    supported = _supported(op)
     if "cuda" in supported and _extension_unavailable_reason(device) is None:
         return "cuda"
     if device.type == "cuda" and "triton" in supported and _triton_unavailable_reason(device, dtype) is None:
@@ -180,9 +181,12 @@ def backend_info() -> dict:
     compiled extension peftkern._C imported), "extension_cuda" (whether it has CUDA kernels),
     "extension_error" (why it did not import, or None), "requested_backend" (what use_backend /
     PEFTKERN_BACKEND ask for now), "auto" ({op: {"cpu": backend, "cuda": backend}}: what "auto" picks per
-    op, for float32 on CPU and bfloat16 on CUDA). Raises nothing except ValueError when PEFTKERN_BACKEND
+    op, for float32 on CPU and bfloat16 on CUDA), "dispatch" ({"mode": PEFTKERN_DISPATCH's value,
+    "cache_file": PEFTKERN_DISPATCH_CACHE or None, "choices": the fused/composite choices measured so far,
+    with their timings}). Raises nothing except ValueError when PEFTKERN_BACKEND or PEFTKERN_DISPATCH
     holds an unknown name.
     """
+    from . import dispatch
     ext = extension()
     devices = ["cpu"]
     if torch.cuda.is_available():
@@ -192,7 +196,7 @@ def backend_info() -> dict:
     except ImportError:
         INTERPRET = None
     auto = {}
-    for op in _OP_BACKENDS:
+    for op in FAMILIES:
         auto[op] = {"cpu": auto_choice(op, torch.device("cpu"), torch.float32)}
         if torch.cuda.is_available():
             auto[op]["cuda"] = auto_choice(op, torch.device("cuda"), torch.bfloat16)
@@ -208,4 +212,5 @@ def backend_info() -> dict:
         "extension_error": _ext_state.get("error"),
         "requested_backend": requested_backend(),
         "auto": auto,
+        "dispatch": dispatch.info(),
     }

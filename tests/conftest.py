@@ -18,8 +18,8 @@ import tempfile
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# no TRITON_INTERPRET here: peftkern switches Triton's interpreter on for its own kernels when there is
+# no GPU (kernels/__init__.py), and the suite runs the way a user's process does
 
 SEED_ENV = "PEFTKERN_TEST_SEED"
 SEED_LIMIT = 2**63  # torch.manual_seed takes any 64-bit value; hypothesis.seed any int
@@ -57,7 +57,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def available_backends(op: str, dtype: torch.dtype) -> list[str]:
     """Backends that can run `op` on DEVICE in `dtype` on this machine."""
     names = []
-    for name in _backend._OP_BACKENDS[op]:
+    for name in peftkern.dispatch.backends(op):
         if name == "triton" and _backend._triton_unavailable_reason(DEVICE, dtype) is not None:
             continue
         names.append(name)

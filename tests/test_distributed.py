@@ -36,7 +36,6 @@ def _lora_grads(model):
 
 
 def _worker(rank, init_file, out_file, mode):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         model = _model()

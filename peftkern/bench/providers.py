@@ -24,6 +24,8 @@ Sparse diff, linear (forward + backward, x and values requiring grad)
 - peftkern: sparse_diff_linear
 - floor:    the bare frozen F.linear, forward and backward
 x / h requires grad in every provider, as an activation inside a network does.
+On CUDA, LoRA, the adapter and sparse linear also time peftkern_fused and peftkern_composite: the same
+peftkern step with PEFTKERN_DISPATCH forced to each variant, beside `peftkern` (measured dispatch).
 """
 from __future__ import annotations
 
@@ -33,6 +35,31 @@ import torch
 import torch.nn.functional as F
 
 from .cases import LoraCase
+
+VARIANTS = ("fused", "composite")
+
+
+def with_variants(steps: dict[str, Callable[[], None]], device: torch.device) -> dict[str, Callable[[], None]]:
+    """On CUDA, add peftkern_<variant> for each dispatch variant: the peftkern step with PEFTKERN_DISPATCH
+    forced to it (set for the step only, then restored)."""
+    if device.type != "cuda":
+        return steps
+    import os
+
+    def forced(step, mode):
+        def run():
+            previous = os.environ.get("PEFTKERN_DISPATCH")
+            os.environ["PEFTKERN_DISPATCH"] = mode
+            try:
+                step()
+            finally:
+                if previous is None:
+                    os.environ.pop("PEFTKERN_DISPATCH", None)
+                else:
+                    os.environ["PEFTKERN_DISPATCH"] = previous
+        return run
+
+    return {**steps, **{f"peftkern_{v}": forced(steps["peftkern"], v) for v in VARIANTS}}
 
 
 def peft_available() -> bool:
@@ -111,7 +138,8 @@ def lora_providers(case: LoraCase, device: torch.device) -> tuple[dict[str, Call
             zero_adapter_grads()
         return step
 
-    return {"eager": with_reset(eager), "peftkern": with_reset(fused), "floor": floor}, eager_name
+    return with_variants({"eager": with_reset(eager), "peftkern": with_reset(fused), "floor": floor},
+                         device), eager_name
 
 
 def adapter_providers(case, device: torch.device) -> tuple[dict[str, Callable[[], None]], str]:
@@ -149,7 +177,8 @@ def adapter_providers(case, device: torch.device) -> tuple[dict[str, Callable[[]
         (h * scaling).backward(dy)
         zero()
 
-    return {"eager": eager, "peftkern": fused, "floor": floor, "peftkern_fwd": fused_fwd}, "AdapterHub-style eager"
+    return (with_variants({"eager": eager, "peftkern": fused, "floor": floor, "peftkern_fwd": fused_fwd}, device),
+            "AdapterHub-style eager")
 
 
 def sparse_providers(case, device: torch.device) -> tuple[dict[str, Callable[[], None]], str]:
@@ -205,4 +234,5 @@ def sparse_providers(case, device: torch.device) -> tuple[dict[str, Callable[[],
         F.linear(x, weight).backward(dy)
         zero()
 
-    return {"eager": eager, "peftkern": fused, "floor": floor}, "SpIEL-style eager (clone, scatter, dense grad)"
+    return (with_variants({"eager": eager, "peftkern": fused, "floor": floor}, device),
+            "SpIEL-style eager (clone, scatter, dense grad)")

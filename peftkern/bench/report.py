@@ -109,6 +109,13 @@ def print_table(results: dict) -> None:
             print(f"{row['label']}: forward {row['roofline']['forward_gb_per_s']:.0f} GB/s = "
                   f"{row['roofline']['forward_pct_of_copy_bw']:.0f}% of the measured copy bandwidth")
     for row in results["rows"]:
+        r = row["results"]
+        if "peftkern_fused" in r:
+            chosen = sorted({f"{k.split('|')[1]}: {v['variant']}" for k, v in (row.get("dispatch") or {}).items()})
+            print(f"{row['label']}: fused {r['peftkern_fused']['median_ms']:.3f} ms, composite "
+                  f"{r['peftkern_composite']['median_ms']:.3f} ms, measured dispatch "
+                  f"{r['peftkern']['median_ms']:.3f} ms ({', '.join(chosen) or 'chosen earlier'})")
+    for row in results["rows"]:
         fresh = row["results"].get("peftkern_fresh")
         if fresh:
             print(f"{row['label']}: peftkern with first-time index validation {fresh['median_ms']:.3f} ms")

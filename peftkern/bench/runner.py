@@ -35,6 +35,7 @@ def run(ops: list[str], *, quick: bool, device: torch.device, background_load: d
 
     jobs = [(op, case) for op in ops for case in _OPS[op][0](device, quick)]
     rows = []
+    seen_choices: set = set(peftkern.dispatch.choices())
     for op, case in tqdm(jobs, desc="peftkern bench", unit="case"):
         providers = _OPS[op][1]
         steps, eager_name = providers(case, device)
@@ -46,7 +47,9 @@ def run(ops: list[str], *, quick: bool, device: torch.device, background_load: d
         if backend == "cuda" and device.type == "cpu":
             backend = "cuda (C++ on CPU)"  # the compiled extension's CPU kernels
         rows.append({"op": op, "family": case.family, "case": case.as_dict(), "label": case.label,
-                     "backend": backend, "eager_provider": eager_name, "results": result})
+                     "backend": backend, "eager_provider": eager_name, "results": result,
+                     # what measured dispatch chose for this case (forward and backward), with its timings
+                     "dispatch": _new_choices(seen_choices, case.family)})
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -67,6 +70,16 @@ def run(ops: list[str], *, quick: bool, device: torch.device, background_load: d
         "ceilings": ceilings,
         "rows": rows,
     }
+
+
+def _new_choices(seen: set, family: str) -> dict:
+    """The dispatch choices made since the previous case (peftkern.dispatch.choices()), for `family`."""
+    import peftkern
+
+    now = peftkern.dispatch.choices()
+    new = {k: v for k, v in now.items() if k not in seen and k.startswith(family + "|")}
+    seen.update(now)
+    return new
 
 
 def _peak_mem_note(rows: list[dict], quick: bool, device: torch.device) -> str | None:

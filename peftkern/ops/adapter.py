@@ -13,11 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, dispatch
 from ..reference import activations as act
-from ..reference import adapter as ref
 from ..reference.lora import acc_dtype
-from . import _checks
+from . import _autograd, _checks
 from ._autocast import register_autocast
 
 
@@ -25,31 +24,20 @@ def _code(activation: str) -> int:
     return act.CODES[activation]
 
 
-def _triton_fits(k: int) -> bool:
-    from peftkern.kernels.adapter import MAX_K
-    return k <= MAX_K
-
-
-def _impl(h: Tensor, k: int) -> str:
-    """"triton" or "reference" for this call. The forward's choice is also its backward's (setup_context
-    records it), so a `use_backend` block around the forward alone still decides both."""
-    backend = _backend.select("bottleneck_adapter", h.device, h.dtype)
-    if backend == "triton" and not _triton_fits(k):
-        if _backend.requested_backend() == "triton":
-            from peftkern.kernels.adapter import MAX_K
-            raise RuntimeError(f"backend 'triton' supports bottleneck widths up to {MAX_K}, got w_down with "
-                               f"{k} rows; use backend 'auto' or 'reference'")
-        return "reference"  # auto: the composite path serves wide bottlenecks
-    return backend
+def _key(h: Tensor, w_down: Tensor, w_up: Tensor, code: int, *flags) -> tuple:
+    """What decides whether the fused or the composite variant is faster (peftkern.dispatch)."""
+    return (dispatch.token_bucket(h.shape[0]), *w_down.shape, h.dtype, w_down.dtype, code,
+            dispatch.layout(h, w_down, w_up), *flags)
 
 
 @torch.library.custom_op("peftkern::bottleneck_adapter_fwd", mutates_args=())
 def bottleneck_adapter_fwd(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
                            residual: Optional[Tensor], activation: str, scaling: float) -> tuple[Tensor, Tensor]:
-    if _impl(h, w_down.shape[0]) == "triton":
-        return _backend.kernels("adapter").adapter_fwd(h, w_down, b_down, w_up, b_up, residual, _code(activation),
-                                                       scaling)
-    return ref.adapter_fwd(h, w_down, b_down, w_up, b_up, residual, _code(activation), scaling)
+    backend = _backend.select("bottleneck_adapter", h.device, h.dtype)
+    code = _code(activation)
+    return dispatch.call("bottleneck_adapter", "forward", backend,
+                         _key(h, w_down, w_up, code, b_down is not None, b_up is not None, residual is not None),
+                         h, w_down, b_down, w_up, b_up, residual, code, scaling)
 
 
 @bottleneck_adapter_fwd.register_fake
@@ -60,30 +48,17 @@ def _(h, w_down, b_down, w_up, b_up, residual, activation, scaling):
 @torch.library.custom_op("peftkern::bottleneck_adapter_bwd", mutates_args=())
 def bottleneck_adapter_bwd(dy: Tensor, h: Tensor, w_down: Tensor, w_up: Tensor, pre: Tensor, activation: str,
                            scaling: float, residual_is_h: bool, need_h: bool, need_wd: bool, need_bd: bool,
-                           need_wu: bool, need_bu: bool, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           need_wu: bool, need_bu: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dy = dy.contiguous()
     code = _code(activation)
-    if impl != "triton":
-        return ref.adapter_bwd(dy, h, w_down, w_up, pre, code, scaling, residual_is_h,
-                               need_h, need_wd, need_bd, need_wu, need_bu)
-    k, rank = _backend.kernels("adapter"), _backend.kernels("rank")
-    dh, dpre, z = k.adapter_bwd_rows(dy, pre, w_up, w_down, code, scaling, need_dh=need_h, add_dy=residual_is_h,
-                                     store_z=need_wu)
-    # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
-    empties = [h.new_empty(0) for _ in range(5)]
-    dh = dh if need_h else empties[0]
-    dwd = (rank.rank_grad(dpre, h, scale=1.0, exact=w_down.dtype == torch.float32).to(w_down.dtype)
-           if need_wd else empties[1])
-    dbd = dpre.sum(dim=0).to(w_down.dtype) if need_bd else empties[2]
-    dwu = (rank.rank_grad(z, dy, scale=scaling, exact=w_up.dtype == torch.float32).t().contiguous().to(w_up.dtype)
-           if need_wu else empties[3])
-    dbu = (dy.sum(dim=0, dtype=torch.float32) * scaling).to(w_up.dtype) if need_bu else empties[4]
-    return dh, dwd, dbd, dwu, dbu
+    needs = (need_h, need_wd, need_bd, need_wu, need_bu)
+    return dispatch.call("bottleneck_adapter", "backward", backend, _key(h, w_down, w_up, code, residual_is_h, *needs),
+                         dy, h, w_down, w_up, pre, code, scaling, residual_is_h, *needs)
 
 
 @bottleneck_adapter_bwd.register_fake
 def _(dy, h, w_down, w_up, pre, activation, scaling, residual_is_h, need_h, need_wd, need_bd, need_wu, need_bu,
-      impl):
+      backend):
     return (h.new_empty(h.shape if need_h else (0,)),
             w_down.new_empty(w_down.shape if need_wd else (0,)),
             w_down.new_empty((w_down.shape[0],) if need_bd else (0,)),
@@ -96,17 +71,17 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(h, w_down, w_up, output[1])
     ctx.activation, ctx.scaling = activation, scaling
     ctx.residual_is_h = residual is None
-    ctx.impl = _impl(h, w_down.shape[0])
+    # the backend that ran the forward runs the backward (see peftkern/ops/lora.py)
+    ctx.backend = _backend.select("bottleneck_adapter", h.device, h.dtype)
 
 
 def _backward(ctx, dy, _d_pre):
     h, w_down, w_up, pre = ctx.saved_tensors
-    need = ctx.needs_input_grad
     dh, dwd, dbd, dwu, dbu = torch.ops.peftkern.bottleneck_adapter_bwd(
-        dy, h, w_down, w_up, pre, ctx.activation, ctx.scaling, ctx.residual_is_h,
-        need[0], need[1], need[2], need[3], need[4], ctx.impl)
-    return (dh if need[0] else None, dwd if need[1] else None, dbd if need[2] else None,
-            dwu if need[3] else None, dbu if need[4] else None, dy if need[5] else None, None, None)
+        dy, h, w_down, w_up, pre, ctx.activation, ctx.scaling, ctx.residual_is_h, *ctx.needs_input_grad[:5],
+        ctx.backend)
+    # the residual's gradient is dy itself
+    return _autograd.grads_or_none(ctx, (dh, dwd, dbd, dwu, dbu, dy))
 
 
 bottleneck_adapter_fwd.register_autograd(_backward, setup_context=_setup_context)

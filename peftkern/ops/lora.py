@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, dispatch
 from ..reference import lora as ref
-from . import _checks
+from . import _autograd, _checks
 from ._autocast import register_autocast
 
 SEED_LIMIT = 2**63
@@ -24,23 +24,19 @@ SEED_LIMIT = 2**63
 
 # ---- the two custom ops --------------------------------------------------------------------------
 
-def _impl(x: Tensor) -> str:
-    """"triton" or "reference" for this call. The forward's choice is also its backward's (setup_context
-    records it), so a `use_backend` block around the forward alone still decides both."""
-    return _backend.select("lora_linear", x.device, x.dtype)
+def _key(x: Tensor, weight: Tensor, lora_a: Tensor, bias: Optional[Tensor], dropout_p: float, *flags) -> tuple:
+    """What decides whether the fused or the composite variant is faster (peftkern.dispatch)."""
+    return (dispatch.token_bucket(x.shape[0]), *weight.shape, lora_a.shape[0], x.dtype, lora_a.dtype,
+            bias is not None, dropout_p > 0.0, dispatch.layout(x, weight), *flags)
 
 
 @torch.library.custom_op("peftkern::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
                     scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     seed_v = int(seed.item()) if seed is not None else 0
-    if _impl(x) == "triton":
-        k, rank = _backend.kernels("lora"), _backend.kernels("rank")
-        s_down = rank.rank_down(x, lora_a, scale=1.0, seed=seed_v, dropout_p=dropout_p)
-        # y = x·Wᵀ + bias + (s·S)·Bᵀ in one GEMM; Wᵀ and Bᵀ are strided views, never copies
-        y = k.lora_gemm(x, weight.t(), s_down, lora_b.t(), bias, lora_scale=scaling)
-        return y, s_down
-    return ref.lora_fwd(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed_v)
+    backend = _backend.select("lora_linear", x.device, x.dtype)
+    return dispatch.call("lora_linear", "forward", backend, _key(x, weight, lora_a, bias, dropout_p),
+                         x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed_v)
 
 
 @lora_linear_fwd.register_fake
@@ -52,35 +48,18 @@ def _(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed):
 @torch.library.custom_op("peftkern::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s_down: Tensor,
                     scaling: float, dropout_p: float, seed: Optional[Tensor], need_x: bool, need_weight: bool,
-                    need_a: bool, need_b: bool, need_bias: bool, impl: str
+                    need_a: bool, need_b: bool, need_bias: bool, backend: str
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     seed_v = int(seed.item()) if seed is not None else 0
     dy = dy.contiguous()
-    if impl != "triton":
-        return ref.lora_bwd(dy, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed_v,
-                            need_x, need_weight, need_a, need_b, need_bias)
-    k, rank = _backend.kernels("lora"), _backend.kernels("rank")
-    # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
-    dx, dw, da, db, dbias = (x.new_empty(0) for _ in range(5))
-    # dS = s·dy·B: the gradient reaching S, [M, r] in fp32
-    ds = rank.rank_down(dy, lora_b.t(), scale=scaling)
-    if need_b:  # dBᵀ = s·Sᵀ·dy
-        db = rank.rank_grad(s_down, dy, scale=scaling, exact=lora_b.dtype == torch.float32).t().contiguous().to(lora_b.dtype)
-    if need_a:  # dA = dSᵀ·dropout(x), the mask regenerated on chip
-        da = rank.rank_grad(ds, x, scale=1.0, exact=lora_a.dtype == torch.float32, seed=seed_v,
-                            dropout_p=dropout_p).to(lora_a.dtype)
-    if need_x:  # dx = dy·W + mask ⊙ (dS·A) / (1 - p), one GEMM with the rank-r term in its epilogue
-        dx = k.lora_gemm(dy, weight, ds, lora_a, None, seed=seed_v, dropout_p=dropout_p)
-    if need_weight:
-        dw = torch.mm(dy.t(), x)
-    if need_bias:
-        dbias = dy.sum(dim=0, dtype=torch.float32).to(x.dtype)
-    return dx, dw, da, db, dbias
+    needs = (need_x, need_weight, need_a, need_b, need_bias)
+    return dispatch.call("lora_linear", "backward", backend, _key(x, weight, lora_a, None, dropout_p, *needs),
+                         dy, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed_v, *needs)
 
 
 @lora_linear_bwd.register_fake
 def _(dy, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed, need_x, need_weight, need_a, need_b,
-      need_bias, impl):
+      need_bias, backend):
     return (x.new_empty(x.shape if need_x else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
             lora_a.new_empty(lora_a.shape if need_a else (0,)),
@@ -93,17 +72,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
-    ctx.impl = _impl(x)
+    # the backend that ran the forward runs the backward, so a use_backend block around the forward
+    # alone decides both
+    ctx.backend = _backend.select("lora_linear", x.device, x.dtype)
 
 
 def _backward(ctx, dy, _d_s_down):
     x, weight, lora_a, lora_b, s_down, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dx, dw, da, db, dbias = torch.ops.peftkern.lora_linear_bwd(
-        dy, x, weight, lora_a, lora_b, s_down, ctx.scaling, ctx.dropout_p, seed,
-        need[0], need[1], need[2], need[3], need[4], ctx.impl)
-    return (dx if need[0] else None, dw if need[1] else None, da if need[2] else None,
-            db if need[3] else None, dbias if need[4] else None, None, None, None)
+    grads = torch.ops.peftkern.lora_linear_bwd(dy, x, weight, lora_a, lora_b, s_down, ctx.scaling, ctx.dropout_p,
+                                               seed, *ctx.needs_input_grad[:5], ctx.backend)
+    return _autograd.grads_or_none(ctx, grads)
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, dispatch
 from ..reference import sparse_diff as ref
-from . import _checks
+from . import _autograd, _checks
 from ._autocast import register_autocast
 
 INT32_LIMIT = 2**31 - 1
@@ -45,48 +45,13 @@ def _ensure_unique(indices: Tensor, numel: int) -> None:
     indices._peftkern_unique_for = (indices._version, numel)
 
 
-def _raise_if_out_of_range(indices: Tensor, numel: int, first_bad: Tensor) -> None:
-    """The compiled kernels report the first out-of-range position (== len(indices) if none); on CUDA
-    reading it waits for the launch."""
-    pos = int(first_bad)
-    if pos < indices.numel():
-        raise ref.out_of_range_error(indices, pos, numel)
-
-
-def _layout(indices: Tensor, shape: tuple[int, int]) -> dict:
-    """CSR (by output row) and CSC (by input column) views of the diff's positions, int32 where they fit.
-
-    Built on every call from the indices as they are now (range-checked first): a layout remembered
-    across calls would silently keep using positions the user has since changed."""
-    n_out, n_in = shape
-    ref.check_range(indices, n_out * n_in)
-    idx = indices.to(torch.int64)
-    rows, cols = idx // n_in, idx % n_in
-    small = torch.int32 if max(n_out, n_in, idx.numel()) <= INT32_LIMIT else torch.int64
-
-    def segments(keys, length):
-        seg = torch.zeros(length + 1, dtype=torch.int64, device=idx.device)
-        seg[1:] = torch.cumsum(torch.bincount(keys, minlength=length), 0)
-        return seg.to(small)
-
-    csr = torch.argsort(idx)
-    csc = torch.argsort(cols * n_out + rows)
-    return {"rows": rows.to(small), "cols": cols.to(small),
-            "csr_perm": csr, "csr_seg": segments(rows, n_out), "csr_cols": cols[csr].to(small),
-            "csc_perm": csc, "csc_seg": segments(cols, n_in), "csc_rows": rows[csc].to(small)}
-
-
 # ---- apply / restore ------------------------------------------------------------------------------
 
 @torch.library.custom_op("peftkern::sparse_diff_apply_", mutates_args=("weight",))
 def _apply_op(weight: Tensor, indices: Tensor, values: Tensor, alpha: float) -> Tensor:
     _ensure_unique(indices, weight.numel())
-    if _backend.select("sparse_diff_apply", weight.device, weight.dtype) == "cuda":
-        backup, first_bad = _backend.call_extension("sparse_diff_apply", weight.device, weight, indices.contiguous(),
-                                                    values.contiguous(), alpha)
-        _raise_if_out_of_range(indices, weight.numel(), first_bad)
-        return backup
-    return ref.apply_(weight, indices, values, alpha)
+    backend = _backend.select("sparse_diff_apply", weight.device, weight.dtype)
+    return dispatch.call("sparse_diff_apply", "forward", backend, (), weight, indices, values, alpha)
 
 
 @_apply_op.register_fake
@@ -97,12 +62,8 @@ def _(weight, indices, values, alpha):
 @torch.library.custom_op("peftkern::sparse_diff_restore_", mutates_args=("weight",))
 def _restore_op(weight: Tensor, indices: Tensor, backup: Tensor) -> None:
     _ensure_unique(indices, weight.numel())
-    if _backend.select("sparse_diff_apply", weight.device, weight.dtype) == "cuda":
-        first_bad = _backend.call_extension("sparse_diff_restore", weight.device, weight, indices.contiguous(),
-                                            backup.contiguous())
-        _raise_if_out_of_range(indices, weight.numel(), first_bad)
-        return
-    ref.restore_(weight, indices, backup)
+    backend = _backend.select("sparse_diff_apply", weight.device, weight.dtype)
+    dispatch.call("sparse_diff_apply", "backward", backend, (), weight, indices, backup)
 
 
 @_restore_op.register_fake
@@ -110,12 +71,20 @@ def _(weight, indices, backup):
     return None
 
 
-def _check_writable(weight: Tensor) -> None:
+def write_problem(weight: Tensor) -> Optional[str]:
+    """Why a diff cannot be applied to `weight` in place, or None."""
     if _checks.has_internal_overlap(weight):
-        raise ValueError("weight has overlapping memory (an expanded view); apply the diff to a real tensor")
+        return "weight has overlapping memory (an expanded view); apply the diff to a real tensor"
     if not weight.is_contiguous() and weight.dim() > MAX_STRIDED_DIMS:
-        raise ValueError(f"weight is a non-contiguous view with {weight.dim()} dims; the kernels map at most "
-                         f"{MAX_STRIDED_DIMS} (apply the diff to a contiguous tensor)")
+        return (f"weight is a non-contiguous view with {weight.dim()} dims; the kernels map at most "
+                f"{MAX_STRIDED_DIMS} (apply the diff to a contiguous tensor)")
+    return None
+
+
+def _check_writable(weight: Tensor) -> None:
+    problem = write_problem(weight)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _check_diff(weight_name: str, weight, indices, values_name: str, values, *, values_dtype_rule: str) -> None:
@@ -189,19 +158,18 @@ def sparse_diff_restore_(weight: Tensor, indices: Tensor, backup: Tensor) -> Non
 
 # ---- sparse_diff_linear -----------------------------------------------------------------------------
 
-def _impl(x: Tensor) -> str:
-    return _backend.select("sparse_diff_linear", x.device, x.dtype)
+def _key(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, bias: Optional[Tensor], *flags) -> tuple:
+    """What decides whether the fused or the composite variant is faster (peftkern.dispatch)."""
+    return (dispatch.token_bucket(x.shape[0]), *weight.shape, dispatch.token_bucket(indices.numel()), x.dtype,
+            values.dtype, bias is not None, dispatch.layout(x, weight), *flags)
 
 
 @torch.library.custom_op("peftkern::sparse_diff_linear_fwd", mutates_args=())
 def sparse_diff_linear_fwd(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
     _ensure_unique(indices, weight.numel())
-    if _impl(x) != "triton":
-        return ref.linear_fwd(x, weight, indices, values, bias)
-    lay = _layout(indices, tuple(weight.shape))
-    y = torch.nn.functional.linear(x, weight, bias)
-    _backend.kernels("sparse_diff").spmm_add_(y, x, lay["csr_seg"], lay["csr_cols"], values[lay["csr_perm"]])
-    return y
+    backend = _backend.select("sparse_diff_linear", x.device, x.dtype)
+    return dispatch.call("sparse_diff_linear", "forward", backend, _key(x, weight, indices, values, bias),
+                         x, weight, indices, values, bias)
 
 
 @sparse_diff_linear_fwd.register_fake
@@ -211,30 +179,17 @@ def _(x, weight, indices, values, bias):
 
 @torch.library.custom_op("peftkern::sparse_diff_linear_bwd", mutates_args=())
 def sparse_diff_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, need_x: bool,
-                           need_weight: bool, need_values: bool, need_bias: bool, impl: str
+                           need_weight: bool, need_values: bool, need_bias: bool, backend: str
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dy = dy.contiguous()
     _ensure_unique(indices, weight.numel())
-    if impl != "triton":
-        return ref.linear_bwd(dy, x, weight, indices, values, need_x, need_weight, need_values, need_bias)
-    k = _backend.kernels("sparse_diff")
-    lay = _layout(indices, tuple(weight.shape))
-    # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
-    dx, dw, dv, db = (x.new_empty(0) for _ in range(4))
-    if need_x:
-        dx = torch.mm(dy, weight)
-        k.spmm_add_(dx, dy, lay["csc_seg"], lay["csc_rows"], values[lay["csc_perm"]])
-    if need_values:
-        dv = k.sddmm(dy, x, lay["rows"], lay["cols"]).to(values.dtype)
-    if need_weight:
-        dw = torch.mm(dy.t(), x)
-    if need_bias:
-        db = dy.sum(dim=0, dtype=torch.float32).to(x.dtype)
-    return dx, dw, dv, db
+    needs = (need_x, need_weight, need_values, need_bias)
+    return dispatch.call("sparse_diff_linear", "backward", backend, _key(x, weight, indices, values, None, *needs),
+                         dy, x, weight, indices, values, *needs)
 
 
 @sparse_diff_linear_bwd.register_fake
-def _(dy, x, weight, indices, values, need_x, need_weight, need_values, need_bias, impl):
+def _(dy, x, weight, indices, values, need_x, need_weight, need_values, need_bias, backend):
     return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_weight else (0,)),
             values.new_empty(values.shape if need_values else (0,)),
             x.new_empty((weight.shape[0],) if need_bias else (0,)))
@@ -243,16 +198,15 @@ def _(dy, x, weight, indices, values, need_x, need_weight, need_values, need_bia
 def _setup_context(ctx, inputs, output):
     x, weight, indices, values, bias = inputs
     ctx.save_for_backward(x, weight, indices, values)
-    ctx.impl = _impl(x)
+    ctx.backend = _backend.select("sparse_diff_linear", x.device, x.dtype)
 
 
 def _backward(ctx, dy):
     x, weight, indices, values = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dx, dw, dv, db = torch.ops.peftkern.sparse_diff_linear_bwd(dy, x, weight, indices, values, need[0], need[1],
-                                                                need[3], need[4], ctx.impl)
-    return (dx if need[0] else None, dw if need[1] else None, None, dv if need[3] else None,
-            db if need[4] else None)
+    need_x, need_weight, _, need_values, need_bias = ctx.needs_input_grad
+    dx, dw, dv, db = torch.ops.peftkern.sparse_diff_linear_bwd(dy, x, weight, indices, values, need_x, need_weight,
+                                                                need_values, need_bias, ctx.backend)
+    return _autograd.grads_or_none(ctx, (dx, dw, None, dv, db))
 
 
 sparse_diff_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
