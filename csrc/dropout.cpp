@@ -19,7 +19,7 @@ namespace {
 template <typename scalar_t>
 void fill_multiplier(scalar_t* out, int64_t rows, int64_t cols, int64_t row_offset, uint64_t seed,
                      uint32_t threshold, scalar_t scale) {
-  const int64_t groups = (cols + 3) / 4;
+  const int64_t groups = (cols + kColsPerCall - 1) / kColsPerCall;
   // rows per task: about 16K Philox calls (~0.1 ms), enough to amortise waking a thread
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, groups));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -29,10 +29,10 @@ void fill_multiplier(scalar_t* out, int64_t rows, int64_t cols, int64_t row_offs
       for (int64_t g = 0; g < groups; ++g) {
         uint32_t r[4];
         philox4x32_10(row_counter + static_cast<uint64_t>(g), seed, r);
-        const int64_t c0 = 4 * g;
-        const int64_t n = cols - c0 < 4 ? cols - c0 : 4;
+        const int64_t c0 = kColsPerCall * g;
+        const int64_t n = cols - c0 < kColsPerCall ? cols - c0 : kColsPerCall;
         for (int64_t l = 0; l < n; ++l) {
-          o[c0 + l] = (r[l] >> 8) >= threshold ? scale : scalar_t(0);
+          o[c0 + l] = uniform16(r, static_cast<int>(l)) >= threshold ? scale : scalar_t(0);
         }
       }
     }
@@ -45,7 +45,7 @@ void dropout_multiplier(torch::Tensor& out, int64_t row_offset, int64_t seed, in
                         int64_t stream) {
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "dropout_multiplier: out must be a contiguous 2-D tensor");
   TORCH_CHECK(row_offset >= 0, "dropout_multiplier: row_offset must be >= 0");
-  TORCH_CHECK(threshold >= 0 && threshold <= (int64_t(1) << 24), "dropout_multiplier: threshold out of range");
+  TORCH_CHECK(threshold >= 0 && threshold <= (int64_t(1) << 16), "dropout_multiplier: threshold out of range");
   if (out.device().is_cuda()) {
 #ifdef PEFTKERN_WITH_CUDA
     dropout_multiplier_cuda(out, row_offset, seed, threshold, scale, stream);

@@ -44,4 +44,13 @@ PEFTKERN_HOST_DEVICE void philox4x32_10(uint64_t counter, uint64_t seed, uint32_
   out[3] = c3;
 }
 
+// The dropout mask's use of it (peftkern/reference/dropout.py): one call per group of kColsPerCall
+// columns of a row; column l of the group takes the 16-bit half l % 2 of word l / 2 as its uniform
+// (eight decisions per call: the mask costs an eighth of a Philox call per element).
+constexpr int kColsPerCall = 8;
+
+PEFTKERN_HOST_DEVICE uint32_t uniform16(const uint32_t words[4], int l) {
+  return (words[l >> 1] >> (16 * (l & 1))) & 0xFFFFu;
+}
+
 }  // namespace peftkern

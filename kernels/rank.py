@@ -141,7 +141,7 @@ def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 
     c_blocks = triton.cdiv(C, block_c)
     # fewer row tiles than the GPU wants (M=2048 is 32 tiles, a quarter of an H100): split C as well
     splits = max(1, min(c_blocks, triton.cdiv(target_programs(x.device), tiles)))
-    cols_per_split = triton.cdiv(c_blocks, splits) * block_c  # a multiple of BLOCK_C (and of 4: the mask)
+    cols_per_split = triton.cdiv(c_blocks, splits) * block_c  # a multiple of BLOCK_C (and of 8: the mask)
     splits = triton.cdiv(C, cols_per_split)
     part = out.unsqueeze(0) if splits == 1 else _launch.empty((splits, M, R), x.device, torch.float32)
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r), splits)

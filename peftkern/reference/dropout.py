@@ -5,11 +5,13 @@ kernels (kernels/dropout.py), so a seed gives the same mask on every backend and
 compare backends bit for bit with dropout on.
 
 The mask of a 2-D view x[M, K] (row-major logical order, whatever the strides) is:
-  - columns are taken in groups of four: group j of row m has counter  m * ceil(K / 4) + j  (64-bit);
+  - columns are taken in groups of eight: group j of row m has counter  m * ceil(K / 8) + j  (64-bit);
   - Philox4x32-10 with key (seed & 0xffffffff, seed >> 32) and counter (lo32, hi32, 0, 0) gives four
-    32-bit words r0..r3; column 4j + l uses word r_l (one Philox call feeds four elements);
-  - the element is kept iff (r_l >> 8) >= threshold, threshold = round(p * 2**24), and kept elements
-    are scaled by 1 / (1 - p).
+    32-bit words r0..r3; column 8j + 2w + h uses u = the 16-bit half h of word r_w (h = 0: the low
+    half), so one Philox call feeds eight elements;
+  - the element is kept iff u >= threshold, threshold = round(p * 2**16), and kept elements are scaled
+    by 1 / (1 - p). So p takes effect at a resolution of 2**-16 (p = 0.1 keeps each element with
+    probability 0.899994; a p below 2**-17 keeps everything).
 Philox is `tl.philox` of Triton with those arguments; here it is spelled out with int64 torch ops,
 which is exact but slow, which is why the CPU path prefers the C++ version when it is built.
 """
@@ -21,11 +23,12 @@ _MASK32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 N_ROUNDS = 10
-UNIFORM_BITS = 24
+UNIFORM_BITS = 16
+COLS_PER_CALL = 8  # csrc/philox.h kColsPerCall, kernels/dropout.py
 
 
 def keep_threshold(p: float) -> int:
-    """Integer threshold on the 24-bit uniform: keep iff u >= threshold."""
+    """Integer threshold on the 16-bit uniform: keep iff u >= threshold."""
     return int(round(p * (1 << UNIFORM_BITS)))
 
 
@@ -60,11 +63,12 @@ def philox4x32(counter: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
 
 def keep_mask(rows: int, cols: int, seed: int, p: float, device=None, row_offset: int = 0) -> torch.Tensor:
     """Bool [rows, cols]: True where dropout keeps element (row_offset + m, k) of an input with `cols` columns."""
-    groups = (cols + 3) // 4
+    groups = (cols + COLS_PER_CALL - 1) // COLS_PER_CALL
     counter = torch.arange(row_offset * groups, (row_offset + rows) * groups, device=device, dtype=torch.int64)
     words = torch.stack(philox4x32(counter, seed), dim=-1)  # [rows * groups, 4]
-    words = words.view(rows, groups * 4)[:, :cols]
-    return (words >> 8) >= keep_threshold(p)
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=-1)  # [rows * groups, 4, 2]: column 2w + h
+    uniforms = halves.view(rows, groups * COLS_PER_CALL)[:, :cols]
+    return uniforms >= keep_threshold(p)
 
 
 def multiplier(rows: int, cols: int, seed: int, p: float, *, dtype, device, row_offset: int = 0) -> torch.Tensor:
