@@ -21,10 +21,17 @@ def pow2_at_least_16(n: int, cap: int) -> int:
 def dot_precision(exact_fp32: bool) -> str:
     """tl.dot precision. `exact_fp32`: an operand is an fp32 value (an fp32 input, or an fp32 adapter
     parameter beside half-precision activations) whose full precision the result must keep, as an fp32
-    F.linear would: then "ieee" unless the user allowed TF32 for fp32 matmuls
-    (torch.backends.cuda.matmul.allow_tf32). Otherwise "tf32", which is exact for fp16/bf16 operands."""
+    F.linear would: then "tf32x3" unless the user allowed TF32 for fp32 matmuls
+    (torch.backends.cuda.matmul.allow_tf32). Otherwise "tf32", which is exact for fp16/bf16 operands.
+
+    "tf32x3" splits each fp32 operand into a TF32 high part and a TF32 remainder and sums three
+    tensor-core products (hi·hi + hi·lo + lo·hi): about 21 significant bits per product, an error far
+    under ENGINEERING.md's fp32 floor (1e-5) and, for a bf16 activation beside an fp32 adapter, exact
+    on the activation's side (its remainder is zero). "ieee" would run on the CUDA cores' FFMA instead,
+    roughly an order of magnitude below tensor-core throughput (an estimate; see issue 11 item C), and
+    its fp32 tiles were the worst register spillers of the ahead-of-time check."""
     if exact_fp32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 

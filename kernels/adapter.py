@@ -12,8 +12,8 @@ dh = dpre·W_down (+ dy when the residual is h), writing dpre and z ([M, k] fp32
 gradients, which are split-M reductions of kernels/rank.py: dW_upᵀ = s·zᵀ·dy and dW_down = dpreᵀ·h.
 
 Each product runs in its weight's dtype, accumulating in fp32: h's dtype on the tensor cores for
-same-dtype adapters; exact fp32 (unless TF32 is allowed) for fp32 adapter weights beside fp16/bf16
-activations, which is what an eager fp32 adapter computes. Bottleneck widths up to MAX_K fit the register budget.
+same-dtype adapters; fp32-accurate 3xTF32 on the tensor cores (plain TF32 if the user allows it) for fp32
+adapter weights beside fp16/bf16 activations, within the error of an eager fp32 adapter. Bottleneck widths up to MAX_K fit the register budget.
 """
 import torch
 import triton

@@ -8,7 +8,7 @@ two skinny ones are shared with other families and live in kernels/rank.py:
                      forward y (T = S, U = Bᵀ, c = s) and dx (T = dS, U = A, with the dropout mask)
 The dropout mask is regenerated from the seed wherever it is needed (kernels/dropout.py); neither the
 mask nor dropout(x) is ever written. Split-M partial sums replace atomics, so every result is
-deterministic. The rank-r products run in fp32, exact fp32 when the adapters are fp32 (kernels/_launch.dot_precision):
+deterministic. The rank-r products run in fp32, fp32-accurate (3xTF32 on tensor cores) when the adapters are fp32 (kernels/_launch.dot_precision):
 they are memory-bound, and this keeps fp32 adapters' gradients as accurate as PEFT's own.
 The main GEMM runs in the input dtype on the tensor cores, accumulating in fp32. The rank-r term is
 added to that fp32 accumulator in the epilogue, before the one rounding to the output dtype: with float32

@@ -7,7 +7,7 @@
 
 `keep` is the optional dropout mask of kernels/dropout.py, regenerated from the seed on chip. The
 split-M partial sums are added in a fixed order afterwards (no atomics, so results are deterministic).
-The products run in fp32 (tf32 unless fp32 matmuls are asked to be exact): they are memory-bound, and
+The products run in fp32 (tf32, or fp32-accurate 3xTF32 for fp32 parameters): they are memory-bound, and
 fp32 keeps small trainable parameters' gradients as accurate as an fp32 eager computation.
 """
 import torch
