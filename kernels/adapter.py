@@ -10,6 +10,8 @@ recomputes act and act' from it.
 Backward, one kernel per row block for the activations' side: dz = s·dy·W_up, dpre = dz ⊙ act'(pre),
 dh = dpre·W_down (+ dy when the residual is h), writing dpre and z ([M, k] fp32) for the weight
 gradients, which are split-M reductions of kernels/rank.py: dW_upᵀ = s·zᵀ·dy and dW_down = dpreᵀ·h.
+b_up's gradient (s·Σ_m dy) comes from the first loop's read of dy as per-row-block column sums. Reads of
+dy: the dz loop, the dh loop's residual add (when h is the residual) and rank_grad's dW_up; minimum 1.
 
 Each product runs in its weight's dtype, accumulating in fp32: h's dtype on the tensor cores for
 same-dtype adapters; fp32-accurate 3xTF32 on the tensor cores (plain TF32 if the user allows it) for fp32
@@ -78,12 +80,12 @@ def _adapter_fwd_kernel(
 
 @triton.jit
 def _adapter_bwd_kernel(
-    dy_ptr, pre_ptr, wu_ptr, wd_ptr, dh_ptr, dpre_ptr, z_ptr,
+    dy_ptr, pre_ptr, wu_ptr, wd_ptr, dh_ptr, dpre_ptr, z_ptr, colsum_ptr,
     M, D, K,
     stride_dym, stride_dyd, stride_pm, stride_pk, stride_wud, stride_wuk, stride_wdk, stride_wdd,
-    stride_dhm, stride_dhd,
+    stride_dhm, stride_dhd, stride_cs,
     scaling,
-    NEED_DH: tl.constexpr, ADD_DY: tl.constexpr, STORE_Z: tl.constexpr, ACT: tl.constexpr,
+    NEED_DH: tl.constexpr, ADD_DY: tl.constexpr, STORE_Z: tl.constexpr, COLSUM: tl.constexpr, ACT: tl.constexpr,
     PREC_DOWN: tl.constexpr, PREC_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -103,6 +105,9 @@ def _adapter_bwd_kernel(
         wu = tl.load(wu_ptr + offs_d[:, None] * stride_wud + offs_k[None, :] * stride_wuk,
                      mask=d_ok[:, None] & k_ok[None, :], other=0.0)
         dz = tl.dot(dy.to(wu.dtype), wu, dz, input_precision=PREC_UP)
+        if COLSUM:  # b_up's gradient from the same read of dy: this row block's column sums
+            tl.store(colsum_ptr + pid.to(tl.int64) * stride_cs + offs_d, tl.sum(dy.to(tl.float32), axis=0),
+                     mask=d_ok)
     pre = tl.load(pre_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, mask=mk, other=0.0)
     dpre = dz * scaling * derivative(pre, ACT)
     # dpre and z are [M, k] with the pre layout (fresh contiguous buffers)
@@ -165,25 +170,31 @@ def adapter_fwd(h, w_down, b_down, w_up, b_up, residual, code: int, scaling: flo
 
 
 def adapter_bwd_rows(dy, pre, w_up, w_down, code: int, scaling: float, *, need_dh: bool, add_dy: bool,
-                     store_z: bool):
-    """(dh [M, d] or None, dpre [M, k] fp32, z [M, k] fp32 or None) for one backward pass over dy."""
+                     store_z: bool, col_sums: bool = False):
+    """(dh [M, d] or None, dpre [M, k] fp32, z [M, k] fp32 or None, Σ_m dy[m, :] [d] fp32 or None) for one
+    backward pass over dy. `col_sums`: also return dy's column sums (b_up's gradient before scaling),
+    from the pass's own read of dy: per-row-block partials added in a fixed order, no extra read of dy."""
     M, D = dy.shape
     K = pre.shape[1]
     dh = _launch.empty((M, D), dy.device, dy.dtype) if need_dh else None
     dpre = _launch.empty((M, K), dy.device, torch.float32)
     z = _launch.empty((M, K), dy.device, torch.float32) if store_z else None
     if M == 0:
-        return dh, dpre, z
+        return dh, dpre, z, (torch.zeros(D, device=dy.device, dtype=torch.float32) if col_sums else None)
     block_m, block_d, block_k, warps = _blocks(D, K)
-    _adapter_bwd_kernel[(triton.cdiv(M, block_m),)](
+    programs = triton.cdiv(M, block_m)
+    parts = _launch.empty((programs, D), dy.device, torch.float32) if col_sums else None
+    _adapter_bwd_kernel[(programs,)](
         dy, pre, w_up, w_down, dh if dh is not None else dy, dpre, z if z is not None else dpre,
+        parts if parts is not None else dpre,
         M, D, K,
         dy.stride(0), dy.stride(1), pre.stride(0), pre.stride(1), w_up.stride(0), w_up.stride(1),
         w_down.stride(0), w_down.stride(1),
         dh.stride(0) if dh is not None else 0, dh.stride(1) if dh is not None else 0,
+        parts.stride(0) if parts is not None else 0,
         scaling,
-        NEED_DH=need_dh, ADD_DY=add_dy, STORE_Z=store_z, ACT=code,
+        NEED_DH=need_dh, ADD_DY=add_dy, STORE_Z=store_z, COLSUM=col_sums, ACT=code,
         PREC_DOWN=dot_precision(w_down.dtype == torch.float32), PREC_UP=dot_precision(w_up.dtype == torch.float32),
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
     )
-    return dh, dpre, z
+    return dh, dpre, z, (parts.sum(dim=0) if parts is not None else None)

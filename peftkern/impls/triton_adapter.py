@@ -24,8 +24,8 @@ def forward_fused(h, w_down, b_down, w_up, b_up, residual, code, scaling):
 def backward_fused(dy, h, w_down, w_up, pre, code, scaling, residual_is_h, need_h, need_wd, need_bd, need_wu,
                    need_bu):
     adapter, rank = _kernels()
-    dh, dpre, z = adapter.adapter_bwd_rows(dy, pre, w_up, w_down, code, scaling, need_dh=need_h,
-                                           add_dy=residual_is_h, store_z=need_wu)
+    dh, dpre, z, dy_sum = adapter.adapter_bwd_rows(dy, pre, w_up, w_down, code, scaling, need_dh=need_h,
+                                                   add_dy=residual_is_h, store_z=need_wu, col_sums=need_bu)
     # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
     empties = [h.new_empty(0) for _ in range(5)]
     dh = dh if need_h else empties[0]
@@ -34,7 +34,7 @@ def backward_fused(dy, h, w_down, w_up, pre, code, scaling, residual_is_h, need_
     dbd = dpre.sum(dim=0).to(w_down.dtype) if need_bd else empties[2]
     dwu = (rank.rank_grad(z, dy, scale=scaling, exact=w_up.dtype == torch.float32).t().contiguous().to(w_up.dtype)
            if need_wu else empties[3])
-    dbu = (dy.sum(dim=0, dtype=torch.float32) * scaling).to(w_up.dtype) if need_bu else empties[4]
+    dbu = (dy_sum * scaling).to(w_up.dtype) if need_bu else empties[4]
     return dh, dwd, dbd, dwu, dbu
 
 
