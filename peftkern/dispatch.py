@@ -5,6 +5,7 @@ once, as custom ops in peftkern/ops/; its implementations register here, from pe
 (family, backend, variant) -> Implementation. An op body makes one call:
 
     dispatch.call(family, phase, backend, key, *args)      # phase: "forward" or "backward"
+                                                           # key: a callable giving the measurement key
 
 Two levels decide what runs:
 1. The backend (peftkern._backend.select: use_backend() / PEFTKERN_BACKEND / auto): which library.
@@ -219,9 +220,9 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def call(family: str, phase: str, backend: str, key: tuple, *args):
+def call(family: str, phase: str, backend: str, key: Callable[[], tuple], *args):
     """Run `phase` ("forward"/"backward") of `family` on `backend` with `args`, in the variant chosen as
-    described in this module's docstring."""
+    described in this module's docstring. `key()` is only evaluated when a measured choice is needed."""
     impls = variants(family, backend)
     if len(impls) == 1:
         (impl,) = impls.values()
@@ -244,7 +245,7 @@ def call(family: str, phase: str, backend: str, key: tuple, *args):
     fallback = runnable.get(DEFAULT_VARIANT) or next(iter(runnable.values()))
     if (_timer is None and device.type != "cuda") or _capturing(device):
         return getattr(fallback, phase)(*args)
-    ks = _key_string(family, phase, backend, device, key)
+    ks = _key_string(family, phase, backend, device, key())
     with _lock:
         _load_disk()
         known = _choices.get(ks)

@@ -92,7 +92,7 @@ class _Applied:
         self._preserve = torch.autograd._unsafe_preserve_version_counter(self.weight)
         self._preserve.__enter__()
         try:
-            self.backup = dispatch.call("sparse_diff_apply", "forward", self.apply_backend, (),
+            self.backup = dispatch.call("sparse_diff_apply", "forward", self.apply_backend, tuple,
                                         self.weight, self.indices, self.values, 1.0)
         except BaseException:
             self._preserve.__exit__(None, None, None)
@@ -101,7 +101,7 @@ class _Applied:
 
     def __exit__(self, *exc):
         try:
-            dispatch.call("sparse_diff_apply", "backward", self.apply_backend, (), self.weight, self.indices,
+            dispatch.call("sparse_diff_apply", "backward", self.apply_backend, tuple, self.weight, self.indices,
                           self.backup)
         finally:
             self._preserve.__exit__(None, None, None)

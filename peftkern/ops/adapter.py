@@ -36,7 +36,8 @@ def bottleneck_adapter_fwd(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], 
     backend = _backend.select("bottleneck_adapter", h.device, h.dtype)
     code = _code(activation)
     return dispatch.call("bottleneck_adapter", "forward", backend,
-                         _key(h, w_down, w_up, code, b_down is not None, b_up is not None, residual is not None),
+                         lambda: _key(h, w_down, w_up, code, b_down is not None, b_up is not None,
+                                      residual is not None),
                          h, w_down, b_down, w_up, b_up, residual, code, scaling)
 
 
@@ -52,7 +53,8 @@ def bottleneck_adapter_bwd(dy: Tensor, h: Tensor, w_down: Tensor, w_up: Tensor, 
     dy = dy.contiguous()
     code = _code(activation)
     needs = (need_h, need_wd, need_bd, need_wu, need_bu)
-    return dispatch.call("bottleneck_adapter", "backward", backend, _key(h, w_down, w_up, code, residual_is_h, *needs),
+    return dispatch.call("bottleneck_adapter", "backward", backend,
+                         lambda: _key(h, w_down, w_up, code, residual_is_h, *needs),
                          dy, h, w_down, w_up, pre, code, scaling, residual_is_h, *needs)
 
 

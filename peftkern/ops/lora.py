@@ -35,7 +35,7 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, b
                     scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     seed_v = int(seed.item()) if seed is not None else 0
     backend = _backend.select("lora_linear", x.device, x.dtype)
-    return dispatch.call("lora_linear", "forward", backend, _key(x, weight, lora_a, bias, dropout_p),
+    return dispatch.call("lora_linear", "forward", backend, lambda: _key(x, weight, lora_a, bias, dropout_p),
                          x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed_v)
 
 
@@ -53,7 +53,8 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_
     seed_v = int(seed.item()) if seed is not None else 0
     dy = dy.contiguous()
     needs = (need_x, need_weight, need_a, need_b, need_bias)
-    return dispatch.call("lora_linear", "backward", backend, _key(x, weight, lora_a, None, dropout_p, *needs),
+    return dispatch.call("lora_linear", "backward", backend,
+                         lambda: _key(x, weight, lora_a, None, dropout_p, *needs),
                          dy, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed_v, *needs)
 
 

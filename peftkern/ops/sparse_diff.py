@@ -51,7 +51,7 @@ def _ensure_unique(indices: Tensor, numel: int) -> None:
 def _apply_op(weight: Tensor, indices: Tensor, values: Tensor, alpha: float) -> Tensor:
     _ensure_unique(indices, weight.numel())
     backend = _backend.select("sparse_diff_apply", weight.device, weight.dtype)
-    return dispatch.call("sparse_diff_apply", "forward", backend, (), weight, indices, values, alpha)
+    return dispatch.call("sparse_diff_apply", "forward", backend, tuple, weight, indices, values, alpha)
 
 
 @_apply_op.register_fake
@@ -63,7 +63,7 @@ def _(weight, indices, values, alpha):
 def _restore_op(weight: Tensor, indices: Tensor, backup: Tensor) -> None:
     _ensure_unique(indices, weight.numel())
     backend = _backend.select("sparse_diff_apply", weight.device, weight.dtype)
-    dispatch.call("sparse_diff_apply", "backward", backend, (), weight, indices, backup)
+    dispatch.call("sparse_diff_apply", "backward", backend, tuple, weight, indices, backup)
 
 
 @_restore_op.register_fake
@@ -168,7 +168,7 @@ def _key(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, bias: Optio
 def sparse_diff_linear_fwd(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
     _ensure_unique(indices, weight.numel())
     backend = _backend.select("sparse_diff_linear", x.device, x.dtype)
-    return dispatch.call("sparse_diff_linear", "forward", backend, _key(x, weight, indices, values, bias),
+    return dispatch.call("sparse_diff_linear", "forward", backend, lambda: _key(x, weight, indices, values, bias),
                          x, weight, indices, values, bias)
 
 
@@ -184,7 +184,8 @@ def sparse_diff_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, indices: Tenso
     dy = dy.contiguous()
     _ensure_unique(indices, weight.numel())
     needs = (need_x, need_weight, need_values, need_bias)
-    return dispatch.call("sparse_diff_linear", "backward", backend, _key(x, weight, indices, values, None, *needs),
+    return dispatch.call("sparse_diff_linear", "backward", backend,
+                         lambda: _key(x, weight, indices, values, None, *needs),
                          dy, x, weight, indices, values, *needs)
 
 
