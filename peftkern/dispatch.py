@@ -224,10 +224,10 @@ def call(family: str, phase: str, backend: str, key: Callable[[], tuple], *args)
     """Run `phase` ("forward"/"backward") of `family` on `backend` with `args`, in the variant chosen as
     described in this module's docstring. `key()` is only evaluated when a measured choice is needed."""
     impls = variants(family, backend)
+    mode = requested_mode()  # validated on every call, whatever the backend
     if len(impls) == 1:
         (impl,) = impls.values()
         return getattr(impl, phase)(*args)
-    mode = requested_mode()
     runnable = {name: impl for name, impl in impls.items() if impl.why_not(phase, args) is None}
     if mode != "measure":
         if mode not in runnable:

@@ -202,3 +202,21 @@ def test_composite_sparse_restores_the_weight_when_the_gemm_fails(monkeypatch):
         peftkern.sparse_diff_linear(torch.randn(2, 5, device=DEVICE), w, idx, v)
     assert calls == [False]
     assert torch.equal(w, before)
+
+
+def test_composite_sparse_needs_a_writable_weight(timer, monkeypatch):
+    """An inference tensor cannot be written outside inference mode: measuring skips the composite
+    variant (only the fused one is timed and run), forcing it says why."""
+    with torch.inference_mode():
+        w = torch.randn(6, 5, device=DEVICE)
+    idx = torch.tensor([0, 7, 29], device=DEVICE)
+    v, x = torch.ones(3, device=DEVICE), torch.randn(2, 5, device=DEVICE)
+    t = timer({"fused": 5.0, "composite": 1.0})
+    with peftkern.use_backend("reference"):
+        expected = peftkern.sparse_diff_linear(x, w, idx, v)
+    with peftkern.use_backend("triton"):
+        torch.testing.assert_close(peftkern.sparse_diff_linear(x, w, idx, v), expected)
+        assert t.calls == []  # one runnable variant: nothing to measure
+        monkeypatch.setenv("PEFTKERN_DISPATCH", "composite")
+        with pytest.raises(RuntimeError, match="PEFTKERN_DISPATCH=composite: .*inference tensor"):
+            peftkern.sparse_diff_linear(x, w, idx, v)

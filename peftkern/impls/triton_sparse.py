@@ -14,6 +14,7 @@ stream, and preserves its version counter (the round trip is bit-exact, so autog
 checks have nothing to object to). It cannot run on a weight with overlapping memory, and nothing
 else may read that weight concurrently from another stream while it runs.
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -89,7 +90,9 @@ class _Applied:
         self.apply_backend = _backend.auto_choice("sparse_diff_apply", weight.device, weight.dtype)
 
     def __enter__(self):
-        self._preserve = torch.autograd._unsafe_preserve_version_counter(self.weight)
+        # inference tensors have no version counter to preserve
+        self._preserve = (contextlib.nullcontext() if self.weight.is_inference()
+                          else torch.autograd._unsafe_preserve_version_counter(self.weight))
         self._preserve.__enter__()
         try:
             self.backup = dispatch.call("sparse_diff_apply", "forward", self.apply_backend, tuple,
@@ -129,6 +132,8 @@ def backward_composite(dy, x, weight, indices, values, need_x, need_weight, need
 
 def _weight_not_writable(phase: str, *args) -> Optional[str]:
     weight = args[1] if phase == "forward" else args[2]
+    if weight.is_inference() and not torch.is_inference_mode_enabled():
+        return "the weight is an inference tensor, which cannot be written outside torch.inference_mode"
     return write_problem(weight)
 
 
