@@ -7,6 +7,7 @@ device has: the Triton kernels on CUDA, the reference path (with the C++ helpers
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 import importlib
 import os
@@ -163,7 +164,10 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=None)
 def auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What `auto` runs for op on this device and dtype. Remembered per (op, device, dtype): it depends only
+    on what is installed and built, which does not change while the process runs."""
     supported = _supported(op)
     if "cuda" in supported and _extension_unavailable_reason(device) is None:
         return "cuda"
