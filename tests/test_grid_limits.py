@@ -1,0 +1,150 @@
+"""CUDA's grid limits (axis 0 below 2**31, axes 1 and 2 at most 65535) for every Triton launcher, at the
+sizes that break naive grids: an lm_head-sized layer (128256 outputs, 4096 inputs), 200k-token batches, and
+one token. The interpreter does not enforce these limits, so the grids are recorded without running
+anything:
+- the launchers pick their GPU tiles (each kernels module's INTERPRET is set to False, and the programs a
+  split reduction aims for are an H100's 4 x 132);
+- every kernel object in those modules is replaced by a recorder: `kernel[grid](...)` records the grid (for
+  an autotuned kernel, the grid function evaluated for every GPU config it could pick) and runs nothing;
+- tensors live on the meta device, so no memory is allocated however large the shapes.
+"""
+import pytest
+import torch
+from triton.runtime.autotuner import Autotuner
+
+import peftkern  # noqa: F401  (picks interpreter or GPU mode before triton loads)
+from peftkern.kernels import _launch, adapter, lora, rank, sparse_diff
+
+MAX_X, MAX_YZ = 2**31 - 1, 65535
+MODULES = (lora, rank, adapter, sparse_diff)
+H100_PROGRAMS = 4 * 132  # _launch.target_programs on an H100 (132 SMs)
+META = torch.device("meta")
+BF16 = torch.bfloat16
+TOKENS = (1, 200_000)
+VOCAB, HIDDEN, RANK = 128256, 4096, 16
+
+# what an autotuned kernel can pick on a GPU: its config list as built when not interpreting
+GPU_CONFIGS = {(lora, "_lora_gemm_tuned"): lambda: lora._gemm_configs()}
+
+
+def _is_kernel(value) -> bool:
+    return hasattr(value, "fn") and hasattr(value, "run") and callable(getattr(value, "__getitem__", None))
+
+
+def _python_function(kernel):
+    while hasattr(kernel, "fn"):  # autotuner -> jit/interpreted function -> the Python function
+        kernel = kernel.fn
+    return kernel
+
+
+def _kernels_of(module) -> dict:
+    """Kernel objects defined in `module` that a launcher launches: its autotuners, and its jit kernels that
+    no autotuner wraps (helpers imported from other modules, e.g. keep_tile, are not launched)."""
+    found = {n: v for n, v in vars(module).items()
+             if _is_kernel(v) and getattr(_python_function(v), "__module__", None) == module.__name__}
+    wrapped = {id(v.fn) for v in found.values() if isinstance(v, Autotuner)}
+    return {n: v for n, v in found.items() if id(v) not in wrapped}
+
+
+class Launches(list):
+    """(kernel name, grid, launch meta-parameters) per recorded launch; `.kernels` names every recorder."""
+    kernels: set
+
+
+class Recorder:
+    def __init__(self, name, configs, log):
+        self.name, self.configs, self.log = name, configs, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            metas = [dict(kwargs, **c.kwargs) for c in self.configs] if self.configs else [kwargs]
+            for meta in metas:
+                self.log.append((self.name, tuple(grid(meta) if callable(grid) else grid), meta))
+        return launch
+
+
+@pytest.fixture
+def grids(monkeypatch):
+    """Launches record their grids instead of running, with the launchers' GPU tile choices."""
+    log = Launches()
+    log.kernels = set()
+    for module in (_launch, *MODULES):
+        monkeypatch.setattr(module, "INTERPRET", False)
+        if hasattr(module, "target_programs"):
+            monkeypatch.setattr(module, "target_programs", lambda device: H100_PROGRAMS)
+    for module in MODULES:
+        for name, kernel in _kernels_of(module).items():
+            configs = None
+            if isinstance(kernel, Autotuner):
+                assert (module, name) in GPU_CONFIGS, f"add {module.__name__}.{name}'s GPU configs to GPU_CONFIGS"
+                configs = GPU_CONFIGS[(module, name)]()
+            label = f"{module.__name__.rsplit('.', 1)[1]}.{name}"
+            log.kernels.add(label)
+            monkeypatch.setattr(module, name, Recorder(label, configs, log))
+    return log
+
+
+def meta(*shape, dtype=BF16):
+    return torch.empty(shape, device=META, dtype=dtype)
+
+
+def launch_every_family(m: int) -> None:
+    """One call per launcher and direction, at lm_head size with m tokens."""
+    # LoRA GEMM: forward y = x·Wᵀ + (x·Aᵀ)·Bᵀ (N = vocabulary) and dx = dy·W + (dy·B)·A (N = hidden)
+    lora.lora_gemm(meta(m, HIDDEN), meta(VOCAB, HIDDEN).t(), meta(m, RANK), meta(VOCAB, RANK).t(), meta(VOCAB))
+    lora.lora_gemm(meta(m, VOCAB), meta(VOCAB, HIDDEN), meta(m, RANK), meta(RANK, HIDDEN), None, dropout_p=0.1)
+    # rank-r products over either width: x·Aᵀ (C = hidden) and dy·B (C = vocabulary); their gradients
+    for c in (HIDDEN, VOCAB):
+        rank.rank_down(meta(m, c), meta(RANK, c), scale=2.0, seed=1, dropout_p=0.1)
+        rank.rank_grad(meta(m, RANK, dtype=torch.float32), meta(m, c), scale=2.0, exact=True)
+        rank.rank_up_add_(meta(m, c), meta(m, RANK, dtype=torch.float32), meta(RANK, c), scale=2.0, exact=False)
+    # bottleneck adapter over both widths, forward and backward, with its largest bottleneck
+    k = adapter.MAX_K
+    for d in (HIDDEN, VOCAB):
+        adapter.adapter_fwd(meta(m, d), meta(k, d), meta(k), meta(d, k), meta(d), meta(m, d), 1, 1.0)
+        adapter.adapter_bwd_rows(meta(m, d), meta(m, k, dtype=torch.float32), meta(d, k), meta(k, d), 1, 1.0,
+                                 need_dh=True, add_dy=True, store_z=True, col_sums=True)
+    # sparse diff at 1% of the lm_head: forward (segments = outputs), dx (segments = inputs), values' gradient
+    nnz = VOCAB * HIDDEN // 100
+    idx32 = dict(dtype=torch.int32)
+    sparse_diff.spmm_add_(meta(m, VOCAB), meta(m, HIDDEN), meta(VOCAB + 1, **idx32), meta(nnz, **idx32),
+                          meta(nnz, dtype=torch.float32))
+    sparse_diff.spmm_add_(meta(m, HIDDEN), meta(m, VOCAB), meta(HIDDEN + 1, **idx32), meta(nnz, **idx32),
+                          meta(nnz, dtype=torch.float32))
+    sparse_diff.sddmm(meta(m, VOCAB), meta(m, HIDDEN), meta(nnz, **idx32), meta(nnz, **idx32))
+
+
+def check(log):
+    bad = [(name, grid) for name, grid, _ in log
+           if not (1 <= len(grid) <= 3 and 1 <= grid[0] <= MAX_X and all(1 <= g <= MAX_YZ for g in grid[1:]))]
+    assert not bad, f"grids outside CUDA's limits: {bad}"
+
+
+@pytest.mark.parametrize("m", TOKENS)
+def test_every_launcher_keeps_cuda_grid_limits(grids, m):
+    launch_every_family(m)
+    check(grids)
+    launched = {name for name, _, _ in grids}
+    assert launched == grids.kernels, f"kernels never launched here (add their launcher): {sorted(grids.kernels - launched)}"
+    # the GPU tiles were the ones recorded (not the interpreter's), and every GEMM config was evaluated
+    gemm = [meta for name, _, meta in grids if name == "lora._lora_gemm_tuned"]
+    assert len(gemm) == 2 * len(lora._gemm_configs()) and max(mt["BLOCK_M"] for mt in gemm) >= 128
+    spmm = [meta for name, _, meta in grids if name == "sparse_diff._spmm_tiles_kernel"]
+    assert spmm and all(mt["BLOCK_M"] == sparse_diff._spmm_blocks()[0] == 128 for mt in spmm)
+
+
+def test_sparse_grids_fold_past_two_to_the_31_programs(grids):
+    """A shape whose program count passes axis 0's limit: the sparse launchers fold onto axis 1 (other
+    launchers' 1-D grids over output tiles of >= 2048 elements reach 2**31 programs only for outputs of
+    >= 8 TB in bf16, far beyond any GPU's memory)."""
+    m = 2**26  # 67M tokens × 128256 outputs / (128 × 16)-token-output tiles = 4.2e9 programs
+    idx32 = dict(dtype=torch.int32)
+    sparse_diff.spmm_add_(meta(m, VOCAB), meta(m, HIDDEN), meta(VOCAB + 1, **idx32), meta(10, **idx32),
+                          meta(10, dtype=torch.float32))
+    check(grids)
+    (_, grid, _), = grids
+    assert len(grid) == 2 and grid[0] * grid[1] >= triton_cdiv(m, 128) * triton_cdiv(VOCAB, 16)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
