@@ -135,6 +135,12 @@ def _adapter_bwd_kernel(
 # launchers: shapes were checked by peftkern/ops/adapter.py; k <= MAX_K
 # ----------------------------------------------------------------------------------------------
 
+def _stages(block_k: int) -> int:
+    """Software-pipeline depth: the widest bottlenecks' [BLOCK_D, BLOCK_K] weight tiles take three stages
+    past sm_80's shared memory (scripts/aot_check.py: 196 KB of 163 KB), two fit."""
+    return 2 if block_k > 128 else 3
+
+
 def _blocks(d: int, k: int):
     block_k = pow2_at_least_16(k, MAX_K)
     if INTERPRET:
@@ -164,7 +170,7 @@ def adapter_fwd(h, w_down, b_down, w_up, b_up, residual, code: int, scaling: flo
         scaling,
         HAS_RES=residual is not None, HAS_BD=b_down is not None, HAS_BU=b_up is not None, ACT=code,
         PREC_DOWN=dot_precision(w_down.dtype == torch.float32), PREC_UP=dot_precision(w_up.dtype == torch.float32),
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps, num_stages=_stages(block_k),
     )
     return out, pre
 
@@ -195,6 +201,6 @@ def adapter_bwd_rows(dy, pre, w_up, w_down, code: int, scaling: float, *, need_d
         scaling,
         NEED_DH=need_dh, ADD_DY=add_dy, STORE_Z=store_z, COLSUM=col_sums, ACT=code,
         PREC_DOWN=dot_precision(w_down.dtype == torch.float32), PREC_UP=dot_precision(w_up.dtype == torch.float32),
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps, num_stages=_stages(block_k),
     )
     return dh, dpre, z, (parts.sum(dim=0) if parts is not None else None)

@@ -135,8 +135,10 @@ def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 
         return out.zero_()
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
     block_m = 32 if INTERPRET else 64
-    block_c = 32 if INTERPRET else 128
     block_r = pow2_at_least_16(R, 64)
+    # a [BLOCK_C, 64] fp32 operand tile per pipeline stage: 128 columns overflow sm_90's shared memory (and
+    # sm_80's) at three stages (scripts/aot_check.py), 64 fit
+    block_c = 32 if INTERPRET else (128 if block_r <= 32 else 64)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
     c_blocks = triton.cdiv(C, block_c)
     # fewer row tiles than the GPU wants (M=2048 is 32 tiles, a quarter of an H100): split C as well
