@@ -259,6 +259,11 @@ def _describe(v, constexpr: bool, dtype_map=None) -> tuple[dict, tuple]:
         return {"k": "int", "v": v}, ("int",) + int_class(v)
     if isinstance(v, float):
         return {"k": "float", "v": v}, ("float",)
+    if type(v).__name__ == "TensorDescriptor":  # host TMA descriptor: its base's dtype and its block shape
+        base, _ = _describe(v.base, False, dtype_map)
+        rec = dict(base, k="tensordesc", shape=list(v.shape), stride=list(v.strides),
+                   block_shape=list(v.block_shape))
+        return rec, ("d", rec["dtype"], tuple(rec["block_shape"]))
     if hasattr(v, "data_ptr") and hasattr(v, "dtype"):
         name = str(v.dtype).replace("torch.", "")
         name = (dtype_map or {}).get(name, name)
@@ -449,7 +454,18 @@ def drive(calls: list[dict], recorder, log) -> list[str]:
         x, w = rnd(M, K, dtype=xd, grad=True), rnd(N, K, dtype=xd)
         a, b = rnd(r, K, dtype=pd, grad=True), rnd(N, r, dtype=pd, grad=True)
         bb = rnd(N, dtype=xd) if bias else None
+        if xd != torch.float32:
+            lora_persistent(x, w, a, b, bb, p, M)
         return peftkern.lora_linear(x, w, a, b, scaling=0.5, bias=bb, dropout_p=p, seed=3)
+
+    def lora_persistent(x, w, a, b, bb, p, M):
+        from peftkern.kernels import lora_persistent as lp
+        N, K = w.shape
+        s, ds = rnd(M, a.shape[0], dtype=torch.float32), rnd(M, a.shape[0], dtype=torch.float32)
+        y, dx = torch.empty(M, N, dtype=x.dtype), torch.empty(M, K, dtype=x.dtype)
+        lp.launch(x.detach(), w.t(), s, b.detach().t(), bb, y, lora_scale=0.5, seed=3, dropout_p=0.0,
+                  num_sms=132)  # forward: B = Wᵀ (a transposed view), H100's SM count
+        lp.launch(y, w, ds, a.detach(), None, dx, lora_scale=1.0, seed=3, dropout_p=p, num_sms=132)  # dx
 
     def adapter(hd, pd, act, k, M, d=256, biases=True, residual=False, need_h=True, need_wu=True):
         h = rnd(M, d, dtype=hd, grad=need_h)
@@ -617,6 +633,10 @@ def _decode(a):
     k = a["k"]
     if k == "tensor":
         return ProxyTensor(getattr(torch, a["dtype"]), a["align16"], a.get("shape", ()), a.get("stride", ()))
+    if k == "tensordesc":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        base = ProxyTensor(getattr(torch, a["dtype"]), a["align16"], a["shape"], a["stride"])
+        return TensorDescriptor(base, list(a["shape"]), list(a["stride"]), list(a["block_shape"]))
     if k == "constexpr":
         def const(c):
             if isinstance(c, dict):
@@ -722,12 +742,15 @@ def plan(records: list[dict], archs: list[int], entries: dict, tuners: dict) -> 
             configs, note = _tuner_configs(tuner, rec)
             if note:
                 notes.add(f"{rec['name']}: {note}")
-            choices = [(i, dict(c.kwargs), {k: v for k, v in c.all_kwargs().items() if k in OPTION_NAMES})
-                       for i, c in enumerate(configs)]
+            choices = [(i, dict(c.kwargs), {k: v for k, v in c.all_kwargs().items() if k in OPTION_NAMES},
+                        c.pre_hook) for i, c in enumerate(configs)]
         else:
-            choices = [(None, {}, dict(rec["options"]))]
+            choices = [(None, {}, dict(rec["options"]), None)]
+        # kernels that need a newer GPU (a module-level MIN_CAPABILITY, e.g. (9, 0) for TMA) compile only there
+        min_cap = getattr(sys.modules.get(kid[0]), "MIN_CAPABILITY", None)
+        rec_archs = [x for x in archs if min_cap is None or x >= 10 * min_cap[0] + min_cap[1]]
         for base_args in (rec["args"],):
-            for index, cfg_params, cfg_options in choices:
+            for index, cfg_params, cfg_options, pre_hook in choices:
                 by_name = {a["name"]: a for a in base_args}
                 args = []
                 for name in param_names:
@@ -737,9 +760,14 @@ def plan(records: list[dict], archs: list[int], entries: dict, tuners: dict) -> 
                     if a["k"] == "constexpr" and name not in body_names[kid]:  # never read: same code
                         a["v"] = canon.setdefault((kid, name), a["v"])
                     args.append(a)
+                if pre_hook is not None:  # e.g. a config's TMA block shapes, set on its descriptors
+                    nargs = {a["name"]: _decode(a) for a in args}
+                    pre_hook(nargs)
+                    args = [dict(a, block_shape=list(nargs[a["name"]].block_shape)) if a["k"] == "tensordesc" else a
+                            for a in args]
                 options = {k: v for k, v in cfg_options.items() if v is not None}
                 tile_names = [n for n in param_names if n.startswith("BLOCK_") or n in cfg_params]
-                for arch in archs:
+                for arch in rec_archs:
                     try:
                         sig, consts, attrs, opt = bind(fn, args, options, arch)
                     except Exception as e:
