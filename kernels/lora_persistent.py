@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _launch, interpreter_scope
+from . import INTERPRET, _launch
 from ._launch import dot_precision, dropout_args, pow2_at_least_16
 from .dropout import keep_tile
 
@@ -200,11 +200,13 @@ def prune_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=acc_per_thread)]
 
 
-# tuned per (power-of-two bucket of M, N, L, R, dropout, B's orientation, A/B dtype, SM count): the
-# descriptors carry no dtype the autotuner could add to its key by itself, hence AB_DTYPE
+# tuned per (power-of-two bucket of M, N, L, R, dropout, B's orientation, rank precision, A/B dtype, SM count):
+# the descriptors carry no dtype the autotuner could add to its key by itself, hence AB_DTYPE; the rank
+# precision (tf32 or tf32x3, which follows torch.backends.cuda.matmul.allow_tf32) changes which configs
+# prune_configs keeps, so a choice made under one must not be reused under the other
 _lora_gemm_persistent_tuned = triton.autotune(
     configs=_configs(),
-    key=["M_BUCKET", "N", "L", "R", "HAS_DROPOUT", "B_TRANSPOSED", "AB_DTYPE", "NUM_SMS"],
+    key=["M_BUCKET", "N", "L", "R", "HAS_DROPOUT", "B_TRANSPOSED", "RANK_PRECISION", "AB_DTYPE", "NUM_SMS"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_lora_gemm_persistent_kernel)
 
@@ -339,6 +341,6 @@ def lora_gemm_persistent(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, u: t
         num_sms = _INTERPRETER_SMS
     else:
         num_sms = _launch._num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
-    with interpreter_scope():  # a no-op unless peftkern interprets its kernels (kernels/__init__.py)
-        launch(a, b, t, u, bias, out, lora_scale=lora_scale, seed=seed, dropout_p=dropout_p, num_sms=num_sms)
+    # under the interpreter, kernels/__init__.py's _scope_launches runs the launch inside interpreter_scope()
+    launch(a, b, t, u, bias, out, lora_scale=lora_scale, seed=seed, dropout_p=dropout_p, num_sms=num_sms)
     return out
