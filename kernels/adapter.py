@@ -24,6 +24,7 @@ import triton.language as tl
 from . import INTERPRET, _launch
 from ._launch import dot_precision, pow2_at_least_16
 from .activations import activate, derivative
+from .tf32 import dot_prec
 
 MAX_K = 256
 
@@ -53,7 +54,7 @@ def _adapter_fwd_kernel(
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         wd = tl.load(wd_ptr + offs_k[None, :] * stride_wdk + offs_d[:, None] * stride_wdd,
                      mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(h.to(wd.dtype), wd, acc, input_precision=PREC_DOWN)
+        acc = dot_prec(h, wd, acc, PREC_DOWN)
     if HAS_BD:
         acc += tl.load(bd_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(pre_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, acc,
@@ -65,7 +66,7 @@ def _adapter_fwd_kernel(
         d_ok = offs_d < D
         wu = tl.load(wu_ptr + offs_d[None, :] * stride_wud + offs_k[:, None] * stride_wuk,
                      mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        o = tl.dot(z, wu, input_precision=PREC_UP)
+        o = dot_prec(z, wu, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC_UP)
         if HAS_BU:
             o += tl.load(bu_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
         tile = m_ok[:, None] & d_ok[None, :]
@@ -104,7 +105,7 @@ def _adapter_bwd_kernel(
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         wu = tl.load(wu_ptr + offs_d[:, None] * stride_wud + offs_k[None, :] * stride_wuk,
                      mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        dz = tl.dot(dy.to(wu.dtype), wu, dz, input_precision=PREC_UP)
+        dz = dot_prec(dy, wu, dz, PREC_UP)
         if COLSUM:  # b_up's gradient from the same read of dy: this row block's column sums
             tl.store(colsum_ptr + pid.to(tl.int64) * stride_cs + offs_d, tl.sum(dy.to(tl.float32), axis=0),
                      mask=d_ok)
@@ -122,7 +123,7 @@ def _adapter_bwd_kernel(
             d_ok = offs_d < D
             wd = tl.load(wd_ptr + offs_k[:, None] * stride_wdk + offs_d[None, :] * stride_wdd,
                          mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            o = tl.dot(dpre_c, wd, input_precision=PREC_DOWN)
+            o = dot_prec(dpre_c, wd, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC_DOWN)
             tile = m_ok[:, None] & d_ok[None, :]
             if ADD_DY:
                 o += tl.load(dy_ptr + rows[:, None] * stride_dym + offs_d[None, :] * stride_dyd,
@@ -141,13 +142,31 @@ def _stages(block_k: int) -> int:
     return 2 if block_k > 128 else 3
 
 
-def _blocks(d: int, k: int):
+def _blocks(d: int, k: int, exact: bool, wide: bool):
+    """(BLOCK_M, BLOCK_D, BLOCK_K, warps). `exact`: a product runs in 3xTF32 (fp32 weights); `wide`: an operand
+    is fp32 (activations or weights)."""
     block_k = pow2_at_least_16(k, MAX_K)
     if INTERPRET:
         return 16, 32, block_k, 4
     # keep the [BLOCK_M, BLOCK_K] fp32 accumulator and a [BLOCK_M, BLOCK_D] tile within registers
     block_m = 64 if block_k <= 64 else 32
-    return block_m, 128 if block_k <= 128 else 64, block_k, 4 if block_k <= 64 else 8
+    block_d = 128 if block_k <= 128 else 64
+    warps = 4 if block_k <= 64 else 8
+    # fp32 streamed tiles are twice as large, and 3xTF32 holds hi/lo halves of them too: at the widths above
+    # they spilled (scripts/aot_check.py, sm_80 and sm_90)
+    if exact:
+        block_m, block_d, warps = (32, 32, 4) if block_k <= 64 else (16, 32, 8)
+    elif wide:
+        block_d = min(block_d, 64)
+    return block_m, block_d, block_k, warps
+
+
+def _tiles(x, w_down, w_up):
+    """_blocks for these operands."""
+    exact = "tf32x3" in (dot_precision(w_down.dtype == torch.float32), dot_precision(w_up.dtype == torch.float32))
+    wide = torch.float32 in (x.dtype, w_down.dtype, w_up.dtype)
+    return _blocks(x.shape[1], w_down.shape[0], exact, wide)
+
 
 
 def adapter_fwd(h, w_down, b_down, w_up, b_up, residual, code: int, scaling: float):
@@ -158,7 +177,7 @@ def adapter_fwd(h, w_down, b_down, w_up, b_up, residual, code: int, scaling: flo
     pre = _launch.empty((M, K), h.device, torch.float32)
     if M == 0:
         return out, pre
-    block_m, block_d, block_k, warps = _blocks(D, K)
+    block_m, block_d, block_k, warps = _tiles(h, w_down, w_up)
     res = residual if residual is not None else h
     _adapter_fwd_kernel[(triton.cdiv(M, block_m),)](
         # biases are read with unit stride: a strided view is copied (they are tiny)
@@ -187,7 +206,7 @@ def adapter_bwd_rows(dy, pre, w_up, w_down, code: int, scaling: float, *, need_d
     z = _launch.empty((M, K), dy.device, torch.float32) if store_z else None
     if M == 0:
         return dh, dpre, z, (torch.zeros(D, device=dy.device, dtype=torch.float32) if col_sums else None)
-    block_m, block_d, block_k, warps = _blocks(D, K)
+    block_m, block_d, block_k, warps = _tiles(dy, w_down, w_up)
     programs = triton.cdiv(M, block_m)
     parts = _launch.empty((programs, D), dy.device, torch.float32) if col_sums else None
     _adapter_bwd_kernel[(programs,)](

@@ -18,6 +18,7 @@ from . import INTERPRET
 from . import _launch
 from ._launch import dot_precision, dropout_args, pow2_at_least_16, target_programs
 from .dropout import keep_tile
+from .tf32 import dot_prec
 
 
 @triton.jit
@@ -26,11 +27,11 @@ def _rank_down_kernel(
     M, C, R, cols_per_split,
     stride_xm, stride_xc, stride_pr, stride_pc, stride_oz, stride_om, stride_or,
     seed, threshold, scale,
-    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, NATIVE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # NATIVE: x and p share a 16-bit dtype, so the dot takes them as they are (the products are exact in
-    # the fp32 accumulator either way; 16-bit MMA does twice the work per instruction of tf32)
+    # x and p go to the dot in their own dtypes (kernels/tf32.dot_prec): two 16-bit tiles on the native MMA
+    # (exact products, twice the work per instruction of tf32), an fp32 one through 3xTF32 when exact
     # program (m, r, z) sums columns [z·cols_per_split, (z+1)·cols_per_split) into out[z] (split-C
     # partials, added in a fixed order by the launcher: small batches still fill the GPU)
     pid_m = tl.program_id(0)
@@ -47,12 +48,9 @@ def _rank_down_kernel(
                     mask=(offs_m[:, None] < M) & (offs_c[None, :] < c_end), other=0.0)
         p = tl.load(p_ptr + offs_r[None, :] * stride_pr + offs_c.to(tl.int64)[:, None] * stride_pc,
                     mask=(offs_r[None, :] < R) & (offs_c[:, None] < c_end), other=0.0)
-        if not NATIVE:
-            x = x.to(tl.float32)
-            p = p.to(tl.float32)
         if HAS_DROPOUT:
-            x = tl.where(keep_tile(seed, offs_m, c0, C, threshold, BLOCK_C), x, 0.0)
-        acc = tl.dot(x, p, acc, input_precision=PRECISION)
+            x = tl.where(keep_tile(seed, offs_m, c0, C, threshold, BLOCK_C), x, 0.0).to(x.dtype)
+        acc = dot_prec(x, p, acc, PRECISION)
     tl.store(out_ptr + pid_z.to(tl.int64) * stride_oz + offs_m.to(tl.int64)[:, None] * stride_om
              + offs_r[None, :] * stride_or, acc * scale, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
@@ -78,12 +76,12 @@ def _rank_grad_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < m_end
         g_t = tl.load(g_ptr + offs_m.to(tl.int64)[None, :] * stride_gm + offs_r[:, None] * stride_gr,
-                      mask=row_ok[None, :] & (offs_r[:, None] < R), other=0.0).to(tl.float32)
+                      mask=row_ok[None, :] & (offs_r[:, None] < R), other=0.0)
         x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
-                    mask=row_ok[:, None] & (offs_c[None, :] < C), other=0.0).to(tl.float32)
+                    mask=row_ok[:, None] & (offs_c[None, :] < C), other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(keep_tile(seed, offs_m, pid_c * BLOCK_C, C, threshold, BLOCK_C), x, 0.0)
-        acc = tl.dot(g_t, x, acc, input_precision=PRECISION)
+            x = tl.where(keep_tile(seed, offs_m, pid_c * BLOCK_C, C, threshold, BLOCK_C), x, 0.0).to(x.dtype)
+        acc = dot_prec(g_t, x, acc, PRECISION)
     tl.store(part_ptr + pid_z.to(tl.int64) * stride_pz + offs_r[:, None] * stride_pr + offs_c[None, :] * stride_pc,
              acc * scale, mask=(offs_r[:, None] < R) & (offs_c[None, :] < C))
 
@@ -112,10 +110,10 @@ def _rank_up_add_kernel(
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         t = tl.load(t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-                    mask=m_ok[:, None] & (offs_r[None, :] < R), other=0.0).to(tl.float32)
+                    mask=m_ok[:, None] & (offs_r[None, :] < R), other=0.0)
         u = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_n.to(tl.int64)[None, :] * stride_un,
-                    mask=(offs_r[:, None] < R) & n_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(t, u, acc, input_precision=PRECISION)
+                    mask=(offs_r[:, None] < R) & n_ok[None, :], other=0.0)
+        acc = dot_prec(t, u, acc, PRECISION)
     if HAS_DROPOUT:
         acc = tl.where(keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N), acc, 0.0)
     ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
@@ -137,8 +135,14 @@ def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 
     block_m = 32 if INTERPRET else 64
     block_r = pow2_at_least_16(R, 64)
     # a [BLOCK_C, 64] fp32 operand tile per pipeline stage: 128 columns overflow sm_90's shared memory (and
-    # sm_80's) at three stages (scripts/aot_check.py), 64 fit
-    block_c = 32 if INTERPRET else (128 if block_r <= 32 else 64)
+    # sm_80's) at three stages (scripts/aot_check.py), 64 fit. 3xTF32 with the dropout mask keeps hi/lo
+    # halves of both operand tiles beside the Philox state: 32 columns, or sm_80 spills
+    precision = dot_precision(p_rc.dtype == torch.float32)
+    if precision == "tf32x3" and dropout_p > 0.0:
+        block_c = 32
+    else:
+        block_c = 128 if block_r <= 32 else 64
+    block_c = 32 if INTERPRET else block_c
     tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
     c_blocks = triton.cdiv(C, block_c)
     # fewer row tiles than the GPU wants (M=2048 is 32 tiles, a quarter of an H100): split C as well
@@ -151,8 +155,7 @@ def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 
         x, p_rc, part, M, C, R, cols_per_split,
         x.stride(0), x.stride(1), p_rc.stride(0), p_rc.stride(1), part.stride(0), part.stride(1), part.stride(2),
         seed_v, threshold, scale * drop_scale,
-        HAS_DROPOUT=dropout_p > 0.0, PRECISION=dot_precision(p_rc.dtype == torch.float32),
-        NATIVE=x.dtype == p_rc.dtype and x.dtype in (torch.float16, torch.bfloat16),
+        HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
     )
     if splits > 1:
@@ -169,8 +172,19 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, exact: bool, se
     if M == 0 or C == 0:
         return torch.zeros((R, C), device=x.device, dtype=torch.float32)
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
+    precision = dot_precision(exact or x.dtype == torch.float32)
     block_m = 32 if INTERPRET else 64
-    block_c = 32 if INTERPRET else 128
+    # the [BLOCK_R, BLOCK_C] accumulator (64 fp32 per thread at R=64, C=128) beside the x tile: 3xTF32's hi/lo
+    # halves of x, or an fp32 product (an fp32 g or x) with the dropout mask's Philox state, spilled at 128
+    # columns (sm_80, and sm_90 for 3xTF32; scripts/aot_check.py), 64 fit; 3xTF32 with the mask needs 32
+    exact, dropout = precision == "tf32x3", dropout_p > 0.0
+    if exact and dropout:
+        block_c = 32
+    elif exact or (dropout and torch.float32 in (g.dtype, x.dtype)):
+        block_c = 64
+    else:
+        block_c = 128
+    block_c = 32 if INTERPRET else block_c
     block_r = pow2_at_least_16(R, 64)
     tiles = triton.cdiv(C, block_c) * triton.cdiv(R, block_r)
     m_blocks = triton.cdiv(M, block_m)
@@ -183,7 +197,7 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, exact: bool, se
         g, x, part, M, R, C, rows_per_split,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), part.stride(0), part.stride(1), part.stride(2),
         seed_v, threshold, scale * drop_scale,
-        HAS_DROPOUT=dropout_p > 0.0, PRECISION=dot_precision(exact or x.dtype == torch.float32),
+        HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return part[0] if splits == 1 else part.sum(dim=0)
