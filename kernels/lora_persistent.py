@@ -240,10 +240,11 @@ def _tma_view(x: torch.Tensor, name: str, allow_transposed: bool):
 
 
 def _layout_unsupported(a, b, t, u, bias, out_dtype) -> Optional[str]:
-    """The reasons that do not depend on the device: dtypes, shapes, TMA layout."""
+    """The reasons that do not depend on the device: dtypes, shapes, TMA layout. `t` may be None: the
+    dispatcher asks before it computes T (a fresh [M, R] tensor, never a reason to decline)."""
     if not HAS_TENSOR_DESCRIPTORS:
         return f"triton {triton.__version__} has no host tensor descriptors (triton.tools.tensor_descriptor)"
-    if a.dim() != 2 or b.dim() != 2 or t.dim() != 2 or u.dim() != 2:
+    if a.dim() != 2 or b.dim() != 2 or u.dim() != 2 or (t is not None and t.dim() != 2):
         return "a, b, t and u must be 2-D"
     if a.dtype not in _AB_DTYPES or b.dtype != a.dtype:
         return f"a and b must share a 16-bit dtype (fp16/bf16), got {a.dtype} and {b.dtype}"
@@ -251,8 +252,9 @@ def _layout_unsupported(a, b, t, u, bias, out_dtype) -> Optional[str]:
         return f"out_dtype {out_dtype} is not fp16, bf16 or fp32"
     M, L = a.shape
     N = b.shape[1]
-    if b.shape[0] != L or t.shape[0] != M or u.shape != (t.shape[1], N):
-        return f"shapes do not chain: a {tuple(a.shape)}, b {tuple(b.shape)}, t {tuple(t.shape)}, u {tuple(u.shape)}"
+    if b.shape[0] != L or u.shape[1] != N or (t is not None and tuple(t.shape) != (M, u.shape[0])):
+        t_shape = tuple(t.shape) if t is not None else None
+        return f"shapes do not chain: a {tuple(a.shape)}, b {tuple(b.shape)}, t {t_shape}, u {tuple(u.shape)}"
     if bias is not None and tuple(bias.shape) != (N,):
         return f"bias must have shape ({N},), got {tuple(bias.shape)}"
     if M == 0 or N == 0:

@@ -13,11 +13,14 @@ Two levels decide what runs:
    interpreter), "cuda" (the compiled extension).
 2. The variant within that backend, where it has several. The Triton backend has two for the
    products: "fused" (peftkern's own kernel with the epilogue fused in) and "composite" (library
-   calls, cuBLAS for the big GEMM, plus peftkern's skinny kernels). PEFTKERN_DISPATCH picks:
+   calls, cuBLAS for the big GEMM, plus peftkern's skinny kernels); a kind can have several variants,
+   named kind_something (lora_linear's "fused_persistent": the Hopper TMA kernel, on sm_90 only).
+   PEFTKERN_DISPATCH picks:
      measure   (default) on CUDA, time every variant that can run this call once per key and keep the
                fastest (in memory, and on disk when PEFTKERN_DISPATCH_CACHE names a file);
                elsewhere (no GPU to time: the interpreter's speed says nothing) the fused variant
-     fused / composite   always that variant (RuntimeError, saying why, when it cannot run the call)
+     fused / composite   always that kind (RuntimeError, saying why, when none of its variants can run the
+               call); where several variants of the kind can run it, they are measured among themselves
    The key is what decides which one is faster: op phase, device, dtypes, a power-of-two bucket of
    the token count, the other dimensions, flags and layout (peftkern/ops build it).
 
@@ -69,6 +72,8 @@ _registry: dict[str, dict[str, dict[str, Implementation]]] = {}
 
 def register(family: str, backend: str, variant: str = DEFAULT_VARIANT, *, forward: Callable,
              backward: Optional[Callable] = None, unsupported=None) -> Implementation:
+    if kind_of(variant) not in MODES[1:]:
+        raise ValueError(f"variant {variant!r} must be fused, composite, or one of them with a _suffix")
     impl = Implementation(family, backend, variant, forward, backward, unsupported)
     variants = _registry.setdefault(family, {}).setdefault(backend, {})
     if variant in variants:
@@ -83,6 +88,11 @@ def backends(family: str) -> tuple[str, ...]:
 
 def variants(family: str, backend: str) -> dict[str, Implementation]:
     return _registry[family][backend]
+
+
+def kind_of(variant: str) -> str:
+    """The PEFTKERN_DISPATCH mode a variant belongs to: "fused_persistent" is a fused variant."""
+    return variant.split("_", 1)[0]
 
 
 def requested_mode() -> str:
@@ -230,11 +240,15 @@ def call(family: str, phase: str, backend: str, key: Callable[[], tuple], *args)
         return getattr(impl, phase)(*args)
     runnable = {name: impl for name, impl in impls.items() if impl.why_not(phase, args) is None}
     if mode != "measure":
-        if mode not in runnable:
+        forced = {name: impl for name, impl in runnable.items() if kind_of(name) == mode}
+        if not forced:
             why = impls[mode].why_not(phase, args) if mode in impls else f"{backend} has no {mode} variant"
             raise RuntimeError(f"{ENV_VAR}={mode}: {family} {phase} cannot run the {mode} variant on backend "
                                f"{backend!r}: {why}; unset {ENV_VAR} (or set it to measure) to let peftkern choose")
-        return getattr(runnable[mode], phase)(*args)
+        if len(forced) == 1:
+            (impl,) = forced.values()
+            return getattr(impl, phase)(*args)
+        runnable = forced  # several variants of that kind (fused, fused_persistent): measured among themselves
     if not runnable:
         reasons = "; ".join(f"{n}: {i.why_not(phase, args)}" for n, i in impls.items())
         raise RuntimeError(f"no variant of backend {backend!r} can run this {family} {phase} call ({reasons})")
@@ -245,7 +259,9 @@ def call(family: str, phase: str, backend: str, key: Callable[[], tuple], *args)
     fallback = runnable.get(DEFAULT_VARIANT) or next(iter(runnable.values()))
     if (_timer is None and device.type != "cuda") or _capturing(device):
         return getattr(fallback, phase)(*args)
-    ks = _key_string(family, phase, backend, device, key())
+    # the candidates are part of the key: a choice among the fused variants only (PEFTKERN_DISPATCH=fused) is
+    # not a choice against the composite one
+    ks = _key_string(family, phase, backend, device, key()) + "|" + ",".join(sorted(runnable))
     with _lock:
         _load_disk()
         known = _choices.get(ks)

@@ -10,7 +10,7 @@ import torch
 
 import peftkern
 from peftkern import dispatch
-from .conftest import DEVICE, available_backends
+from .conftest import DEVICE, ERROR_FLOOR, available_backends, rel_err
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends("lora_linear", torch.float32),
                                 reason="the fused/composite variants belong to the Triton backend, unavailable here")
@@ -220,3 +220,53 @@ def test_composite_sparse_needs_a_writable_weight(timer, monkeypatch):
         monkeypatch.setenv("PEFTKERN_DISPATCH", "composite")
         with pytest.raises(RuntimeError, match="PEFTKERN_DISPATCH=composite: .*inference tensor"):
             peftkern.sparse_diff_linear(x, w, idx, v)
+
+
+# ---- several variants of one kind: lora_linear's fused_persistent (the Hopper TMA GEMM) --------------
+
+def test_variant_names_must_name_a_kind():
+    with pytest.raises(ValueError, match="must be fused, composite"):
+        dispatch.register("lora_linear", "triton", "fastest", forward=lambda *a: None)
+    assert dispatch.kind_of("fused_persistent") == "fused" and dispatch.kind_of("composite") == "composite"
+
+
+def test_persistent_variant_says_why_it_cannot_run():
+    """CPU tensors, fp32 x and W, a backward without dx: the persistent variant declines (so it is never timed),
+    and says why. (Each of kernels/lora_persistent.unsupported's reasons is tested in test_lora_persistent.)"""
+    impl = dispatch.variants("lora_linear", "triton")["fused_persistent"]
+    x, w, a, b = lora_inputs(dtype=torch.float16)
+    if DEVICE.type != "cuda":
+        assert impl.why_not("forward", (x, w, a, b, None, 0.5, 0.0, 0)) == "not CUDA tensors"
+    else:
+        assert "16-bit" in impl.why_not("forward", (x.float(), w.float(), a, b, None, 0.5, 0.0, 0))
+    dy = torch.ones(x.shape[0], w.shape[0], dtype=x.dtype, device=DEVICE)
+    bwd = (dy, x, w, a, b, None, 0.5, 0.0, 0, False, False, True, True, False)
+    assert "dx is not needed" in impl.why_not("backward", bwd)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="runs the persistent kernel in the CPU interpreter (on a GPU "
+                    "it needs sm_90, where the measured tests above cover it)")
+def test_forced_fused_measures_among_the_fused_variants(timer, monkeypatch):
+    """PEFTKERN_DISPATCH=fused with two fused variants runnable: both are timed, the faster runs, composite is
+    not a candidate; the persistent variant's results (forward and dx through the interpreter) are as
+    accurate as the classic fused kernel's. Its sm_90/CUDA requirement is lifted here (the layout checks
+    stay), so the interpreter can run it."""
+    from peftkern.kernels import lora_persistent
+    monkeypatch.setattr(lora_persistent, "unsupported", lora_persistent._layout_unsupported)
+    t = timer({"fused": 2.0, "fused_persistent": 1.0})
+    monkeypatch.setenv("PEFTKERN_DISPATCH", "fused")
+    # fp16: TMA needs 16-bit x and W, rows of 16-byte multiples (k=24 and n=32 halves)
+    x, w, a, b = lora_inputs(m=40, k=24, n=32, r=4, dtype=torch.float16)
+    with peftkern.use_backend("triton"):
+        persistent = lora_step(x, w, a, b, p=0.2)
+    assert sorted(t.calls) == ["fused", "fused", "fused_persistent", "fused_persistent"]
+    chosen = dispatch.choices()
+    assert {c["variant"] for c in chosen.values()} == {"fused_persistent"}
+    assert all(set(c["ms"]) == {"fused", "fused_persistent"} for c in chosen.values())
+    monkeypatch.setattr(lora_persistent, "unsupported", lambda *args: "off for this comparison")
+    with peftkern.use_backend("triton"):
+        classic = lora_step(x, w, a, b, p=0.2)
+    with peftkern.use_backend("reference"):
+        oracle = lora_step(x.double(), w.double(), a.double(), b.double(), p=0.2)
+    for got, ref, want in zip(persistent, classic, oracle):
+        assert rel_err(got, want) <= 2 * rel_err(ref, want) + ERROR_FLOOR[torch.float16]

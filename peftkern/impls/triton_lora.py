@@ -1,12 +1,14 @@
-"""lora_linear on the Triton backend, two variants that share the rank-r kernels (kernels/rank.py):
+"""lora_linear on the Triton backend, three variants that share the rank-r kernels (kernels/rank.py):
 
   fused      y = x·Wᵀ + bias + s·S·Bᵀ in one GEMM (kernels/lora.py), the rank-r term in its epilogue;
              dx = dy·W + mask ⊙ (dS·A)/(1-p) likewise
   composite  the big GEMM by the library (cuBLAS through F.linear / mm), then rank_up_add_ adds the
              rank-r term in place: one more read and write of y (or dx) than fused, but cuBLAS's GEMM,
              which is often faster than a Triton GEMM at large shapes
+  fused_persistent   fused, with the Hopper TMA + persistent GEMM (kernels/lora_persistent.py): sm_90 and
+             newer, 16-bit x and W; measured against the others where it can run
 
-Both compute S = dropout(x)·Aᵀ, dS = s·dy·B, dA and dBᵀ with the same kernels and the same mask, so
+All three compute S = dropout(x)·Aᵀ, dS = s·dy·B, dA and dBᵀ with the same kernels and the same mask, so
 they agree up to the summation order of the main GEMM. peftkern.dispatch picks one per call shape.
 """
 import torch
@@ -45,6 +47,34 @@ def _dx_composite(dy, weight, ds, lora_a, dropout_p, seed):
                              dropout_p=dropout_p)
 
 
+def forward_persistent(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed):
+    _, rank = _kernels()
+    s_down = rank.rank_down(x, lora_a, scale=1.0, seed=seed, dropout_p=dropout_p)
+    y = _backend.kernels("lora_persistent").lora_gemm_persistent(x, weight.t(), s_down, lora_b.t(), bias,
+                                                                 lora_scale=scaling)
+    return y, s_down
+
+
+def _dx_persistent(dy, weight, ds, lora_a, dropout_p, seed):
+    return _backend.kernels("lora_persistent").lora_gemm_persistent(dy, weight, ds, lora_a, None, seed=seed,
+                                                                    dropout_p=dropout_p)
+
+
+def _persistent_unsupported(phase, *args):
+    """Why the persistent TMA kernel cannot run this call (kernels/lora_persistent.unsupported: sm_90+, CUDA,
+    16-bit x and W, TMA-compatible layouts), or None. The rank-r factor T (S, dS) is made inside the call;
+    it is always a fresh [M, r] tensor, so only its absence is passed."""
+    check = _backend.kernels("lora_persistent").unsupported
+    if phase == "forward":
+        x, weight, _, lora_b, bias = args[:5]
+        return check(x, weight.t(), None, lora_b.t(), bias, None)
+    dy, _, weight, lora_a = args[:4]
+    need_x = args[9]
+    if not need_x:
+        return "dx is not needed: the backward has no big GEMM for it (the fused variant runs the rest)"
+    return check(dy, weight, None, lora_a, None, None)
+
+
 def _backward(dx_fn):
     def backward(dy, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed,
                  need_x, need_weight, need_a, need_b, need_bias):
@@ -71,3 +101,5 @@ def _backward(dx_fn):
 
 dispatch.register("lora_linear", "triton", "fused", forward=forward_fused, backward=_backward(_dx_fused))
 dispatch.register("lora_linear", "triton", "composite", forward=forward_composite, backward=_backward(_dx_composite))
+dispatch.register("lora_linear", "triton", "fused_persistent", forward=forward_persistent,
+                  backward=_backward(_dx_persistent), unsupported=_persistent_unsupported)
