@@ -144,6 +144,25 @@ def test_background_load_starts_and_stops_its_processes():
         assert load.pids == [] and load.describe()["processes"] == 0
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed interrupt, on purpose
+def test_background_load_an_interrupt_swallowed_by_a_finalizer_still_ends_the_block():
+    """Ctrl-C delivered while a __del__ runs becomes "Exception ignored" (Python drops exceptions there): the
+    block's exit still raises SystemExit(128 + SIGINT), so the bench cannot finish with exit status 0."""
+    class InterruptsWhileFinalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # bytecodes after the signal: its handler runs here, inside __del__
+                pass
+
+    with pytest.raises(SystemExit) as stop:
+        with BackgroundLoad(1) as load:
+            pids = load.pids
+            InterruptsWhileFinalized()  # dropped at once: __del__ runs now
+    assert stop.value.code == 128 + signal.SIGINT
+    assert wait_gone(pids, timeout=0.5) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+
+
 @pytest.mark.parametrize("bad,error", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
 def test_background_load_rejects_bad_counts(bad, error):
     with pytest.raises(error, match="background load n"):

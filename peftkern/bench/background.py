@@ -8,6 +8,9 @@ for as long as the bench runs, and stops them however the bench ends:
 - normal exit, an exception or Ctrl-C: the `BackgroundLoad` context manager's exit (and an atexit
   fallback) terminates them, then kills any that linger;
 - SIGTERM to the bench: turned into SystemExit while the load runs, so the same exit path runs;
+- either signal arriving where Python drops exceptions (inside a __del__ or a weakref callback, which
+  print "Exception ignored" and carry on): remembered, and the block's exit raises SystemExit then, so
+  the bench never exits 0 after an interrupt;
 - the bench killed outright (SIGKILL): each worker checks its parent's pid between matmuls and exits
   when the parent is gone.
 The workers run in their own session, so a Ctrl-C in the terminal reaches only the bench, which then
@@ -53,7 +56,8 @@ class BackgroundLoad:
         self.n = n
         self.start_timeout_s = start_timeout_s
         self._procs: list[subprocess.Popen] = []
-        self._old_sigterm = None
+        self._old_handlers: dict = {}
+        self.signalled = None  # the signal that interrupted the block, if any
 
     @property
     def pids(self) -> list[int]:
@@ -66,7 +70,7 @@ class BackgroundLoad:
         if self.n == 0:
             return self
         atexit.register(self.stop)
-        self._install_sigterm()
+        self._install_handlers()
         try:
             for _ in range(self.n):
                 self._procs.append(subprocess.Popen(
@@ -79,8 +83,10 @@ class BackgroundLoad:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.stop()
+        if self.signalled is not None and exc_type is None:  # the interrupt's exception was swallowed
+            raise SystemExit(128 + self.signalled)
 
     def _wait_ready(self, proc: subprocess.Popen) -> None:
         import selectors
@@ -95,14 +101,18 @@ class BackgroundLoad:
             raise RuntimeError(f"background load worker {proc.pid} failed to start "
                                f"(exit code {proc.poll()}, said {line!r})")
 
-    def _install_sigterm(self) -> None:
-        def on_sigterm(signum, frame):
+    def _install_handlers(self) -> None:
+        def on_signal(signum, frame):
+            self.signalled = signum
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
             raise SystemExit(128 + signum)  # unwinds through __exit__, which stops the workers
 
         try:
-            self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old_handlers[sig] = signal.signal(sig, on_signal)
         except ValueError:  # not the main thread: rely on __exit__, atexit and the workers' parent check
-            self._old_sigterm = None
+            self._old_handlers = {}
 
     def stop(self) -> None:
         """Terminate every worker (SIGTERM, then SIGKILL after 5 s); safe to call more than once."""
@@ -118,12 +128,12 @@ class BackgroundLoad:
                 proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
-        if self._old_sigterm is not None:
+        handlers, self._old_handlers = self._old_handlers, {}
+        for sig, handler in handlers.items():
             try:
-                signal.signal(signal.SIGTERM, self._old_sigterm)
+                signal.signal(sig, handler)
             except ValueError:
                 pass
-            self._old_sigterm = None
         atexit.unregister(self.stop)
 
 
