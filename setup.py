@@ -92,9 +92,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "bench": ["tqdm", "rich", "matplotlib", "peft", "pytest-benchmark"],
+        "bench": ["tqdm", "rich", "matplotlib", "peft", "pytest-benchmark", "bitsandbytes"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "peft", "accelerate",
-                 "tqdm", "rich", "matplotlib"],
+                 "tqdm", "rich", "matplotlib", "bitsandbytes"],
     },
     entry_points={"console_scripts": ["peftkern=peftkern.__main__:main"]},
     ext_modules=ext_modules,

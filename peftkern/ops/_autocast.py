@@ -16,8 +16,9 @@ def _cast(value, device_type: str, dtype: torch.dtype):
     return value
 
 
-def register_autocast(op_name: str, op_overload, device_types=("cpu", "cuda")) -> None:
-    """Register the cast-to-current-autocast-dtype rule of peftkern::<op_name> on each device type."""
+def register_autocast(op_name: str, op_overload, device_types=("cpu", "cuda"), keep=()) -> None:
+    """Register the cast-to-current-autocast-dtype rule of peftkern::<op_name> on each device type.
+    `keep`: positions of arguments passed through uncast (a quantized weight's float32 block scales)."""
     for device_type in device_types:
         key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         key = getattr(torch._C.DispatchKey, key_name)
@@ -25,6 +26,6 @@ def register_autocast(op_name: str, op_overload, device_types=("cpu", "cuda")) -
         def kernel(_keyset, *args, _device_type=device_type, _key=key):
             dtype = torch.get_autocast_dtype(_device_type)
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
-                return op_overload(*(_cast(a, _device_type, dtype) for a in args))
+                return op_overload(*(a if i in keep else _cast(a, _device_type, dtype) for i, a in enumerate(args)))
 
         _lib.impl(op_name, kernel, key_name, with_keyset=True)

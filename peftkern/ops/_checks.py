@@ -104,3 +104,25 @@ def autocast_active(device: torch.device) -> bool:
 def has_internal_overlap(t: torch.Tensor) -> bool:
     """True when elements of t share memory (an expanded view): in-place writes there are ill-defined."""
     return any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride()))
+
+
+def lora_tensors(x, weight_shape, weight_desc: str, lora_a, lora_b, bias) -> None:
+    """lora_linear's tensor checks that do not depend on how the base weight is stored: x, lora_a, lora_b and
+    bias are floating tensors whose shapes chain with the [out, in] `weight_shape` (`weight_desc` says what
+    the weight is, for the message)."""
+    tensor("x", x, min_ndim=1)
+    tensor("lora_a", lora_a, ndim=2)
+    tensor("lora_b", lora_b, ndim=2)
+    if bias is not None:
+        tensor("bias", bias, ndim=1)
+    out_features, in_features = weight_shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x's last dim must equal weight's in_features {in_features} ({weight_desc}), got x of "
+                         f"shape {tuple(x.shape)}")
+    r = lora_a.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_a must have rank r >= 1 rows, got shape {tuple(lora_a.shape)}")
+    shape("lora_a", lora_a, (r, in_features), "[r, in_features]")
+    shape("lora_b", lora_b, (out_features, r), "[out_features, r]")
+    if bias is not None:
+        shape("bias", bias, (out_features,), "[out_features]")

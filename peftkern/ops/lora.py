@@ -16,7 +16,8 @@ from torch import Tensor
 
 from .. import _backend, dispatch
 from ..reference import lora as ref
-from . import _autograd, _checks
+from ..quant import QuantizedWeight
+from . import _autograd, _checks, qlora
 from ._autocast import register_autocast
 
 SEED_LIMIT = 2**63
@@ -91,26 +92,14 @@ register_autocast("lora_linear_fwd", torch.ops.peftkern.lora_linear_fwd.default)
 
 # ---- the public function --------------------------------------------------------------------------
 
-def _check(x, weight, lora_a, lora_b, bias, scaling, dropout_p, training, seed):
-    _checks.tensor("x", x, min_ndim=1)
+def _check(x, weight, lora_a, lora_b, bias):
     _checks.tensor("weight", weight, ndim=2)
-    _checks.tensor("lora_a", lora_a, ndim=2)
-    _checks.tensor("lora_b", lora_b, ndim=2)
-    if bias is not None:
-        _checks.tensor("bias", bias, ndim=1)
-    out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x's last dim must equal weight's in_features {in_features} (weight is "
-                         f"{tuple(weight.shape)} = [out, in]), got x of shape {tuple(x.shape)}")
-    r = lora_a.shape[0]
-    if r < 1:
-        raise ValueError(f"lora_a must have rank r >= 1 rows, got shape {tuple(lora_a.shape)}")
-    _checks.shape("lora_a", lora_a, (r, in_features), "[r, in_features]")
-    _checks.shape("lora_b", lora_b, (out_features, r), "[out_features, r]")
-    if bias is not None:
-        _checks.shape("bias", bias, (out_features,), "[out_features]")
+    _checks.lora_tensors(x, weight.shape, f"weight is {tuple(weight.shape)} = [out, in]", lora_a, lora_b, bias)
     _checks.same_device("x", x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
     _checks.input_dtypes("x", x, frozen=dict(weight=weight, bias=bias), adapters=dict(lora_a=lora_a, lora_b=lora_b))
+
+
+def _check_scalars(scaling, dropout_p, training, seed):
     _checks.real_number("scaling", scaling)
     _checks.real_number("dropout_p", dropout_p, low=0.0, high=1.0, high_inclusive=False)
     if not isinstance(training, bool):
@@ -129,7 +118,9 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, sc
 
     Args:
         x: [..., in_features], any number of leading dims (the result keeps them), any strides.
-        weight: [out_features, in_features], the frozen base weight (PyTorch's layout, as in F.linear).
+        weight: [out_features, in_features], the frozen base weight (PyTorch's layout, as in F.linear), or a
+            peftkern.QuantizedWeight standing for one (QLoRA: bitsandbytes' 4-bit format, dequantized in x's
+            dtype a block at a time, never whole; it gets no gradient).
         lora_a: [r, in_features] (PEFT's lora_A.weight), r >= 1, any r.
         lora_b: [out_features, r] (PEFT's lora_B.weight).
         scaling: finite real number multiplying the rank-r term (PEFT's alpha / r).
@@ -162,7 +153,12 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, sc
         RuntimeError: tensors on different devices, or a backend (peftkern.use_backend / PEFTKERN_BACKEND)
             that cannot run this call (saying why).
     """
-    _check(x, weight, lora_a, lora_b, bias, scaling, dropout_p, training, seed)
+    quantized = isinstance(weight, QuantizedWeight)
+    if quantized:
+        qlora.check(x, weight, lora_a, lora_b, bias)
+    else:
+        _check(x, weight, lora_a, lora_b, bias)
+    _check_scalars(scaling, dropout_p, training, seed)
     p = float(dropout_p) if training else 0.0
     seed_t = None
     if p > 0.0:
@@ -171,5 +167,8 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, sc
     lead = x.shape[:-1]
     # an explicit row count: reshape(-1, 0) is ambiguous when in_features is 0 (which F.linear allows)
     x2 = x.reshape(math.prod(lead), x.shape[-1])
-    y, _ = torch.ops.peftkern.lora_linear_fwd(x2, weight, lora_a, lora_b, bias, float(scaling), p, seed_t)
+    if quantized:
+        y = qlora.forward(x2, weight, lora_a, lora_b, bias, float(scaling), p, seed_t)
+    else:
+        y, _ = torch.ops.peftkern.lora_linear_fwd(x2, weight, lora_a, lora_b, bias, float(scaling), p, seed_t)
     return y.view(*lead, weight.shape[0])

@@ -79,6 +79,19 @@ def _add_wide_product_(out: torch.Tensor, t: torch.Tensor, u: torch.Tensor, scal
         out[r0:r1].copy_(low.add_(out[r0:r1]))
 
 
+def _base_linear(x, weight, bias):
+    """x·Wᵀ (+bias). `weight` is a dense tensor, or a frozen weight stored another way that computes its own
+    products (reference/qlora.py's 4-bit weight, dequantized a block of rows at a time)."""
+    if isinstance(weight, torch.Tensor):
+        return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    return weight.linear(x, bias)
+
+
+def _base_grad_input(dy, weight):
+    """dy·W, for either kind of weight (see _base_linear)."""
+    return torch.mm(dy, weight) if isinstance(weight, torch.Tensor) else weight.grad_input(dy)
+
+
 def lora_fwd(x, weight, lora_a, lora_b, bias, scaling: float, dropout_p: float, seed: int):
     """x [M, K] -> (y [M, N] in x's dtype, S = dropout(x)·Aᵀ [M, r] in the accumulation dtype)."""
     acc = acc_dtype(x.dtype)
@@ -90,7 +103,7 @@ def lora_fwd(x, weight, lora_a, lora_b, bias, scaling: float, dropout_p: float, 
             s_down[r0:r1] = _mm(xd, lora_a.t(), rank)
     else:
         s_down = _mm(x, lora_a.t(), rank).to(acc)
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    y = _base_linear(x, weight, bias)
     if rank == x.dtype:
         y.addmm_(s_down.to(x.dtype), lora_b.t().to(x.dtype), alpha=scaling)
     else:
@@ -111,7 +124,7 @@ def lora_bwd(dy, x, weight, lora_a, lora_b, s_down, scaling: float, dropout_p: f
     if need_b:
         db = (_mm(dy.t(), s_down, acc) * scaling).to(lora_b.dtype)
     if need_x:
-        dx = torch.mm(dy, weight)
+        dx = _base_grad_input(dy, weight)
     if dropout_p > 0.0 and (need_a or need_x):
         da_acc = torch.zeros(lora_a.shape, device=x.device, dtype=acc) if need_a else None
         for r0, r1 in _row_blocks(x):

@@ -1,0 +1,170 @@
+"""lora_linear over a peftkern.QuantizedWeight (SPEC section 7), reference backend.
+
+- equals lora_linear over the dequantized weight (rounded as bitsandbytes' matmul_4bit rounds it: to the
+  weight's dtype, then x's), forward and every gradient, dropout with the same seed included, fp32 and fp64;
+- gradcheck in float64;
+- no tensor of the weight's [out, in] size is allocated, forward or backward (every op's outputs recorded);
+- autocast casts x and the adapters but not the packed weight's block scales; bad input raises before work.
+The 4-bit format itself (bit-exact with bitsandbytes) is tests/test_quant.py's.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import peftkern
+from peftkern import QuantizedWeight
+from peftkern.reference import qlora as ref_qlora
+
+
+
+def _inputs(m=6, k=40, n=48, r=4, dtype=torch.float32, weight_dtype=None, bias=True):
+    w = torch.randn(n, k, dtype=weight_dtype or dtype)
+    qw = QuantizedWeight.quantize(w, quant_type="nf4", blocksize=64, double_quant=True)
+    x = torch.randn(m, k, dtype=dtype)
+    a = torch.randn(r, k, dtype=dtype) * 0.3
+    b = torch.randn(n, r, dtype=dtype) * 0.3
+    bb = torch.randn(n, dtype=dtype) if bias else None
+    return x, qw, a, b, bb
+
+
+def _step(x, weight, a, b, bias, p=0.0, seed=5):
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)] + ([bias.clone().requires_grad_()] if bias is not None else [])
+    y = peftkern.lora_linear(leaves[0], weight, leaves[1], leaves[2], bias=leaves[3] if bias is not None else None,
+                             scaling=0.75, dropout_p=p, seed=seed)
+    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("double_quant,quant_type", [(True, "nf4"), (False, "fp4")])
+def test_equals_lora_linear_over_the_dequantized_weight(dtype, p, double_quant, quant_type, monkeypatch):
+    monkeypatch.setattr(ref_qlora, "BLOCK_ELEMENTS", 7 * 40)  # several row blocks, one straddling absmax blocks
+    x, _, a, b, bias = _inputs(dtype=dtype)
+    qw = QuantizedWeight.quantize(torch.randn(48, 40, dtype=dtype), quant_type=quant_type, blocksize=64,
+                                  double_quant=double_quant)
+    dense = qw.dequantize()
+    assert dense.dtype == dtype and dense.shape == (48, 40)
+    got = _step(x, qw, a, b, bias, p)
+    want = _step(x, dense, a, b, bias, p)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_deq_is_rounded_to_the_weights_dtype_then_xs():
+    """A bfloat16 weight beside a float32 x: bitsandbytes dequantizes to bfloat16, then casts to x's dtype."""
+    x, qw, a, b, bias = _inputs(weight_dtype=torch.bfloat16)
+    assert qw.dtype == torch.bfloat16
+    got = _step(x, qw, a, b, bias)
+    want = _step(x, qw.dequantize().to(torch.float32), a, b, bias)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_gradcheck_float64():
+    x, qw, a, b, bias = _inputs(m=3, k=20, n=12, r=2, dtype=torch.float64)
+    args = [t.clone().requires_grad_() for t in (x, a, b, bias)]
+
+    def f(x_, a_, b_, bias_):
+        return peftkern.lora_linear(x_, qw, a_, b_, bias=bias_, scaling=0.5, dropout_p=0.25, seed=3)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor any op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_no_dense_weight_is_ever_allocated(p, monkeypatch):
+    """The reference implementation's forward and backward, every op's output recorded (a dispatch mode does
+    not see inside a custom op, so the implementation is called directly, with the op's arguments): none has
+    the [out, in] weight's element count (x, y and dx are smaller here: M < out and M < in); the products
+    are right. With one block for the whole weight the same check fails (the test can see a dense copy)."""
+    x, qw, a, b, bias = _inputs(m=6, k=40, n=48)
+    dy = torch.randn(6, 48)
+    full = 48 * 40
+
+    def biggest_allocation():
+        args = (qw.packed, qw.absmax_float(), qw.code, 48, qw.blocksize, qw.dtype)
+        with _Shapes() as rec:
+            y, s_down = ref_qlora.qlora_fwd(x, *args, a, b, bias, 0.75, p, 5)
+            grads = ref_qlora.qlora_bwd(dy, x, *args, a, b, s_down, 0.75, p, 5, True, True, True, True)
+        assert rec.shapes, "nothing recorded"
+        return max(torch.Size(s).numel() for s in rec.shapes), (y, *grads)
+
+    monkeypatch.setattr(ref_qlora, "BLOCK_ELEMENTS", 10 * 40)  # blocks of 10 of the 48 rows
+    largest, got = biggest_allocation()
+    assert largest < full
+    monkeypatch.setattr(ref_qlora, "BLOCK_ELEMENTS", full)  # one block: the dense weight, and the check sees it
+    assert biggest_allocation()[0] >= full
+    leaves = [t.clone().requires_grad_() for t in (x, a, b, bias)]
+    y = peftkern.lora_linear(leaves[0], qw.dequantize(), leaves[1], leaves[2], bias=leaves[3], scaling=0.75,
+                             dropout_p=p, seed=5)
+    y.backward(dy)
+    for g, w in zip(got, [y.detach()] + [t.grad for t in leaves]):
+        torch.testing.assert_close(g, w)
+
+
+def test_autocast_leaves_the_block_scales_alone():
+    x, qw, a, b, bias = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = peftkern.lora_linear(x, qw, a, b, bias=bias, scaling=0.5)
+        want = peftkern.lora_linear(x, qw.dequantize(), a, b, bias=bias, scaling=0.5)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+
+
+def test_leading_dims_and_a_frozen_x():
+    x, qw, a, b, bias = _inputs()
+    x3 = x.view(2, 3, 40)
+    y = peftkern.lora_linear(x3, qw, a.requires_grad_(), b, bias=bias)
+    assert y.shape == (2, 3, 48)
+    y.sum().backward()
+    assert a.grad is not None and a.grad.shape == a.shape
+
+
+@pytest.mark.parametrize("case,error,match", [
+    ("x_width", ValueError, "x's last dim"),
+    ("lora_a", ValueError, "lora_a"),
+    ("lora_b", ValueError, "lora_b"),
+    ("bias", ValueError, "bias"),
+    ("bias_dtype", TypeError, "bias"),
+    ("dropout", ValueError, "dropout_p"),
+])
+def test_bad_input_raises_naming_the_argument(case, error, match):
+    x, qw, a, b, bias = _inputs()
+    kwargs = dict(bias=bias)
+    if case == "x_width":
+        x = torch.randn(6, 41)
+    elif case == "lora_a":
+        a = torch.randn(4, 39)
+    elif case == "lora_b":
+        b = torch.randn(47, 4)
+    elif case == "bias":
+        kwargs["bias"] = torch.randn(47)
+    elif case == "bias_dtype":
+        kwargs["bias"] = bias.double()
+    elif case == "dropout":
+        kwargs["dropout_p"] = 1.0
+    with pytest.raises(error, match=match):
+        peftkern.lora_linear(x, qw, a, b, **kwargs)
+
+
+def test_opcheck():
+    x, qw, a, b, bias = _inputs(m=5, k=16, n=24, r=2)
+    a.requires_grad_()
+    args = (x, qw.packed, qw.absmax_float(), qw.code, 24, qw.blocksize, qw.dtype, a, b, bias, 0.5, 0.1,
+            torch.tensor(7))
+    torch.library.opcheck(torch.ops.peftkern.qlora_linear_fwd.default, args)
