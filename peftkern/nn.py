@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -11,6 +12,12 @@ from .ops.adapter import bottleneck_adapter
 from .ops.lora import lora_linear
 from .ops.sparse_diff import sparse_diff_linear
 from .reference.activations import CODES as _ACTIVATIONS, NAMES as _ACTIVATION_NAMES
+
+
+def _is_linear4bit(module) -> bool:
+    """A bitsandbytes Linear4bit, recognised without importing bitsandbytes (it is optional)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
 class LoRALinear(nn.Module):
@@ -58,6 +65,9 @@ class LoRALinear(nn.Module):
         self.lora_a = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_b = nn.Parameter(torch.empty(out_features, r, **factory))
         self._merged_backup: torch.Tensor | None = None
+        self.quantized_weight = None  # a peftkern.QuantizedWeight when built over a bitsandbytes Linear4bit
+        self.compute_dtype = None
+        self._compute_dtype_set = False
         self._reset_base()
         self.reset_lora_parameters()
 
@@ -76,7 +86,7 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0) -> "LoRALinear":
-        """A LoRALinear over an existing nn.Linear.
+        """A LoRALinear over an existing nn.Linear, or over a bitsandbytes 4-bit `Linear4bit` (QLoRA).
 
         The linear's `weight` and `bias` are shared, not copied, and frozen (their requires_grad is set to
         False, also as seen from `linear`). `lora_a` [r, in_features] and `lora_b` [out_features, r] are new,
@@ -84,9 +94,18 @@ class LoRALinear(nn.Module):
         exactly what `linear` computes until `lora_b` is trained. r, alpha and dropout are as in the
         constructor. Raises TypeError when `linear` is not an nn.Linear, and the constructor's errors for
         r, alpha and dropout.
+
+        A `Linear4bit` keeps its packed 4-bit weight (`weight` is its Params4bit; `quantized_weight` is a
+        peftkern.QuantizedWeight sharing that storage): the base product is dequantized a block at a time
+        inside lora_linear, in the layer's compute dtype as bitsandbytes computes it (x is cast to
+        `compute_dtype` when the Linear4bit has one, and the result back to x's dtype). The adapters are
+        float32 (PEFT's choice for 4-bit bases). `merge_()` refuses such a layer.
         """
+        if _is_linear4bit(linear):
+            return cls._from_linear4bit(linear, r, alpha, dropout)
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+            raise TypeError(f"linear must be a torch.nn.Linear or a bitsandbytes Linear4bit, got "
+                            f"{type(linear).__name__}")
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, r=r, alpha=alpha, dropout=dropout,
                     bias=linear.bias is not None, device="meta", dtype=w.dtype)
@@ -97,6 +116,27 @@ class LoRALinear(nn.Module):
             layer.bias.requires_grad_(False)
         layer.lora_a = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
         layer.lora_b = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=w.dtype))
+        layer.reset_lora_parameters()
+        return layer
+
+    @classmethod
+    def _from_linear4bit(cls, linear, r: int, alpha: float, dropout: float) -> "LoRALinear":
+        from .quant import QuantizedWeight
+        qw = QuantizedWeight.from_bnb(linear.weight)
+        out_features, in_features = qw.shape
+        device = qw.device
+        layer = cls(in_features, out_features, r=r, alpha=alpha, dropout=dropout, bias=linear.bias is not None,
+                    device="meta", dtype=torch.float32)
+        layer.weight = linear.weight  # the Params4bit itself: state_dict and the bitsandbytes layer stay as they were
+        layer.weight.requires_grad_(False)
+        layer.quantized_weight = qw
+        layer.compute_dtype = getattr(linear, "compute_dtype", None)
+        layer._compute_dtype_set = bool(getattr(linear, "compute_type_is_set", False))
+        if linear.bias is not None:
+            layer.bias = linear.bias
+            layer.bias.requires_grad_(False)
+        layer.lora_a = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
+        layer.lora_b = nn.Parameter(torch.empty(out_features, r, device=device, dtype=torch.float32))
         layer.reset_lora_parameters()
         return layer
 
@@ -114,6 +154,10 @@ class LoRALinear(nn.Module):
         merged, forward is a plain F.linear and the adapter receives no gradients: unmerge before training
         again. Merging a merged layer does nothing.
         """
+        if self.quantized_weight is not None:
+            raise RuntimeError("merge_() cannot fold the adapter into a 4-bit base weight: re-quantizing the sum "
+                               "would change the base and could not be undone exactly; dequantize first "
+                               "(layer.quantized_weight.dequantize()) and merge into a dense LoRALinear")
         if not self.merged:
             self._merged_backup = self.weight.detach().clone()
             delta = (self.lora_b.to(torch.float32) @ self.lora_a.to(torch.float32)) * self.scaling
@@ -143,10 +187,28 @@ class LoRALinear(nn.Module):
         Raises ValueError when x's last dim is not in_features, TypeError for a non-float or mismatched
         dtype, RuntimeError when x is on another device than the parameters.
         """
+        if self.quantized_weight is not None:
+            return self._forward_quantized(x)
         if self.merged:
             return torch.nn.functional.linear(x, self.weight, self.bias)
         return lora_linear(x, self.weight, self.lora_a, self.lora_b, scaling=self.scaling, bias=self.bias,
                            dropout_p=self.dropout, training=self.training)
+
+    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """As bitsandbytes' Linear4bit: x in the compute dtype (when set), bias in x's, the result in x's
+        original dtype. Float32 adapters beside a half-precision x are the allowed mix of lora_linear."""
+        if not self._compute_dtype_set:  # bitsandbytes' set_compute_type: the first input's float32/bfloat16 wins
+            if x.dtype in (torch.float32, torch.bfloat16):
+                self.compute_dtype = x.dtype
+            self._compute_dtype_set = True
+        xc = x.to(self.compute_dtype) if self.compute_dtype is not None else x
+        bias = self.bias.to(xc.dtype) if self.bias is not None else None
+        lora_a, lora_b = self.lora_a, self.lora_b
+        if xc.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            lora_a, lora_b = lora_a.to(xc.dtype), lora_b.to(xc.dtype)
+        y = lora_linear(xc, self.quantized_weight, lora_a, lora_b, scaling=self.scaling, bias=bias,
+                        dropout_p=self.dropout, training=self.training)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

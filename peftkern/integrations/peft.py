@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import warnings
 from collections import defaultdict
 
@@ -58,6 +59,7 @@ from peft.tuners.tuners_utils import BaseTuner
 
 from ..ops import _checks
 from ..ops.lora import lora_linear
+from ..quant import QuantizedWeight
 
 __all__ = ["patch", "unpatch", "unsupported_reason", "FusedLoraLinear", "LayersNotPatchedWarning"]
 
@@ -75,20 +77,45 @@ def _is_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D" and type(layer).__module__.startswith("transformers")
 
 
+def _bnb():
+    """bitsandbytes when the process has imported it (a Linear4bit can only exist then), else None."""
+    return sys.modules.get("bitsandbytes")
+
+
+def _is_linear4bit(layer: nn.Module) -> bool:
+    bnb = _bnb()
+    return bnb is not None and type(layer) is bnb.nn.Linear4bit
+
+
+def _peft_bnb_lora_class():
+    """PEFT's LoRA class for bitsandbytes 4-bit bases (PEFT picks it on GPU), or None when not importable."""
+    if _bnb() is None:
+        return None
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return None
+    return Linear4bit
+
+
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why the PEFT LoRA layer `module` cannot be patched at all, or None if patch() can patch it.
 
     Decided from what cannot change after patch(): the layer's class and its direct base layer, plus the
     adapters it holds now (an adapter added later is checked per call instead).
     """
-    if type(module) not in (_PeftLoraLinear, FusedLoraLinear):
-        return f"{type(module).__module__}.{type(module).__name__} layers have no fused path"
     # the *direct* base layer: get_base_layer() would unwrap a LoHa/LoKr/AdaLoRA layer underneath and the
     # fused op would silently drop that adapter
-    base = module.base_layer
-    if type(base) is not nn.Linear and not _is_conv1d(base):
-        return (f"base layer is {type(base).__module__}.{type(base).__name__}, not a plain nn.Linear or "
-                "transformers Conv1D (another adapter underneath, quantized, or wrapped)")
+    base = getattr(module, "base_layer", None)
+    if type(module) in (_PeftLoraLinear, FusedLoraLinear):
+        if type(base) is not nn.Linear and not _is_conv1d(base) and not _is_linear4bit(base):
+            return (f"base layer is {type(base).__module__}.{type(base).__name__}, not a plain nn.Linear, "
+                    "transformers Conv1D or bitsandbytes Linear4bit (another adapter underneath, or wrapped)")
+    elif type(module) in (_peft_bnb_lora_class(), FusedLoraLinear4bit):
+        if not _is_linear4bit(base):
+            return f"base layer is {type(base).__module__}.{type(base).__name__}, not a bitsandbytes Linear4bit"
+    else:
+        return f"{type(module).__module__}.{type(module).__name__} layers have no fused path"
     for name in module.lora_A.keys():
         reason = _adapter_reason(module, name)
         if reason is not None:
@@ -131,41 +158,104 @@ class FusedLoraLinear(_PeftLoraLinear):
         return _PeftLoraLinear.__name__  # print(model) stays exactly PEFT's ("lora.Linear(...)")
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args or kwargs or self.disable_adapters or self.merged:
-            return super().forward(x, *args, **kwargs)
-        lora_keys = self.lora_A.keys()
-        active = [a for a in self.active_adapters if a in lora_keys]
-        if not active or any(_adapter_reason(self, a) is not None for a in active):
-            return super().forward(x, *args, **kwargs)
-        first = active[0]
-        base = self.base_layer
-        lora_A, lora_B, dropout = self.lora_A[first], self.lora_B[first], self.lora_dropout[first]
-        if (_hooked(base) or _hooked(lora_A) or _hooked(lora_B) or _hooked(dropout) or _global_hooks()):
-            return super().forward(x, *args, **kwargs)  # PEFT's forward calls those modules, hooks and all
-        weight, bias = (base.weight, base.bias) if type(base) is nn.Linear else (base.weight.t(), base.bias)
-        lora_a, lora_b = lora_A.weight, lora_B.weight
-        autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
-        if not autocast:
-            same_dtype = x.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype)
-            adapter_dtypes = (x.dtype,) if not getattr(self, "cast_input_dtype_enabled", True) \
-                else _checks.adapter_dtypes(x.dtype)  # casting disabled: PEFT itself raises on a dtype mismatch
-            if not same_dtype or lora_a.dtype not in adapter_dtypes or lora_b.dtype not in adapter_dtypes:
-                return super().forward(x, *args, **kwargs)
-        if not (weight.device == x.device == lora_a.device == lora_b.device):
-            return super().forward(x, *args, **kwargs)  # let PEFT (or its error) decide
-        training = isinstance(dropout, nn.Dropout) and dropout.training
-        result = lora_linear(x, weight, lora_a, lora_b, scaling=float(self.scaling[first]), bias=bias,
-                             dropout_p=float(dropout.p) if training else 0.0, training=training)
-        if len(active) == 1:
-            return result
-        # further active adapters: PEFT's own eager math, in its order of casts and accumulation
-        result_dtype = result.dtype
-        x = self._cast_input_dtype(x, lora_a.dtype)
-        for name in active[1:]:
-            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            x = self._cast_input_dtype(x, lora_A.weight.dtype)
-            result = result + lora_B(lora_A(self.lora_dropout[name](x))) * self.scaling[name]
-        return result.to(result_dtype)
+        return _fused_forward(self, super().forward, x, *args, **kwargs)
+
+
+def _base_weight(base: nn.Module, x: torch.Tensor):
+    """(weight for lora_linear, bias) of the base layer for this input, or None when the call must run on
+    PEFT's path. A bitsandbytes Linear4bit gives a peftkern.QuantizedWeight over its packed storage."""
+    if type(base) is nn.Linear:
+        return base.weight, base.bias
+    if _is_conv1d(base):
+        return base.weight.t(), base.bias
+    # Linear4bit: its compute dtype is settled on the first call exactly as bitsandbytes' forward settles it
+    if not base.compute_type_is_set:
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    if base.compute_dtype is not None and base.compute_dtype != x.dtype:
+        return None  # PEFT's LoRA branch sees x uncast while the base sees it cast: keep PEFT's two inputs
+    if base.bias is not None and base.bias.dtype != x.dtype:
+        return None  # bitsandbytes recasts the bias in place on its own path
+    try:
+        return QuantizedWeight.from_bnb(base.weight), base.bias
+    except (RuntimeError, ValueError, TypeError) as err:  # e.g. bitsandbytes' CPU-repacked layout
+        log.info("peftkern: a Linear4bit runs on PEFT's forward: %s", err)
+        return None
+
+
+def _fused_forward(self, peft_forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The forward of the patched classes: the base layer and the first active adapter in one lora_linear
+    call where every per-call condition holds (module doc), PEFT's own `peft_forward` otherwise."""
+    if args or kwargs or self.disable_adapters or self.merged:
+        return peft_forward(x, *args, **kwargs)
+    lora_keys = self.lora_A.keys()
+    active = [a for a in self.active_adapters if a in lora_keys]
+    if not active or any(_adapter_reason(self, a) is not None for a in active):
+        return peft_forward(x, *args, **kwargs)
+    first = active[0]
+    base = self.base_layer
+    lora_A, lora_B, dropout = self.lora_A[first], self.lora_B[first], self.lora_dropout[first]
+    if (_hooked(base) or _hooked(lora_A) or _hooked(lora_B) or _hooked(dropout) or _global_hooks()):
+        return peft_forward(x, *args, **kwargs)  # PEFT's forward calls those modules, hooks and all
+    base_weight = _base_weight(base, x)
+    if base_weight is None:
+        return peft_forward(x, *args, **kwargs)
+    weight, bias = base_weight
+    quantized = isinstance(weight, QuantizedWeight)
+    lora_a, lora_b = lora_A.weight, lora_B.weight
+    autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    if not autocast:
+        # a 4-bit weight is dequantized into x's dtype: only the bias must match
+        same_dtype = (quantized or x.dtype == weight.dtype) and (bias is None or bias.dtype == x.dtype)
+        adapter_dtypes = (x.dtype,) if not getattr(self, "cast_input_dtype_enabled", True) \
+            else _checks.adapter_dtypes(x.dtype)  # casting disabled: PEFT itself raises on a dtype mismatch
+        if not same_dtype or lora_a.dtype not in adapter_dtypes or lora_b.dtype not in adapter_dtypes:
+            return peft_forward(x, *args, **kwargs)
+    elif quantized:
+        return peft_forward(x, *args, **kwargs)  # bitsandbytes' autocast handling is its own
+    if not (weight.device == x.device == lora_a.device == lora_b.device):
+        return peft_forward(x, *args, **kwargs)  # let PEFT (or its error) decide
+    training = isinstance(dropout, nn.Dropout) and dropout.training
+    result = lora_linear(x, weight, lora_a, lora_b, scaling=float(self.scaling[first]), bias=bias,
+                         dropout_p=float(dropout.p) if training else 0.0, training=training)
+    if len(active) == 1:
+        return result
+    # further active adapters: PEFT's own eager math, in its order of casts and accumulation
+    result_dtype = result.dtype
+    x = self._cast_input_dtype(x, lora_a.dtype)
+    for name in active[1:]:
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        x = self._cast_input_dtype(x, lora_A.weight.dtype)
+        result = result + lora_B(lora_A(self.lora_dropout[name](x))) * self.scaling[name]
+    return result.to(result_dtype)
+
+
+def _make_fused_4bit_class():
+    """FusedLoraLinear's twin for PEFT's bitsandbytes LoRA class (`peft.tuners.lora.bnb.Linear4bit`, which
+    PEFT uses for 4-bit bases on GPU); None when bitsandbytes or that class is not importable."""
+    base_cls = _peft_bnb_lora_class()
+    if base_cls is None:
+        return None
+
+    class FusedLoraLinear4bit(base_cls):
+        """PEFT's bitsandbytes 4-bit LoRA layer whose forward runs on `peftkern.lora_linear` where it can."""
+
+        def _get_name(self) -> str:
+            return base_cls.__name__
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            return _fused_forward(self, super().forward, x, *args, **kwargs)
+
+    FusedLoraLinear4bit.__qualname__ = FusedLoraLinear4bit.__name__  # pickles by reference, as FusedLoraLinear
+    return FusedLoraLinear4bit
+
+
+FusedLoraLinear4bit = _make_fused_4bit_class()
+# PEFT's class -> its patched twin, and back
+_FUSED_CLASS = {_PeftLoraLinear: FusedLoraLinear}
+if FusedLoraLinear4bit is not None:
+    _FUSED_CLASS[_peft_bnb_lora_class()] = FusedLoraLinear4bit
+_PEFT_CLASS = {fused: peft_cls for peft_cls, fused in _FUSED_CLASS.items()}
 
 
 def _check_model(model, fn: str) -> None:
@@ -182,14 +272,14 @@ def _patch_layers(model: nn.Module, skip: set[int] = frozenset()) -> tuple[int, 
         if not isinstance(module, LoraLayer) or id(module) in skip:
             continue
         seen += 1
-        if type(module) is FusedLoraLinear:
+        if type(module) in _PEFT_CLASS:
             continue
         reason = unsupported_reason(module)
         if reason is not None:
             log.info("peftkern: %s stays on PEFT's own forward: %s", name, reason)
             skipped.append((name or type(model).__name__, reason))
             continue
-        module.__class__ = FusedLoraLinear
+        module.__class__ = _FUSED_CLASS[type(module)]
         patched += 1
     return patched, seen, skipped
 
@@ -254,8 +344,8 @@ def unpatch(model: nn.Module) -> int:
     _check_model(model, "unpatch")
     restored = 0
     for module in model.modules():
-        if type(module) is FusedLoraLinear:
-            module.__class__ = _PeftLoraLinear
+        if type(module) in _PEFT_CLASS:
+            module.__class__ = _PEFT_CLASS[type(module)]
             restored += 1
     _set_mark(model, False)
     return restored
