@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="print backend_info(): versions, devices, extension, auto choices")
     bench = sub.add_parser("bench", help="time each op against the eager baseline and the F.linear floor")
     bench.add_argument("--op", choices=[*bench_ops(), "all"], default="all",
-                       help="lora: lora_linear; adapter: bottleneck_adapter; sparse: sparse_diff_apply_ and "
+                       help="lora: lora_linear; qlora: lora_linear over a 4-bit QuantizedWeight (vs PEFT + "
+                            "bitsandbytes); adapter: bottleneck_adapter; sparse: sparse_diff_apply_ and "
                             "sparse_diff_linear; e2e: fine-tune a random-init Llama with PEFT LoRA, unpatched "
                             "vs patched; all (default): every one of them")
     bench.add_argument("--quick", action="store_true",

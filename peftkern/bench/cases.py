@@ -104,3 +104,39 @@ def sparse_cases(device: torch.device, quick: bool = False) -> list[SparseCase]:
         return [SparseCase("apply", 1024, 1024, 0.01, dtype), SparseCase("linear", 1024, 1024, 0.01, dtype, m=128)]
     return ([SparseCase("apply", 4096, 4096, d, dtype) for d in (0.001, 0.01, 0.05)]
             + [SparseCase("linear", 4096, 4096, 0.01, dtype, m=8192 if gpu else 512)])
+
+
+@dataclasses.dataclass(frozen=True)
+class QLoraCase:
+    """LoRA over a 4-bit base (bitsandbytes' format, double-quantized absmax by default)."""
+    m: int  # tokens
+    k: int  # in_features
+    n: int  # out_features
+    r: int
+    dtype: torch.dtype  # compute dtype of x, the adapters and deq(W)
+    dropout: float
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    family = "qlora_linear"
+
+    @property
+    def label(self) -> str:
+        dq = "+dq" if self.double_quant else ""
+        return (f"M={self.m} K={self.k} N={self.n} r={self.r} {self.quant_type}{dq} "
+                f"{str(self.dtype).replace('torch.', '')} p={self.dropout}")
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        return d
+
+
+def qlora_cases(device: torch.device, quick: bool = False) -> list[QLoraCase]:
+    """GPU: issue 12's acceptance shape (M=8192, K=N=4096, r=16, NF4 double-quantized, bf16). CPU: float32,
+    smaller (bitsandbytes' CPU 4-bit matmul is slow)."""
+    if device.type == "cuda":
+        return [QLoraCase(8192, 4096, 4096, 16, torch.bfloat16, p) for p in ((0.0,) if quick else (0.0, 0.1))]
+    if quick:
+        return [QLoraCase(128, 256, 256, 16, torch.float32, 0.0)]
+    return [QLoraCase(512, 1024, 1024, 16, torch.float32, p) for p in (0.0, 0.1)]

@@ -11,6 +11,11 @@ Bottleneck adapter
 - floor:    one elementwise pass over h forward and over dy backward (h·s): reading h and writing the
             output once, which any adapter must do
 - peftkern_fwd: the forward alone under no_grad, for the share of the bandwidth roofline
+QLoRA (LoRA over a 4-bit NF4 base)
+- eager:    PEFT's LoRA layer over a bitsandbytes Linear4bit when both are importable, else the same math in
+            eager torch: dequantize the whole weight, F.linear, plus the LoRA branch
+- peftkern: peftkern.lora_linear over a peftkern.QuantizedWeight of the same bytes
+- floor:    the bare dense F.linear (the unquantized weight in the compute dtype), forward and backward
 Sparse diff, apply (into a 4096x4096 weight)
 - eager:    index_put_(accumulate=True) into a copy of the weight (how a diff is applied without peftkern)
 - eager_inplace: the in-place update a user writes by hand with the same result as sparse_diff_apply_:
@@ -34,7 +39,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .cases import LoraCase
+from .cases import LoraCase, QLoraCase
 
 VARIANTS = ("fused", "composite")
 
@@ -236,3 +241,82 @@ def sparse_providers(case, device: torch.device) -> tuple[dict[str, Callable[[],
 
     return (with_variants({"eager": eager, "peftkern": fused, "floor": floor}, device),
             "SpIEL-style eager (clone, scatter, dense grad)")
+
+
+def bnb_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def qlora_providers(case: QLoraCase, device: torch.device) -> tuple[dict[str, Callable[[], None]], str]:
+    """Step functions for eager (PEFT + bitsandbytes), peftkern and the dense floor over the same 4-bit bytes."""
+    import peftkern
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    alpha = 2 * case.r
+    dense = (torch.randn(case.n, case.k, generator=gen) / case.k ** 0.5).to(device=device, dtype=case.dtype)
+    qw = peftkern.QuantizedWeight.quantize(dense, quant_type=case.quant_type, blocksize=case.blocksize,
+                                           double_quant=case.double_quant)
+    floor_w = qw.dequantize()
+    # float32 adapters, as PEFT keeps them over a 4-bit base
+    lora_a = (torch.randn(case.r, case.k, generator=gen) / case.k ** 0.5).to(device=device)
+    lora_b = (torch.randn(case.n, case.r, generator=gen) * 0.01).to(device=device)
+    lora_a.requires_grad_()
+    lora_b.requires_grad_()
+    x = torch.randn(case.m, case.k, generator=gen).to(device=device, dtype=case.dtype).requires_grad_()
+    dy = torch.randn(case.m, case.n, generator=gen).to(device=device, dtype=case.dtype)
+    scaling = alpha / case.r
+
+    if peft_available() and bnb_available():
+        import bitsandbytes as bnb
+        from peft import LoraConfig
+        from peft.tuners.lora.layer import Linear as PeftLinear
+
+        base = bnb.nn.Linear4bit(case.k, case.n, bias=False, compute_dtype=case.dtype, quant_type=case.quant_type,
+                                 compress_statistics=case.double_quant, device="meta")
+        base.weight = bnb.nn.Params4bit(dense.cpu(), requires_grad=False, quant_type=case.quant_type,
+                                        blocksize=case.blocksize, compress_statistics=case.double_quant)
+        base = base.to(device)
+        layer = PeftLinear(base, "default", config=LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=case.dropout),
+                           r=case.r, lora_alpha=alpha)
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(lora_a)
+            layer.lora_B["default"].weight.copy_(lora_b)
+        layer.to(device).train()
+        eager_params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        eager_name = f"peft {__import__('peft').__version__} + bitsandbytes {bnb.__version__}"
+
+        def eager_step():
+            layer(x).backward(dy)
+    else:
+        drop = torch.nn.Dropout(case.dropout)
+        eager_params = [lora_a, lora_b]
+        eager_name = "eager (dequantize + F.linear; peft or bitsandbytes not installed)"
+
+        def eager_step():
+            low = F.linear(F.linear(drop(x).float(), lora_a), lora_b) * scaling
+            y = (F.linear(x, qw.dequantize().to(case.dtype)) + low).to(case.dtype)
+            y.backward(dy)
+
+    def zero():
+        x.grad = None
+        for p in eager_params + [lora_a, lora_b]:
+            p.grad = None
+
+    def eager():
+        eager_step()
+        zero()
+
+    def fused():
+        peftkern.lora_linear(x, qw, lora_a, lora_b, scaling=scaling, dropout_p=case.dropout,
+                             training=True).backward(dy)
+        zero()
+
+    def floor():
+        F.linear(x, floor_w).backward(dy)
+        x.grad = None
+
+    return with_variants({"eager": eager, "peftkern": fused, "floor": floor}, device), eager_name

@@ -8,6 +8,7 @@ _FAMILY_OF_OP = {"lora": "lora_linear", "adapter": "bottleneck_adapter"}
 # the eager baselines of a row: (results key, how the table names a second one)
 EAGER_BASELINES = (("eager", ""), ("eager_inplace", "vs in-place by hand"))
 FLOORS = {"lora": "bare F.linear of the frozen base, fwd+bwd",
+          "qlora": "bare dense F.linear of the dequantized base in the compute dtype, fwd+bwd",
           "adapter": "one elementwise pass over h (fwd) and dy (bwd)",
           "sparse": "apply: in-place index_put_(accumulate=True); linear: bare F.linear fwd+bwd"}
 BAR_NAMES = {"eager": "speedup vs eager", "eager_inplace": "speedup vs in-place eager written by hand"}
