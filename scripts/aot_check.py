@@ -385,10 +385,15 @@ _ADAPTER_VARIANTS = [
 _LORA_MAX = dict(M=256, r=64, bias=True, p=0.1)
 _LORA_COMMON = dict(M=250, r=8, bias=False, p=0.0)
 _LORA_MID = dict(M=256, r=32, bias=True, p=0.1)
+# QLoRA calls (LoRA over a 4-bit weight; `wq` is the weight's dtype, BLOCKSIZE a constexpr of the kernel): the
+# worst case (bias, dropout) with the weight in the activations' dtype, and in PEFT's default setting the
+# common case (no bias, no dropout, a token count off %16, block 128) over an fp32 weight as well
+_QLORA_MAX = dict(M=256, r=16, bias=True, p=0.1)
+_QLORA_COMMON = dict(M=250, r=16, bias=False, p=0.0, blocksize=128)
 
 
 def driver_calls(full: bool = False) -> list[dict]:
-    """The driver's calls: dicts with family ("lora", "adapter", "sparse"), dtypes, tf32 and the call's
+    """The driver's calls: dicts with family ("lora", "qlora", "adapter", "sparse"), dtypes, tf32 and the call's
     arguments.
 
     Default, a covering set sized for CI: in every dtype setting each family's worst case (LoRA with bias,
@@ -411,9 +416,17 @@ def driver_calls(full: bool = False) -> list[dict]:
                 for k in (16, 24, 64, 128, 256):
                     calls.append(dict(base, family="adapter", act=act, k=k, M=256))
             calls += [dict(base, family="adapter", **v) for v in _ADAPTER_VARIANTS]
+            for wq in sorted({act_dtype, "float32"}):
+                for bias, p in ((False, 0.0), (True, 0.1)):
+                    for blocksize in (64, 128):
+                        calls.append(dict(base, family="qlora", wq=wq, M=256, r=16, bias=bias, p=p,
+                                          blocksize=blocksize))
         else:
             calls.append(dict(base, family="lora", **_LORA_MAX))
+            calls.append(dict(base, family="qlora", wq=act_dtype, **_QLORA_MAX))
             if peft_default:
+                calls.append(dict(base, family="qlora", wq=act_dtype, **_QLORA_COMMON))
+                calls.append(dict(base, family="qlora", wq="float32", **_QLORA_COMMON))
                 calls.append(dict(base, family="lora", **_LORA_COMMON))
                 calls.append(dict(base, family="lora", **_LORA_MID))
             calls.append(dict(base, family="adapter", **_ADAPTER_VARIANTS[0]))
@@ -467,6 +480,13 @@ def drive(calls: list[dict], recorder, log) -> list[str]:
                   num_sms=132)  # forward: B = Wᵀ (a transposed view), H100's SM count
         lp.launch(y, w, ds, a.detach(), None, dx, lora_scale=1.0, seed=3, dropout_p=p, num_sms=132)  # dx
 
+    def qlora(xd, pd, M, r, bias, p, wq, blocksize=64, K=256, N=384):
+        x = rnd(M, K, dtype=xd, grad=True)
+        qw = peftkern.QuantizedWeight.quantize(rnd(N, K, dtype=getattr(torch, wq)), blocksize=blocksize)
+        a, b = rnd(r, K, dtype=pd, grad=True), rnd(N, r, dtype=pd, grad=True)
+        bb = rnd(N, dtype=xd) if bias else None
+        return peftkern.lora_linear(x, qw, a, b, scaling=0.5, bias=bb, dropout_p=p, seed=3)
+
     def adapter(hd, pd, act, k, M, d=256, biases=True, residual=False, need_h=True, need_wu=True):
         h = rnd(M, d, dtype=hd, grad=need_h)
         wd, wu = rnd(k, d, dtype=pd, grad=True), rnd(d, k, dtype=pd, grad=need_wu)
@@ -481,7 +501,7 @@ def drive(calls: list[dict], recorder, log) -> list[str]:
         vals = rnd(nnz, dtype=vd, grad=True)
         return peftkern.sparse_diff_linear(x, w, idx, vals, rnd(N, dtype=xd) if bias else None)
 
-    families = {"lora": lora, "adapter": adapter, "sparse": sparse}
+    families = {"lora": lora, "qlora": qlora, "adapter": adapter, "sparse": sparse}
     old_mode = os.environ.get("PEFTKERN_DISPATCH")
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     try:

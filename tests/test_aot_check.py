@@ -213,7 +213,8 @@ def test_driver_covering_set_reaches_every_setting_flag_activation_and_width():
     assert {("bfloat16", "float32"), ("bfloat16", "bfloat16")} <= {(c["act_dtype"], c["param_dtype"]) for c in calls}
     for s in aot._SETTINGS:  # every family in every setting, each in its worst case
         mine = [c for c in calls if setting(c) == s]
-        assert {c["family"] for c in mine} == {"lora", "adapter", "sparse"}, s
+        assert {c["family"] for c in mine} == {"lora", "qlora", "adapter", "sparse"}, s
+        assert any(c["family"] == "qlora" and c["bias"] and c["p"] > 0 for c in mine), s
         assert any(c["family"] == "lora" and c["bias"] and c["p"] > 0 and c["r"] == 64 for c in mine), s
         assert any(c["family"] == "adapter" and c["act"] == "gelu" and c["k"] == 64 for c in mine), s
     adapters = [c for c in calls if c["family"] == "adapter"]
@@ -225,6 +226,9 @@ def test_driver_covering_set_reaches_every_setting_flag_activation_and_width():
     assert {c["p"] > 0 for c in lora} == {c["bias"] for c in lora} == {True, False}
     assert {c["r"] for c in lora} == {8, 32, 64}  # rank tiles 16, 32, 64
     assert {c["M"] % 16 == 0 for c in calls if c["family"] != "adapter"} == {True, False}
+    qlora = [c for c in calls if c["family"] == "qlora"]
+    assert {c["p"] > 0 for c in qlora} == {c["bias"] for c in qlora} == {True, False}
+    assert {c["wq"] for c in qlora} == {"bfloat16", "float16", "float32"}
     full = aot.driver_calls(full=True)
     assert len(full) > 3 * len(calls) and {setting(c) for c in full} == set(aot._SETTINGS)
 

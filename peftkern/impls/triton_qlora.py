@@ -1,0 +1,62 @@
+"""lora_linear over a 4-bit QuantizedWeight on the Triton backend, two variants:
+
+  fused      y = x·deq(W)ᵀ + bias + s·S·Bᵀ in one GEMM that dequantizes W's 4-bit tiles in registers
+             (kernels/qlora.py), the rank-r term as its accumulator's initial value; dx = dy·deq(W) + mask ⊙
+             (dS·A)/(1-p) likewise; S, dS, dA and dBᵀ by the rank-r kernels of kernels/rank.py
+  composite  the reference path (peftkern/reference/qlora.py): blocks of W dequantized by torch, the
+             library GEMM (cuBLAS on a GPU) on each, and torch's rank-r products
+
+Neither writes a dense [out, in] weight. peftkern.dispatch picks one per call shape.
+"""
+import torch
+
+from .. import _backend, dispatch
+from ..reference import qlora as reference
+
+
+def _kernels():
+    return _backend.kernels("qlora"), _backend.kernels("rank")
+
+
+def forward_fused(x, packed, absmax, code, out_features, blocksize, weight_dtype, lora_a, lora_b, bias,
+                  scaling, dropout_p, seed):
+    gemm, rank = _kernels()
+    s_down = rank.rank_down(x, lora_a, scale=1.0, seed=seed, dropout_p=dropout_p)
+    y = gemm.qlora_gemm(x, packed.contiguous(), absmax.contiguous(), code.contiguous(), s_down, lora_b.t(), bias,
+                        out_features=out_features, in_features=x.shape[1], blocksize=blocksize,
+                        weight_dtype=weight_dtype, transpose_w=True, lora_scale=scaling)
+    return y, s_down
+
+
+def backward_fused(dy, x, packed, absmax, code, out_features, blocksize, weight_dtype, lora_a, lora_b, s_down,
+                   scaling, dropout_p, seed, need_x, need_a, need_b, need_bias):
+    gemm, rank = _kernels()
+    # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
+    dx, da, db, dbias = (x.new_empty(0) for _ in range(4))
+    ds = rank.rank_down(dy, lora_b.t(), scale=scaling)  # dS = s·dy·B, [M, r] fp32
+    if need_b:  # dBᵀ = s·Sᵀ·dy
+        db = rank.rank_grad(s_down, dy, scale=scaling,
+                            exact=lora_b.dtype == torch.float32).t().contiguous().to(lora_b.dtype)
+    if need_a:  # dA = dSᵀ·dropout(x), the mask regenerated on chip
+        da = rank.rank_grad(ds, x, scale=1.0, exact=lora_a.dtype == torch.float32, seed=seed,
+                            dropout_p=dropout_p).to(lora_a.dtype)
+    if need_x:  # dx = dy·deq(W) + mask ⊙ (dS·A) / (1 - p)
+        dx = gemm.qlora_gemm(dy, packed.contiguous(), absmax.contiguous(), code.contiguous(), ds, lora_a, None,
+                             out_features=out_features, in_features=x.shape[1], blocksize=blocksize,
+                             weight_dtype=weight_dtype, transpose_w=False, seed=seed, dropout_p=dropout_p)
+    if need_bias:
+        dbias = dy.sum(dim=0, dtype=torch.float32).to(x.dtype)
+    return dx, da, db, dbias
+
+
+def fused_unsupported(phase, *args):
+    """The kernel dequantizes into fp16, bf16 or fp32 (a float64 QuantizedWeight runs on the composite path)."""
+    weight_dtype = args[6] if phase == "forward" else args[7]
+    if weight_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the 4-bit GEMM dequantizes to float16, bfloat16 or float32, not the weight's {weight_dtype}"
+    return None
+
+
+dispatch.register("qlora_linear", "triton", "fused", forward=forward_fused, backward=backward_fused,
+                  unsupported=fused_unsupported)
+dispatch.register("qlora_linear", "triton", "composite", forward=reference.qlora_fwd, backward=reference.qlora_bwd)
