@@ -314,14 +314,10 @@ class QuantizedWeight:
     def _dequantize_elements(self, e0: int, e1: int, dtype: torch.dtype) -> torch.Tensor:
         """Flat elements [e0, e1) of the dense weight: code[q] · absmax in float32, then cast. Only the blocks
         holding them are unpacked; every element is computed the same way whatever range it is asked in."""
+        from .reference.qlora import dequantize_span  # the one definition of the product, shared with lora_linear
         bs = self.blocksize
         b0, b1 = e0 // bs, -(-e1 // bs)
-        byte0, byte1 = b0 * bs // 2, min(b1 * bs // 2, self.packed.numel())  # bs is even: blocks start on a byte
-        chunk = self.packed[byte0:byte1]
-        q = torch.stack([chunk >> 4, chunk & 0xF], dim=1).reshape(-1)
-        q = torch.nn.functional.pad(q, (0, (b1 - b0) * bs - q.numel()))  # the short last block, padded
-        values = self.code[q.long()].view(b1 - b0, bs) * self._absmax_blocks(b0, b1)[:, None]
-        return values.reshape(-1)[e0 - b0 * bs:e1 - b0 * bs].to(dtype)
+        return dequantize_span(self.packed, self.code, bs, e0, e1, self._absmax_blocks(b0, b1)).to(dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The dense [out, in] weight in self.dtype."""

@@ -18,6 +18,34 @@ from . import lora
 BLOCK_ELEMENTS = 1 << 22
 
 
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """[256] int64: the bits of the two float32 values a packed byte stands for (high nibble first), before the
+    absmax. Gathering one 8-byte integer per byte is a plain 1-D gather (twice as fast on CPU as gathering rows
+    of two floats) and copies bits exactly."""
+    byte = torch.arange(256, device=code.device)
+    pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).to(torch.float32).contiguous()
+    return pairs.view(torch.int64).view(256)
+
+
+def dequantize_span(packed: torch.Tensor, code: torch.Tensor, blocksize: int, e0: int, e1: int,
+                    absmax_blocks: torch.Tensor) -> torch.Tensor:
+    """Flat elements [e0, e1) of the dense weight in float32: code[q]·absmax, bitsandbytes' product.
+
+    Works on whole blocks (`absmax_blocks` is the float32 absmax of blocks e0 // blocksize up to the one holding
+    e1 - 1) and on whole bytes (a block starts on a byte: blocksize is even): each byte is looked up once in a
+    256-entry table of value pairs with int32 indices, so the temporaries are a float32 span and an int32 index
+    of half its length, no per-element int64 index."""
+    bs = blocksize
+    b0, b1 = e0 // bs, -(-e1 // bs)
+    byte0, byte1 = b0 * bs // 2, min(b1 * bs // 2, packed.numel())
+    values = torch.empty((b1 - b0) * bs, device=packed.device, dtype=torch.float32)
+    # the global last block may be short: its missing tail stays unset and is sliced off below
+    torch.index_select(_pair_table(code), 0, packed[byte0:byte1].to(torch.int32),
+                       out=values[:2 * (byte1 - byte0)].view(torch.int64))
+    values.view(b1 - b0, bs).mul_(absmax_blocks.view(-1, 1))
+    return values[e0 - b0 * bs:e1 - b0 * bs]
+
+
 def dequantize_rows(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, in_features: int,
                     blocksize: int, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows [start, stop) of the dense weight, [stop - start, in_features] in `dtype` (the weight's own dtype:
@@ -26,12 +54,11 @@ def dequantize_rows(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     packed: uint8 [ceil(n / 2)] (n = out·in); absmax: float32 [ceil(n / blocksize)] (double quantization
     already resolved); code: float32 [16]. Blocks run over the flattened weight, so a block may straddle
     rows: each element takes the absmax of the block its flat index falls in."""
-    first, last = start * in_features, stop * in_features
-    flat = torch.arange(first, last, device=packed.device)
-    byte = packed[flat // 2].to(torch.int64)
-    nibble = torch.where(flat % 2 == 0, byte >> 4, byte & 0xF)  # the first element of a byte is its high nibble
-    values = code[nibble] * absmax[flat // blocksize]  # float32 product, as bitsandbytes computes it
-    return values.to(dtype).view(stop - start, in_features)
+    e0, e1 = start * in_features, stop * in_features
+    if e0 == e1:
+        return torch.empty((stop - start, in_features), device=packed.device, dtype=dtype)
+    blocks = absmax[e0 // blocksize:-(-e1 // blocksize)]
+    return dequantize_span(packed, code, blocksize, e0, e1, blocks).to(dtype).view(stop - start, in_features)
 
 
 class PackedWeight:
@@ -46,7 +73,8 @@ class PackedWeight:
     def row_blocks(self):
         """(start, stop, rows) for each block of output rows: deq(W) in the weight's dtype, then in self.dtype
         (the compute dtype), as bitsandbytes' matmul_4bit rounds it."""
-        step = max(1, BLOCK_ELEMENTS // max(1, self.in_features))
+        # at most half the rows per block: the whole weight is never dequantized at once, however small
+        step = max(1, min(BLOCK_ELEMENTS // max(1, self.in_features), -(-self.out_features // 2)))
         for r0 in range(0, self.out_features, step):
             r1 = min(self.out_features, r0 + step)
             rows = dequantize_rows(self.packed, self.absmax, self.code, self.in_features, self.blocksize, r0, r1,
