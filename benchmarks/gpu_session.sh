@@ -14,7 +14,8 @@ python -m pytest tests -q -p no:cacheprovider -x 2>&1 | tee "$OUT/tests.txt" | t
 # each dispatch variant forced, on the families that have two (tests-<variant>.txt)
 for variant in fused composite; do
   PEFTKERN_DISPATCH=$variant python -m pytest tests/test_lora.py tests/test_adapter.py tests/test_sparse_diff.py \
-    tests/test_dispatch.py -q -p no:cacheprovider 2>&1 | tee "$OUT/tests-$variant.txt" | tail -3
+    tests/test_dispatch.py tests/test_qlora.py tests/test_qlora_kernels.py -q -p no:cacheprovider 2>&1 \
+    | tee "$OUT/tests-$variant.txt" | tail -3
 done
 name=$(python -c "import torch; print(torch.cuda.get_device_name(0).lower().replace(' ', '-'))")
 python -m peftkern bench --op all $quick --json "$OUT/$name.json" --plot "$OUT/$name.png" 2>&1 | tee "$OUT/bench.txt" | tail -60

@@ -15,7 +15,7 @@ import peftkern
 from peftkern import QuantizedWeight
 from peftkern.reference import qlora as ref_qlora
 
-from .conftest import ERROR_FLOOR, available_backends, rel_err
+from .conftest import DEVICE, ERROR_FLOOR, available_backends, rel_err
 
 
 
@@ -33,7 +33,7 @@ def _step(x, weight, a, b, bias, p=0.0, seed=5):
     leaves = [t.clone().requires_grad_() for t in (x, a, b)] + ([bias.clone().requires_grad_()] if bias is not None else [])
     y = peftkern.lora_linear(leaves[0], weight, leaves[1], leaves[2], bias=leaves[3] if bias is not None else None,
                              scaling=0.75, dropout_p=p, seed=seed)
-    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y))
     return [y.detach()] + [t.grad for t in leaves]
 
 
@@ -185,6 +185,7 @@ def test_triton_backend_both_variants(mode, dtype, p, monkeypatch):
         pytest.skip("the Triton backend is unavailable here")
     monkeypatch.setenv("PEFTKERN_DISPATCH", mode)
     x, qw, a, b, bias = _inputs(m=20, k=40, n=48, dtype=dtype)
+    x, a, b, bias, qw = x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), bias.to(DEVICE), qw.to(DEVICE)
     with peftkern.use_backend("triton"):
         got = _step(x, qw, a, b, bias, p)
     with peftkern.use_backend("reference"):
