@@ -194,3 +194,15 @@ def test_triton_backend_both_variants(mode, dtype, p, monkeypatch):
     for g, s, o in zip(got, same_dtype, oracle):
         assert g.dtype == s.dtype
         assert rel_err(g, o) <= 2 * rel_err(s, o) + ERROR_FLOOR[dtype]
+
+
+@pytest.mark.parametrize("name", ["packed", "absmax", "code"])
+def test_the_op_checks_its_storage_sizes_where_it_indexes_them(name):
+    """Called directly (not through a validated QuantizedWeight), the op refuses storage too short for the weight
+    shape it is told, before any kernel reads it."""
+    x, qw, a, b, bias = _inputs(m=5, k=16, n=24, r=2)
+    parts = dict(packed=qw.packed, absmax=qw.absmax_float(), code=qw.code)
+    parts[name] = parts[name][:-1]
+    with pytest.raises(ValueError, match=name):
+        torch.ops.peftkern.qlora_linear_fwd(x, parts["packed"], parts["absmax"], parts["code"], 24, qw.blocksize,
+                                            qw.dtype, a, b, bias, 0.5, 0.0, None)

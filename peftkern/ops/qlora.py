@@ -25,10 +25,28 @@ def _key(x, out_features, lora_a, bias, dropout_p, *flags) -> tuple:
             bias is not None, dropout_p > 0.0, *flags)
 
 
+def _check_storage(packed: Tensor, absmax: Tensor, code: Tensor, out_features: int, in_features: int,
+                   blocksize: int) -> None:
+    """The ops can be called directly (torch.ops.peftkern.*), not only through a validated QuantizedWeight: the
+    kernels index packed, absmax and code by the weight's shape, so their sizes are checked here, at the use."""
+    n = out_features * in_features
+    if blocksize < 2 or blocksize % 2:
+        raise ValueError(f"blocksize must be a positive even number, got {blocksize}")
+    for name, t, dtype, size in (("packed", packed, torch.uint8, -(-n // 2)),
+                                 ("absmax", absmax, torch.float32, -(-n // blocksize)),
+                                 ("code", code, torch.float32, 16)):
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.numel() != size:
+            raise ValueError(f"{name} must have {size} elements for a [{out_features}, {in_features}] weight at "
+                             f"blocksize {blocksize}, got {t.numel()}")
+
+
 @torch.library.custom_op("peftkern::qlora_linear_fwd", mutates_args=())
 def qlora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, out_features: int, blocksize: int,
                      weight_dtype: torch.dtype, lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
                      scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    _check_storage(packed, absmax, code, out_features, x.shape[1], blocksize)
     seed_v = int(seed.item()) if seed is not None else 0
     backend = _backend.select(FAMILY, x.device, x.dtype)
     return dispatch.call(FAMILY, "forward", backend, lambda: _key(x, out_features, lora_a, bias, dropout_p),
@@ -49,6 +67,7 @@ def qlora_linear_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code
                      scaling: float,
                      dropout_p: float, seed: Optional[Tensor], need_x: bool, need_a: bool, need_b: bool,
                      need_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_storage(packed, absmax, code, out_features, x.shape[1], blocksize)
     seed_v = int(seed.item()) if seed is not None else 0
     dy = dy.contiguous()
     needs = (need_x, need_a, need_b, need_bias)
