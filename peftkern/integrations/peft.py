@@ -21,9 +21,11 @@ Why a class swap (and not a bound method stored on each instance)
 
 Which layers, and when they fall back
     Decided once per layer in patch(): only a PEFT LoRA `Linear` (exactly that class) whose *direct*
-    `base_layer` is a plain `nn.Linear` or transformers' `Conv1D` is patched. Anything else stays on PEFT's
-    forward: LoRA stacked on another adapter (LoHa/LoKr/AdaLoRA in a `PeftMixedModel`, whose base layer is
-    that adapter's layer), quantized or other base layers, Embedding/Conv LoRA layers. patch() logs each one
+    `base_layer` is a plain `nn.Linear`, transformers' `Conv1D` or a bitsandbytes `Linear4bit`, and PEFT's
+    bitsandbytes 4-bit LoRA class over a `Linear4bit` (patched to `FusedLoraLinear4bit`), are patched.
+    Anything else stays on PEFT's forward: LoRA stacked on another adapter (LoHa/LoKr/AdaLoRA in a
+    `PeftMixedModel`, whose base layer is that adapter's layer), other quantized or wrapped base layers,
+    Embedding/Conv LoRA layers. patch() logs each one
     (logger `peftkern.integrations.peft`, INFO) and emits one `LayersNotPatchedWarning` per call that lists
     them, grouped by reason; it is silent when every LoRA layer was patched.
     Checked per call (things that can change after patch()), falling back to PEFT's forward for that call:
