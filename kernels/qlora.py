@@ -39,15 +39,36 @@ from .tf32 import dot_prec
 
 
 @triton.jit
-def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, row_start, cols, mask,
-                  BLOCKSIZE: tl.constexpr, W_DTYPE: tl.constexpr):
+def _mul_unfused(a, b, UNFUSED_MUL: tl.constexpr):
+    """a·b (fp32) rounded on its own. UNFUSED_MUL "ptx": PTX's mul.rn, which is never contracted with a following
+    add into an FMA (Triton fuses a*b+c by default, rounding once where bitsandbytes rounds twice). "python": the
+    interpreter's numpy, which never fuses (and cannot run PTX)."""
+    if UNFUSED_MUL == "ptx":
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
+def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_start, cols, mask,
+                  BLOCKSIZE: tl.constexpr, W_DTYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                  UNFUSED_MUL: tl.constexpr):
     """[rows, cols] of deq(W) in W_DTYPE, W's own orientation. row_start: int64 [rows], flat index of each
-    weight row's first element (row·in); cols: int32 [cols], column indices; masked elements are 0."""
+    weight row's first element (row·in); cols: int32 [cols], column indices; masked elements are 0.
+    DOUBLE_QUANT: absmax holds uint8 codes of the absmax, resolved here as bitsandbytes resolves them:
+    code2[q]·absmax2[block // 256] rounded, then + offset rounded."""
     e = row_start[:, None] + cols[None, :]  # int64 flat index
     byte = tl.load(packed_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)
     nibble = (byte >> ((1 - (e & 1).to(tl.int32)) * 4)) & 0xF  # even element: high nibble
     value = tl.load(code_ptr + nibble)  # 16 floats: every program's gathers hit the same L1 line
-    absmax = tl.load(absmax_ptr + e // BLOCKSIZE, mask=mask, other=0.0)
+    block = e // BLOCKSIZE
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)  # uint8: always inside code2's 256
+        scale = tl.load(absmax2_ptr + block // 256, mask=mask, other=0.0)
+        absmax = _mul_unfused(tl.load(code2_ptr + q), scale, UNFUSED_MUL) + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     value = value * absmax  # fp32, as bitsandbytes computes it (a lone multiply: nothing to contract)
     if W_DTYPE == "float16":
         value = value.to(tl.float16)  # round to nearest even, as torch's .to()
@@ -71,11 +92,12 @@ def _round_to_bfloat16(v):
 
 @triton.jit
 def _qlora_gemm_kernel(
-    a_ptr, packed_ptr, absmax_ptr, code_ptr, t_ptr, u_ptr, bias_ptr, out_ptr,
+    a_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, t_ptr, u_ptr, bias_ptr, out_ptr,
     M, N, K, R, in_features,
     stride_am, stride_ak, stride_tm, stride_tr, stride_ur, stride_un, stride_om, stride_on,
     seed, threshold, low_scale,
-    BLOCKSIZE: tl.constexpr, W_DTYPE: tl.constexpr, TRANSPOSE_W: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, W_DTYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, UNFUSED_MUL: tl.constexpr,
+    TRANSPOSE_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MAIN_PRECISION: tl.constexpr, RANK_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -128,11 +150,13 @@ def _qlora_gemm_kernel(
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         if TRANSPOSE_W:
-            w = tl.trans(_dequant_tile(packed_ptr, absmax_ptr, code_ptr, w_rows, k0 + offs_k, k_ok[None, :],
-                                       BLOCKSIZE, W_DTYPE))
+            w = tl.trans(_dequant_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, w_rows,
+                                       k0 + offs_k, k_ok[None, :], BLOCKSIZE, W_DTYPE, DOUBLE_QUANT,
+                                       UNFUSED_MUL))
         else:
-            w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, (k0 + offs_k).to(tl.int64) * in_features, w_cols,
-                              k_ok[:, None], BLOCKSIZE, W_DTYPE)
+            w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                              (k0 + offs_k).to(tl.int64) * in_features, w_cols, k_ok[:, None], BLOCKSIZE, W_DTYPE,
+                              DOUBLE_QUANT, UNFUSED_MUL)
         if a.dtype != tl.float32:
             w = w.to(a.dtype)  # deq(W) in the activation's dtype, as bitsandbytes' matmul_4bit rounds it
         # fp32 a: a 16-bit weight is exact in fp32 and stays 16-bit, so 3xTF32 needs two products, not three
@@ -165,6 +189,9 @@ _MAX_W_PER_THREAD_HEAVY = 16
 # An fp32 weight under 3xTF32 is split into hi/lo tiles in registers as well (three products): 128-wide tiles
 # spilled (sm_80 128x128: ~1 KB; sm_90 64x128: 8 B).
 _MAX_BLOCK_N_SPLIT_WEIGHT = 64
+# resolving a double-quantized absmax on chip (two more gathers per element) in dx with a heavy epilogue: 128x128
+# on 8 warps (64 accumulator fp32 per thread) spilled 16-24 B (sm_80 and sm_90); 32 per thread do not
+_MAX_ACC_PER_THREAD_DOUBLE_QUANT_DX = 32
 _W_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -217,14 +244,19 @@ def prune_configs(configs, named_args, **kwargs):
                 and _w_per_thread(c) <= _MAX_W_PER_THREAD_HEAVY] or kept
     if arg("MAIN_PRECISION") == "tf32x3" and arg("W_DTYPE") == "float32":
         kept = [c for c in kept if c.kwargs["BLOCK_N"] <= _MAX_BLOCK_N_SPLIT_WEIGHT] or kept
+    double_quant = kwargs.get("DOUBLE_QUANT", named_args.get("DOUBLE_QUANT", False))
+    if heavy and double_quant and not arg("TRANSPOSE_W"):
+        kept = [c for c in kept if _acc_per_thread(c) <= _MAX_ACC_PER_THREAD_DOUBLE_QUANT_DX] or kept
     return kept
 
 
-# tuned per (power-of-two bucket of M, N, K, R, dropout, direction, precisions; Triton adds the dtypes): a new
-# token count does not re-tune, and forward (W read along its rows, transposed) and dx do not share a tile
+# tuned per (power-of-two bucket of M, N, K, R, dropout, direction, precisions, the weight's dtype, double
+# quantization, block size; Triton adds the tensors' dtypes): a new token count does not re-tune, forward (W read
+# along its rows, transposed) and dx do not share a tile, and what prune_configs keeps depends on the rest
 _qlora_gemm_tuned = triton.autotune(
     configs=gemm_configs(),
-    key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "TRANSPOSE_W", "MAIN_PRECISION", "RANK_PRECISION"],
+    key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "TRANSPOSE_W", "MAIN_PRECISION", "RANK_PRECISION", "W_DTYPE",
+         "DOUBLE_QUANT", "BLOCKSIZE"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_qlora_gemm_kernel)
 
@@ -232,12 +264,14 @@ _qlora_gemm_tuned = triton.autotune(
 def qlora_gemm(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, t: torch.Tensor,
                u: torch.Tensor, bias, *, out_features: int, in_features: int, blocksize: int,
                weight_dtype: torch.dtype, transpose_w: bool, lora_scale: float = 1.0, seed: int = 0,
-               dropout_p: float = 0.0, out_dtype=None) -> torch.Tensor:
+               dropout_p: float = 0.0, out_dtype=None, absmax2=None, code2=None, offset=None) -> torch.Tensor:
     """transpose_w: out[M, out_features] = a·deq(W)ᵀ (+bias) + lora_scale·(t·u) ⊙ keep/(1-p), a [M, in_features];
     else out[M, in_features] = a·deq(W) + lora_scale·(t·u) ⊙ keep/(1-p), a [M, out_features]. t [M, R],
     u [R, out's columns]; W [out_features, in_features] is (packed uint8 [ceil(n/2)], absmax fp32
     [ceil(n/blocksize)], code fp32 [16]; all three contiguous) in bitsandbytes' 4-bit layout, its dense dtype
-    `weight_dtype` (float32, float16 or bfloat16); blocksize is a compile-time constant of the kernel."""
+    `weight_dtype` (float32, float16 or bfloat16); blocksize is a compile-time constant of the kernel.
+    Double quantization: absmax is uint8 [ceil(n/blocksize)] codes with absmax2 fp32 [ceil(nblocks/256)], code2
+    fp32 [256] and offset (a one-element fp32 tensor), all contiguous, resolved in the kernel."""
     M = a.shape[0]
     N, K = (out_features, in_features) if transpose_w else (in_features, out_features)
     R = t.shape[1]
@@ -249,12 +283,18 @@ def qlora_gemm(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
+    double_quant = absmax.dtype == torch.uint8
     _qlora_gemm_tuned[grid](
-        a, packed, absmax, code, t, u, bias.contiguous() if bias is not None else out, out,  # bias: unit stride
+        a, packed, absmax, code,
+        absmax2 if double_quant else code, code2 if double_quant else code,  # unread without double quantization
+        offset.reshape(1) if double_quant else code,
+        t, u, bias.contiguous() if bias is not None else out, out,  # bias: unit stride
         M, N, K, R, in_features,
         a.stride(0), a.stride(1), t.stride(0), t.stride(1), u.stride(0), u.stride(1), out.stride(0), out.stride(1),
         seed_v, threshold, lora_scale * drop_scale,
-        BLOCKSIZE=blocksize, W_DTYPE=_w_dtype(weight_dtype), TRANSPOSE_W=transpose_w,
+        BLOCKSIZE=blocksize, W_DTYPE=_w_dtype(weight_dtype), DOUBLE_QUANT=double_quant,
+        UNFUSED_MUL="python" if INTERPRET else "ptx",  # read at call time, like _w_dtype (the AOT check: "ptx")
+        TRANSPOSE_W=transpose_w,
         HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
         MAIN_PRECISION=dot_precision(a.dtype == torch.float32), RANK_PRECISION=dot_precision(u.dtype == torch.float32),
         BLOCK_R=16, M_BUCKET=triton.next_power_of_2(M),

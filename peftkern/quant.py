@@ -302,10 +302,8 @@ class QuantizedWeight:
     def _absmax_blocks(self, b0: int, b1: int) -> torch.Tensor:
         """float32 absmax of blocks [b0, b1). Double-quantized: code2[qa] · absmax2[b // 256], then + offset (two
         float32 roundings), as bitsandbytes' dequantize_blockwise and its `absmax += offset` compute it."""
-        if not self.double_quant:
-            return self.absmax[b0:b1]
-        groups = torch.arange(b0, b1, device=self.absmax.device) // BLOCKSIZE2
-        return self.code2[self.absmax[b0:b1].long()] * self.absmax2[groups] + self.offset
+        from .reference.qlora import resolve_absmax  # the one definition, shared with lora_linear's paths
+        return resolve_absmax(self.absmax, self.absmax2, self.code2, self.offset, b0, b1)
 
     def absmax_float(self) -> torch.Tensor:
         """float32 [nblocks]: the per-block absmax, double quantization resolved."""

@@ -386,10 +386,11 @@ _LORA_MAX = dict(M=256, r=64, bias=True, p=0.1)
 _LORA_COMMON = dict(M=250, r=8, bias=False, p=0.0)
 _LORA_MID = dict(M=256, r=32, bias=True, p=0.1)
 # QLoRA calls (LoRA over a 4-bit weight; `wq` is the weight's dtype, BLOCKSIZE a constexpr of the kernel): the
-# worst case (bias, dropout) with the weight in the activations' dtype, and in PEFT's default setting the
-# common case (no bias, no dropout, a token count off %16, block 128) over an fp32 weight as well
+# worst case (bias, dropout, double-quantized absmax resolved on chip) with the weight in the activations' dtype,
+# and in PEFT's default setting the common case (no bias, no dropout, a token count off %16, block 128, a
+# float32 absmax) over an fp32 weight as well
 _QLORA_MAX = dict(M=256, r=16, bias=True, p=0.1)
-_QLORA_COMMON = dict(M=250, r=16, bias=False, p=0.0, blocksize=128)
+_QLORA_COMMON = dict(M=250, r=16, bias=False, p=0.0, blocksize=128, dq=False)
 
 
 def driver_calls(full: bool = False) -> list[dict]:
@@ -418,9 +419,9 @@ def driver_calls(full: bool = False) -> list[dict]:
             calls += [dict(base, family="adapter", **v) for v in _ADAPTER_VARIANTS]
             for wq in sorted({act_dtype, "float32"}):
                 for bias, p in ((False, 0.0), (True, 0.1)):
-                    for blocksize in (64, 128):
+                    for blocksize, dq in ((64, True), (128, False)):
                         calls.append(dict(base, family="qlora", wq=wq, M=256, r=16, bias=bias, p=p,
-                                          blocksize=blocksize))
+                                          blocksize=blocksize, dq=dq))
         else:
             calls.append(dict(base, family="lora", **_LORA_MAX))
             calls.append(dict(base, family="qlora", wq=act_dtype, **_QLORA_MAX))
@@ -480,9 +481,10 @@ def drive(calls: list[dict], recorder, log) -> list[str]:
                   num_sms=132)  # forward: B = Wᵀ (a transposed view), H100's SM count
         lp.launch(y, w, ds, a.detach(), None, dx, lora_scale=1.0, seed=3, dropout_p=p, num_sms=132)  # dx
 
-    def qlora(xd, pd, M, r, bias, p, wq, blocksize=64, K=256, N=384):
+    def qlora(xd, pd, M, r, bias, p, wq, blocksize=64, dq=True, K=256, N=384):
         x = rnd(M, K, dtype=xd, grad=True)
-        qw = peftkern.QuantizedWeight.quantize(rnd(N, K, dtype=getattr(torch, wq)), blocksize=blocksize)
+        qw = peftkern.QuantizedWeight.quantize(rnd(N, K, dtype=getattr(torch, wq)), blocksize=blocksize,
+                                               double_quant=dq)
         a, b = rnd(r, K, dtype=pd, grad=True), rnd(N, r, dtype=pd, grad=True)
         bb = rnd(N, dtype=xd) if bias else None
         return peftkern.lora_linear(x, qw, a, b, scaling=0.5, bias=bb, dropout_p=p, seed=3)

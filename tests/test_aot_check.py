@@ -229,6 +229,7 @@ def test_driver_covering_set_reaches_every_setting_flag_activation_and_width():
     qlora = [c for c in calls if c["family"] == "qlora"]
     assert {c["p"] > 0 for c in qlora} == {c["bias"] for c in qlora} == {True, False}
     assert {c["wq"] for c in qlora} == {"bfloat16", "float16", "float32"}
+    assert {c.get("dq", True) for c in qlora} == {True, False}  # absmax double-quantized (resolved on chip) or not
     full = aot.driver_calls(full=True)
     assert len(full) > 3 * len(calls) and {setting(c) for c in full} == set(aot._SETTINGS)
 

@@ -99,7 +99,7 @@ def test_no_dense_weight_is_ever_allocated(p, monkeypatch):
     full = 48 * 40
 
     def biggest_allocation():
-        args = (qw.packed, qw.absmax_float(), qw.code, 48, qw.blocksize, qw.dtype)
+        args = (qw.packed, qw.absmax, qw.code, qw.absmax2, qw.code2, qw.offset, 48, qw.blocksize, qw.dtype)
         with _Shapes() as rec:
             y, s_down = ref_qlora.qlora_fwd(x, *args, a, b, bias, 0.75, p, 5)
             grads = ref_qlora.qlora_bwd(dy, x, *args, a, b, s_down, 0.75, p, 5, True, True, True, True)
@@ -169,9 +169,10 @@ def test_bad_input_raises_naming_the_argument(case, error, match):
 def test_opcheck():
     x, qw, a, b, bias = _inputs(m=5, k=16, n=24, r=2)
     a.requires_grad_()
-    args = (x, qw.packed, qw.absmax_float(), qw.code, 24, qw.blocksize, qw.dtype, a, b, bias, 0.5, 0.1,
-            torch.tensor(7))
-    torch.library.opcheck(torch.ops.peftkern.qlora_linear_fwd.default, args)
+    for state in ((qw.absmax, qw.code, qw.absmax2, qw.code2, qw.offset),  # double-quantized
+                  (qw.absmax_float(), qw.code, None, None, None)):  # resolved
+        args = (x, qw.packed, *state, 24, qw.blocksize, qw.dtype, a, b, bias, 0.5, 0.1, torch.tensor(7))
+        torch.library.opcheck(torch.ops.peftkern.qlora_linear_fwd.default, args)
 
 
 @pytest.mark.parametrize("mode", ["fused", "composite"])
@@ -196,13 +197,34 @@ def test_triton_backend_both_variants(mode, dtype, p, monkeypatch):
         assert rel_err(g, o) <= 2 * rel_err(s, o) + ERROR_FLOOR[dtype]
 
 
-@pytest.mark.parametrize("name", ["packed", "absmax", "code"])
+@pytest.mark.parametrize("name", ["packed", "absmax", "code", "absmax2", "code2"])
 def test_the_op_checks_its_storage_sizes_where_it_indexes_them(name):
     """Called directly (not through a validated QuantizedWeight), the op refuses storage too short for the weight
     shape it is told, before any kernel reads it."""
     x, qw, a, b, bias = _inputs(m=5, k=16, n=24, r=2)
-    parts = dict(packed=qw.packed, absmax=qw.absmax_float(), code=qw.code)
+    parts = dict(packed=qw.packed, absmax=qw.absmax, code=qw.code, absmax2=qw.absmax2, code2=qw.code2)
     parts[name] = parts[name][:-1]
     with pytest.raises(ValueError, match=name):
-        torch.ops.peftkern.qlora_linear_fwd(x, parts["packed"], parts["absmax"], parts["code"], 24, qw.blocksize,
-                                            qw.dtype, a, b, bias, 0.5, 0.0, None)
+        torch.ops.peftkern.qlora_linear_fwd(x, parts["packed"], parts["absmax"], parts["code"], parts["absmax2"],
+                                            parts["code2"], qw.offset, 24, qw.blocksize, qw.dtype, a, b, bias, 0.5,
+                                            0.0, None)
+    with pytest.raises(ValueError, match="absmax2, code2 and offset"):  # a float32 absmax with a nested state
+        torch.ops.peftkern.qlora_linear_fwd(x, qw.packed, qw.absmax_float(), qw.code, qw.absmax2, qw.code2,
+                                            qw.offset, 24, qw.blocksize, qw.dtype, a, b, bias, 0.5, 0.0, None)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_kernel_dequantizes_bit_exactly(double_quant, dtype, monkeypatch):
+    """Through the op, the Triton kernel's deq(W) (double-quantized absmax resolved on chip, or float32 absmax) is
+    QuantizedWeight.dequantize() bit for bit: x = I and a zero rank-r term make y = deq(W)ᵀ exactly."""
+    if "triton" not in available_backends("lora_linear", dtype):
+        pytest.skip("the Triton backend is unavailable here")
+    monkeypatch.setenv("PEFTKERN_DISPATCH", "fused")
+    qw = QuantizedWeight.quantize(torch.randn(48, 40, dtype=dtype), blocksize=64, double_quant=double_quant)
+    qw = qw.to(DEVICE)
+    eye = torch.eye(40, dtype=dtype, device=DEVICE)
+    a, b = torch.zeros(2, 40, dtype=dtype, device=DEVICE), torch.zeros(48, 2, dtype=dtype, device=DEVICE)
+    with peftkern.use_backend("triton"):
+        y = peftkern.lora_linear(eye, qw, a, b)
+    assert torch.equal(y, qw.dequantize().t())

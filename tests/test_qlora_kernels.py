@@ -34,8 +34,9 @@ with interpreter_scope():  # decorated (and, below, launched) as peftkern's own 
         rows = tl.arange(0, ROWS)
         cols = tl.arange(0, COLS)
         mask = cols[None, :] < in_features
-        w = kq._dequant_tile(packed_ptr - shift // 2, absmax_ptr - shift // BLOCKSIZE, code_ptr,
-                             rows.to(tl.int64) * in_features + shift, cols, mask, BLOCKSIZE, W_DTYPE)
+        w = kq._dequant_tile(packed_ptr - shift // 2, absmax_ptr - shift // BLOCKSIZE, code_ptr, code_ptr, code_ptr,
+                             code_ptr, rows.to(tl.int64) * in_features + shift, cols, mask, BLOCKSIZE, W_DTYPE,
+                             False, "python")
         tl.store(out_ptr + rows[:, None] * in_features + cols[None, :], w, mask=mask)
 
     @triton.jit
@@ -259,6 +260,20 @@ def test_pruning_keeps_the_configs_that_compiled_without_spills(a_dtype, w_dtype
     # the interpreter's single config passes through
     one = configs[:1]
     assert kq.prune_configs(one, {"a_ptr": _A(a_dtype)}, **flags) == one
+
+
+@pytest.mark.parametrize("a_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_pruning_double_quant_dx_with_a_heavy_epilogue(a_dtype):
+    """The on-chip absmax resolution in dx beside dropout spilled at 64 accumulator fp32 per thread: only tiles
+    with at most 32 stay; forward, or dx without the heavy epilogue, keeps the usual set."""
+    configs = _gpu_configs()
+    base = dict(HAS_BIAS=False, W_DTYPE="bfloat16", RANK_PRECISION="tf32", MAIN_PRECISION="tf32", DOUBLE_QUANT=True)
+    dx_heavy = kq.prune_configs(configs, {"a_ptr": _A(a_dtype)}, HAS_DROPOUT=True, TRANSPOSE_W=False, **base)
+    assert dx_heavy and all(kq._acc_per_thread(c) <= 32 for c in dx_heavy)
+    fwd_heavy = kq.prune_configs(configs, {"a_ptr": _A(a_dtype)}, HAS_DROPOUT=True, TRANSPOSE_W=True, **base)
+    assert any(kq._acc_per_thread(c) == 64 for c in fwd_heavy)
+    dx_plain = kq.prune_configs(configs, {"a_ptr": _A(a_dtype)}, HAS_DROPOUT=False, TRANSPOSE_W=False, **base)
+    assert any(kq._acc_per_thread(c) == 64 for c in dx_plain)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter's config list; a GPU machine autotunes over _TILES_*")

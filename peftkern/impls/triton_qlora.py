@@ -18,18 +18,26 @@ def _kernels():
     return _backend.kernels("qlora"), _backend.kernels("rank")
 
 
-def forward_fused(x, packed, absmax, code, out_features, blocksize, weight_dtype, lora_a, lora_b, bias,
-                  scaling, dropout_p, seed):
+def _double_quant(absmax2, code2, offset) -> dict:
+    """qlora_gemm's double-quantization arguments (resolved in the kernel), contiguous, or none."""
+    if absmax2 is None:
+        return {}
+    return dict(absmax2=absmax2.contiguous(), code2=code2.contiguous(), offset=offset.contiguous())
+
+
+def forward_fused(x, packed, absmax, code, absmax2, code2, offset, out_features, blocksize, weight_dtype, lora_a,
+                  lora_b, bias, scaling, dropout_p, seed):
     gemm, rank = _kernels()
     s_down = rank.rank_down(x, lora_a, scale=1.0, seed=seed, dropout_p=dropout_p)
     y = gemm.qlora_gemm(x, packed.contiguous(), absmax.contiguous(), code.contiguous(), s_down, lora_b.t(), bias,
                         out_features=out_features, in_features=x.shape[1], blocksize=blocksize,
-                        weight_dtype=weight_dtype, transpose_w=True, lora_scale=scaling)
+                        weight_dtype=weight_dtype, transpose_w=True, lora_scale=scaling,
+                        **_double_quant(absmax2, code2, offset))
     return y, s_down
 
 
-def backward_fused(dy, x, packed, absmax, code, out_features, blocksize, weight_dtype, lora_a, lora_b, s_down,
-                   scaling, dropout_p, seed, need_x, need_a, need_b, need_bias):
+def backward_fused(dy, x, packed, absmax, code, absmax2, code2, offset, out_features, blocksize, weight_dtype, lora_a,
+                   lora_b, s_down, scaling, dropout_p, seed, need_x, need_a, need_b, need_bias):
     gemm, rank = _kernels()
     # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
     dx, da, db, dbias = (x.new_empty(0) for _ in range(4))
@@ -43,7 +51,8 @@ def backward_fused(dy, x, packed, absmax, code, out_features, blocksize, weight_
     if need_x:  # dx = dy·deq(W) + mask ⊙ (dS·A) / (1 - p)
         dx = gemm.qlora_gemm(dy, packed.contiguous(), absmax.contiguous(), code.contiguous(), ds, lora_a, None,
                              out_features=out_features, in_features=x.shape[1], blocksize=blocksize,
-                             weight_dtype=weight_dtype, transpose_w=False, seed=seed, dropout_p=dropout_p)
+                             weight_dtype=weight_dtype, transpose_w=False, seed=seed, dropout_p=dropout_p,
+                             **_double_quant(absmax2, code2, offset))
     if need_bias:
         dbias = dy.sum(dim=0, dtype=torch.float32).to(x.dtype)
     return dx, da, db, dbias
@@ -51,7 +60,7 @@ def backward_fused(dy, x, packed, absmax, code, out_features, blocksize, weight_
 
 def fused_unsupported(phase, *args):
     """The kernel dequantizes into fp16, bf16 or fp32 (a float64 QuantizedWeight runs on the composite path)."""
-    weight_dtype = args[6] if phase == "forward" else args[7]
+    weight_dtype = args[9] if phase == "forward" else args[10]
     if weight_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"the 4-bit GEMM dequantizes to float16, bfloat16 or float32, not the weight's {weight_dtype}"
     return None

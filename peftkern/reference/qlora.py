@@ -18,6 +18,19 @@ from . import lora
 BLOCK_ELEMENTS = 1 << 22
 
 
+NESTED_BLOCKSIZE = 256  # absmax values per absmax2 entry in bitsandbytes' double quantization
+
+
+def resolve_absmax(absmax, absmax2, code2, offset, b0: int, b1: int) -> torch.Tensor:
+    """float32 absmax of blocks [b0, b1): absmax itself, or, double-quantized (absmax uint8 codes),
+    code2[q]·absmax2[b // 256] then + offset (two float32 roundings), as bitsandbytes' dequantize_blockwise and
+    its `absmax += offset` compute it."""
+    if absmax2 is None:
+        return absmax[b0:b1]
+    groups = torch.arange(b0, b1, device=absmax.device) // NESTED_BLOCKSIZE
+    return code2[absmax[b0:b1].long()] * absmax2[groups] + offset
+
+
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
     """[256] int64: the bits of the two float32 values a packed byte stands for (high nibble first), before the
     absmax. Gathering one 8-byte integer per byte is a plain 1-D gather (twice as fast on CPU as gathering rows
@@ -101,18 +114,27 @@ class PackedWeight:
         return dx.to(dy.dtype)
 
 
-def qlora_fwd(x, packed, absmax, code, out_features: int, blocksize: int, weight_dtype, lora_a, lora_b, bias,
-              scaling: float, dropout_p: float, seed: int):
+def _packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, in_features, blocksize,
+                   weight_dtype, dtype) -> PackedWeight:
+    nblocks = -(-out_features * in_features // blocksize)
+    absmax = resolve_absmax(absmax, absmax2, code2, offset, 0, nblocks)  # [nblocks]: 1/blocksize of the weight
+    return PackedWeight(packed, absmax, code, out_features, in_features, blocksize, weight_dtype, dtype)
+
+
+def qlora_fwd(x, packed, absmax, code, absmax2, code2, offset, out_features: int, blocksize: int, weight_dtype,
+              lora_a, lora_b, bias, scaling: float, dropout_p: float, seed: int):
     """x [M, K] -> (y [M, N] in x's dtype, S = dropout(x)·Aᵀ [M, r]); deq(W) in x's dtype."""
-    weight = PackedWeight(packed, absmax, code, out_features, x.shape[1], blocksize, weight_dtype, x.dtype)
+    weight = _packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
+                            weight_dtype, x.dtype)
     return lora.lora_fwd(x, weight, lora_a, lora_b, bias, scaling, dropout_p, seed)
 
 
-def qlora_bwd(dy, x, packed, absmax, code, out_features: int, blocksize: int, weight_dtype, lora_a, lora_b,
-              s_down, scaling: float, dropout_p: float, seed: int, need_x: bool, need_a: bool, need_b: bool,
-              need_bias: bool):
+def qlora_bwd(dy, x, packed, absmax, code, absmax2, code2, offset, out_features: int, blocksize: int, weight_dtype,
+              lora_a, lora_b, s_down, scaling: float, dropout_p: float, seed: int, need_x: bool, need_a: bool,
+              need_b: bool, need_bias: bool):
     """(dx, dA, dB, dbias); entries not needed are empty tensors. The base weight is frozen: no dW."""
-    weight = PackedWeight(packed, absmax, code, out_features, x.shape[1], blocksize, weight_dtype, x.dtype)
+    weight = _packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
+                            weight_dtype, x.dtype)
     dx, _, da, db, dbias = lora.lora_bwd(dy, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed,
                                          need_x, False, need_a, need_b, need_bias)
     return dx, da, db, dbias
