@@ -228,3 +228,20 @@ def test_fused_kernel_dequantizes_bit_exactly(double_quant, dtype, monkeypatch):
     with peftkern.use_backend("triton"):
         y = peftkern.lora_linear(eye, qw, a, b)
     assert torch.equal(y, qw.dequantize().t())
+
+
+def test_no_dense_weight_on_the_triton_fused_path():
+    """The Triton backend's fused variant, forward and backward, every torch allocation recorded (its kernels
+    dequantize tiles in registers; on CPU they run in the interpreter): nothing of the [out, in] size."""
+    if "triton" not in available_backends("lora_linear", torch.float32):
+        pytest.skip("the Triton backend is unavailable here")
+    from peftkern.impls import triton_qlora
+    x, qw, a, b, bias = _inputs(m=6, k=40, n=48)
+    x, a, b, bias, qw = x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), bias.to(DEVICE), qw.to(DEVICE)
+    dy = torch.randn(6, 48, device=DEVICE)
+    args = (qw.packed, qw.absmax, qw.code, qw.absmax2, qw.code2, qw.offset, 48, qw.blocksize, qw.dtype)
+    with peftkern.use_backend("triton"), _Shapes() as rec:
+        y, s_down = triton_qlora.forward_fused(x, *args, a, b, bias, 0.75, 0.2, 5)
+        grads = triton_qlora.backward_fused(dy, x, *args, a, b, s_down, 0.75, 0.2, 5, True, True, True, True)
+    assert rec.shapes and max(torch.Size(s).numel() for s in rec.shapes) < 48 * 40
+    assert y.shape == (6, 48) and grads[0].shape == (6, 40)
