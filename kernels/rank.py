@@ -174,18 +174,19 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, exact: bool, se
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
     precision = dot_precision(exact or x.dtype == torch.float32)
     block_m = 32 if INTERPRET else 64
-    # the [BLOCK_R, BLOCK_C] accumulator (64 fp32 per thread at R=64, C=128) beside the x tile: 3xTF32's hi/lo
-    # halves of x, or an fp32 product (an fp32 g or x) with the dropout mask's Philox state, spilled at 128
-    # columns (sm_80, and sm_90 for 3xTF32; scripts/aot_check.py), 64 fit; 3xTF32 with the mask needs 32
+    block_r = pow2_at_least_16(R, 64)
+    # the [BLOCK_R, BLOCK_C] accumulator (64 fp32 per thread at R=64, C=128) beside the x tile: at R=64, 3xTF32's
+    # hi/lo halves of x, or an fp32 product (an fp32 g or x) with the dropout mask's Philox state, spilled at 128
+    # columns (sm_80, and sm_90 for 3xTF32; scripts/aot_check.py), 64 fit; 3xTF32 with the mask needs 32. At
+    # R <= 32 without the mask 3xTF32 fits at 128 (and at 64 columns sm_80 spilled 8 B: R=16, fp32 g, fp16 x)
     exact, dropout = precision == "tf32x3", dropout_p > 0.0
     if exact and dropout:
         block_c = 32
-    elif exact or (dropout and torch.float32 in (g.dtype, x.dtype)):
+    elif (exact and block_r > 32) or (dropout and torch.float32 in (g.dtype, x.dtype)):
         block_c = 64
     else:
         block_c = 128
     block_c = 32 if INTERPRET else block_c
-    block_r = pow2_at_least_16(R, 64)
     tiles = triton.cdiv(C, block_c) * triton.cdiv(R, block_r)
     m_blocks = triton.cdiv(M, block_m)
     splits = max(1, min(m_blocks, triton.cdiv(target_programs(x.device), tiles)))
