@@ -75,26 +75,34 @@ def _persistent_unsupported(phase, *args):
     return check(dy, weight, None, lora_a, None, None)
 
 
+def rank_backward(dy, x, lora_a, lora_b, s_down, scaling, dropout_p, seed, need_a, need_b, need_bias):
+    """The backward's rank-r part, whatever the base weight (dense here, 4-bit in triton_qlora.py):
+    (dS, dA, dB, dbias), the unneeded ones as distinct empty tensors (custom-op outputs must not alias)."""
+    _, rank = _kernels()
+    da, db, dbias = (x.new_empty(0) for _ in range(3))
+    # dS = s·dy·B: the gradient reaching S, [M, r] in fp32
+    ds = rank.rank_down(dy, lora_b.t(), scale=scaling)
+    if need_b:  # dBᵀ = s·Sᵀ·dy
+        db = rank.rank_grad(s_down, dy, scale=scaling,
+                            exact=lora_b.dtype == torch.float32).t().contiguous().to(lora_b.dtype)
+    if need_a:  # dA = dSᵀ·dropout(x), the mask regenerated on chip
+        da = rank.rank_grad(ds, x, scale=1.0, exact=lora_a.dtype == torch.float32, seed=seed,
+                            dropout_p=dropout_p).to(lora_a.dtype)
+    if need_bias:
+        dbias = dy.sum(dim=0, dtype=torch.float32).to(x.dtype)
+    return ds, da, db, dbias
+
+
 def _backward(dx_fn):
     def backward(dy, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed,
                  need_x, need_weight, need_a, need_b, need_bias):
-        _, rank = _kernels()
-        # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
-        dx, dw, da, db, dbias = (x.new_empty(0) for _ in range(5))
-        # dS = s·dy·B: the gradient reaching S, [M, r] in fp32
-        ds = rank.rank_down(dy, lora_b.t(), scale=scaling)
-        if need_b:  # dBᵀ = s·Sᵀ·dy
-            db = rank.rank_grad(s_down, dy, scale=scaling,
-                                exact=lora_b.dtype == torch.float32).t().contiguous().to(lora_b.dtype)
-        if need_a:  # dA = dSᵀ·dropout(x), the mask regenerated on chip
-            da = rank.rank_grad(ds, x, scale=1.0, exact=lora_a.dtype == torch.float32, seed=seed,
-                                dropout_p=dropout_p).to(lora_a.dtype)
+        ds, da, db, dbias = rank_backward(dy, x, lora_a, lora_b, s_down, scaling, dropout_p, seed,
+                                          need_a, need_b, need_bias)
+        dx, dw = x.new_empty(0), x.new_empty(0)
         if need_x:  # dx = dy·W + mask ⊙ (dS·A) / (1 - p)
             dx = dx_fn(dy, weight, ds, lora_a, dropout_p, seed)
         if need_weight:
             dw = torch.mm(dy.t(), x)
-        if need_bias:
-            dbias = dy.sum(dim=0, dtype=torch.float32).to(x.dtype)
         return dx, dw, da, db, dbias
     return backward
 

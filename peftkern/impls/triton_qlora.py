@@ -12,6 +12,7 @@ import torch
 
 from .. import _backend, dispatch
 from ..reference import qlora as reference
+from . import triton_lora
 
 
 def _kernels():
@@ -38,23 +39,15 @@ def forward_fused(x, packed, absmax, code, absmax2, code2, offset, out_features,
 
 def backward_fused(dy, x, packed, absmax, code, absmax2, code2, offset, out_features, blocksize, weight_dtype, lora_a,
                    lora_b, s_down, scaling, dropout_p, seed, need_x, need_a, need_b, need_bias):
-    gemm, rank = _kernels()
-    # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
-    dx, da, db, dbias = (x.new_empty(0) for _ in range(4))
-    ds = rank.rank_down(dy, lora_b.t(), scale=scaling)  # dS = s·dy·B, [M, r] fp32
-    if need_b:  # dBᵀ = s·Sᵀ·dy
-        db = rank.rank_grad(s_down, dy, scale=scaling,
-                            exact=lora_b.dtype == torch.float32).t().contiguous().to(lora_b.dtype)
-    if need_a:  # dA = dSᵀ·dropout(x), the mask regenerated on chip
-        da = rank.rank_grad(ds, x, scale=1.0, exact=lora_a.dtype == torch.float32, seed=seed,
-                            dropout_p=dropout_p).to(lora_a.dtype)
+    ds, da, db, dbias = triton_lora.rank_backward(dy, x, lora_a, lora_b, s_down, scaling, dropout_p, seed,
+                                                  need_a, need_b, need_bias)
+    dx = x.new_empty(0)
     if need_x:  # dx = dy·deq(W) + mask ⊙ (dS·A) / (1 - p)
+        gemm, _ = _kernels()
         dx = gemm.qlora_gemm(dy, packed.contiguous(), absmax.contiguous(), code.contiguous(), ds, lora_a, None,
                              out_features=out_features, in_features=x.shape[1], blocksize=blocksize,
                              weight_dtype=weight_dtype, transpose_w=False, seed=seed, dropout_p=dropout_p,
                              **_double_quant(absmax2, code2, offset))
-    if need_bias:
-        dbias = dy.sum(dim=0, dtype=torch.float32).to(x.dtype)
     return dx, da, db, dbias
 
 
