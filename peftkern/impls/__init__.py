@@ -6,4 +6,4 @@ extension.py (the compiled extension: sparse-diff apply/restore). Each implement
 arguments of its family's custom ops in peftkern/ops/ (positional, in the op's order). A new kernel
 is a new `dispatch.register(...)` here; the ops need no change.
 """
-from . import extension, reference, triton_adapter, triton_lora, triton_qlora, triton_sparse  # noqa: F401
+from . import extension, reference, triton_adapter, triton_lora, triton_qdora, triton_qlora, triton_sparse  # noqa: F401

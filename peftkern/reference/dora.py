@@ -1,0 +1,187 @@
+"""DoRA in plain torch (SPEC section 8): the CPU path and the tests' oracle (run it on float64 inputs).
+
+With c = magnitude / n, n_j = ‖W_j + s·(B·A)_j‖₂ (a constant in backward), d = dropout(x), S = d·Aᵀ, R = s·S·Bᵀ:
+
+    p = 0 (or eval):  z = x·Wᵀ + R                y = c ⊙ z + bias
+    p > 0:            z = d·Wᵀ + R                y = x·Wᵀ + bias + (c − 1) ⊙ (d·Wᵀ) + c ⊙ R
+
+(PEFT's DoRA Linear; the second form is the first when d = x.) z is what the magnitude's gradient needs,
+dmag = Σ_m dy ⊙ z / n; it is kept only when the magnitude requires grad. The rest of the backward is LoRA's on
+gc = dy ⊙ c (reference/lora.py's own code), plus, with dropout, the base path's two products:
+dx = dy·W + mask ⊙ ((gc − dy)·W + dS·A) / (1 − p).
+
+The weight may be a dense tensor or reference/qlora.py's packed 4-bit weight (anything with `row_blocks()`,
+`linear()` and `grad_input()`). Neither W + ΔW nor ΔW is ever formed whole: the norm is taken a block of rows at
+a time (at most 16 MiB of float32 and at most half the rows), in the accumulation dtype, as PEFT's dense formula
+computes it (no expansion whose terms could cancel). With dropout, dropout(x) is made a block of rows at a time
+from the regenerated mask, as in reference/lora.py: keep ⊙ x exactly (no rounding) times 1/(1 − p) in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import lora
+
+
+def _weight_rows(weight, dtype: torch.dtype):
+    """(r0, r1, rows [r1 - r0, in]) blocks of the frozen weight, in `dtype` where the weight is packed."""
+    if not isinstance(weight, torch.Tensor):
+        yield from weight.row_blocks()
+        return
+    out_features, in_features = weight.shape
+    step = max(1, min(lora._BLOCK_BYTES // max(1, 4 * in_features), -(-out_features // 2)))
+    for r0 in range(0, out_features, step):
+        r1 = min(out_features, r0 + step)
+        yield r0, r1, weight[r0:r1]
+
+
+def weight_norm(weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, acc: torch.dtype,
+                device) -> torch.Tensor:
+    """n [out] in `acc`: the L2 norm of each row of W + scaling·lora_b·lora_a, one block of rows at a time."""
+    out_features = lora_b.shape[0]
+    n = torch.empty(out_features, device=device, dtype=acc)
+    a = lora_a.to(acc)
+    for r0, r1, rows in _weight_rows(weight, acc):
+        block = torch.addmm(rows.to(acc), lora_b[r0:r1].to(acc), a, alpha=scaling)
+        torch.linalg.vector_norm(block, dim=1, out=n[r0:r1])
+    return n
+
+
+def _row_steps(m: int, n: int, element_size: int, device):
+    """Row blocks of an [m, n] epilogue: one on accelerators, 16 MiB blocks on CPU."""
+    step = m if device.type != "cpu" else max(1, lora._BLOCK_BYTES // max(1, n * element_size))
+    for r0 in range(0, m, max(1, step)):
+        yield r0, min(m, r0 + step)
+
+
+def _scale_columns(z: torch.Tensor, c: torch.Tensor, bias, out: torch.Tensor) -> torch.Tensor:
+    """out = c ⊙ z + bias, computed in c's (accumulation) dtype and rounded once to out's; out may be z."""
+    if z.dtype == c.dtype:
+        if out is z:
+            z.mul_(c)
+            return z.add_(bias) if bias is not None else z
+        return torch.addcmul(bias, z, c, out=out) if bias is not None else torch.mul(z, c, out=out)
+    for r0, r1 in _row_steps(z.shape[0], z.shape[1], 4, z.device):
+        block = z[r0:r1].to(c.dtype).mul_(c)
+        if bias is not None:
+            block.add_(bias)
+        out[r0:r1] = block
+    return out
+
+
+def _keep_x(x: torch.Tensor, r0: int, r1: int, seed: int, p: float) -> torch.Tensor:
+    """keep ⊙ x for rows r0:r1, in x's dtype and exact (the 1/(1 − p) is applied later, in the wide dtype)."""
+    multiplier = lora._mask(x, r0, r1, seed, p, lora.acc_dtype(x.dtype))
+    return torch.where(multiplier != 0, x[r0:r1], 0)
+
+
+def dora_fwd(x, weight, lora_a, lora_b, magnitude, bias, weight_norm_in, scaling: float, dropout_p: float,
+             seed: int, keep_z: bool):
+    """x [M, K] -> (y [M, N], z [M, N] or empty, S [M, r] in the accumulation dtype, n [N] in it)."""
+    acc = lora.acc_dtype(x.dtype)
+    n = (weight_norm(weight, lora_a, lora_b, scaling, acc, x.device) if weight_norm_in is None
+         else weight_norm_in.to(acc).clone())
+    c = magnitude.to(acc) / n
+    if dropout_p == 0.0:
+        z, s_down = lora.lora_fwd(x, weight, lora_a, lora_b, None, scaling, 0.0, 0)
+        if not keep_z:  # y takes z's memory
+            return _scale_columns(z, c, bias, out=z), x.new_empty(0), s_down, n
+        return _scale_columns(z, c, bias, out=torch.empty_like(z)), z, s_down, n
+    drop_scale = 1.0 / (1.0 - dropout_p)
+    y = lora._base_linear(x, weight, bias)
+    z = torch.empty_like(y) if keep_z else x.new_empty(0)
+    s_down = torch.empty((x.shape[0], lora_a.shape[0]), device=x.device, dtype=acc)
+    a_t, b_t = lora_a.t().to(acc), lora_b.t().to(acc)
+    for r0, r1 in lora._row_blocks(x):
+        kept = _keep_x(x, r0, r1, seed, dropout_p)
+        s_down[r0:r1] = torch.mm(kept.to(acc), a_t).mul_(drop_scale)
+        dw = lora._base_linear(kept, weight, None).to(acc).mul_(drop_scale)  # d·Wᵀ
+        rank_term = torch.mm(s_down[r0:r1], b_t).mul_(scaling)  # R
+        if keep_z:
+            z[r0:r1] = dw + rank_term
+        # y += (c − 1) ⊙ d·Wᵀ + c ⊙ R, in the wide dtype, rounded once
+        dw.mul_(c - 1.0).add_(rank_term.mul_(c)).add_(y[r0:r1])
+        y[r0:r1] = dw
+    return y, z, s_down, n
+
+
+def _column_dot(g: torch.Tensor, z: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Σ_m g ⊙ z per column, in `acc`, a block of rows at a time (the product is never whole)."""
+    out = torch.zeros(g.shape[1], device=g.device, dtype=acc)
+    for r0, r1 in _row_steps(g.shape[0], g.shape[1], 4, g.device):
+        out += (g[r0:r1].to(acc) * z[r0:r1].to(acc)).sum(dim=0)
+    return out
+
+
+def _scaled_grad(dy: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """gc = dy ⊙ c in dy's dtype (computed in c's, rounded once)."""
+    if dy.dtype == c.dtype:
+        return dy * c
+    out = torch.empty_like(dy)
+    return _scale_columns(dy, c, None, out=out)
+
+
+def dora_bwd(dy, x, weight, lora_a, lora_b, magnitude, n, s_down, z, scaling: float, dropout_p: float, seed: int,
+             need_x: bool, need_weight: bool, need_a: bool, need_b: bool, need_magnitude: bool, need_bias: bool):
+    """(dx, dweight, dA, dB, dmagnitude, dbias); entries not needed are distinct empty tensors."""
+    acc = lora.acc_dtype(x.dtype)
+    c = magnitude.to(acc) / n
+    dx, dw, da, db, dmag, dbias = (x.new_empty(0) for _ in range(6))
+    if need_magnitude:
+        if z.numel() != dy.numel():
+            raise RuntimeError("dora_linear_bwd: the magnitude's gradient needs z, which the forward did not keep "
+                               "(keep_z=False)")
+        dmag = (_column_dot(dy, z, acc) / n).to(magnitude.dtype)
+    if need_bias:
+        dbias = dy.sum(dim=0, dtype=acc).to(x.dtype)
+    if not (need_x or need_weight or need_a or need_b):
+        return dx, dw, da, db, dmag, dbias
+    gc = _scaled_grad(dy, c)
+    if dropout_p == 0.0:
+        dx, dw, da, db, _ = lora.lora_bwd(gc, x, weight, lora_a, lora_b, s_down, scaling, 0.0, 0,
+                                          need_x, need_weight, need_a, need_b, False)
+        return dx, dw, da, db, dmag, dbias
+    _, _, da, db, _ = lora.lora_bwd(gc, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed,
+                                    False, False, need_a, need_b, False)
+    if need_x or need_weight:
+        drop_scale = 1.0 / (1.0 - dropout_p)
+        rank = lora.rank_dtype(x.dtype, lora_a, lora_b)
+        g_extra = _scaled_grad(dy, c - 1.0)  # dy ⊙ (c − 1): the gradient reaching d·Wᵀ beyond dy's own
+        if need_x:
+            dx = lora._base_grad_input(dy, weight)
+            extra = lora._base_grad_input(g_extra, weight)
+            ds = lora._mm(gc, lora_b, rank).to(acc).mul_(scaling)  # dS = s·gc·B
+            a_acc = lora_a.to(acc)
+        if need_weight:
+            dw = torch.mm(dy.t(), x)
+        for r0, r1 in lora._row_blocks(x):
+            multiplier = lora._mask(x, r0, r1, seed, dropout_p, acc)
+            if need_x:  # dx += mask ⊙ ((gc − dy)·W + dS·A) / (1 − p), the sum in the wide dtype, rounded once
+                block = torch.addmm(extra[r0:r1].to(acc), ds[r0:r1], a_acc).mul_(multiplier)
+                dx[r0:r1] = block.add_(dx[r0:r1])
+            if need_weight:
+                dw.addmm_(g_extra[r0:r1].t(), multiplier.mul_(x[r0:r1]).to(x.dtype))
+    return dx, dw, da, db, dmag, dbias
+
+
+# ---- over a 4-bit base (ops/qdora.py): the weight's raw parts in, reference/qlora.py's packed weight used ----
+
+def qdora_fwd(x, packed, absmax, code, absmax2, code2, offset, out_features: int, blocksize: int, weight_dtype,
+              lora_a, lora_b, magnitude, bias, weight_norm_in, scaling: float, dropout_p: float, seed: int,
+              keep_z: bool):
+    from . import qlora
+    weight = qlora._packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
+                                  weight_dtype, x.dtype)
+    return dora_fwd(x, weight, lora_a, lora_b, magnitude, bias, weight_norm_in, scaling, dropout_p, seed, keep_z)
+
+
+def qdora_bwd(dy, x, packed, absmax, code, absmax2, code2, offset, out_features: int, blocksize: int, weight_dtype,
+              lora_a, lora_b, magnitude, n, s_down, z, scaling: float, dropout_p: float, seed: int, need_x: bool,
+              need_a: bool, need_b: bool, need_magnitude: bool, need_bias: bool):
+    """(dx, dA, dB, dmagnitude, dbias): the 4-bit base is frozen, no dweight."""
+    from . import qlora
+    weight = qlora._packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
+                                  weight_dtype, x.dtype)
+    dx, _, da, db, dmag, dbias = dora_bwd(dy, x, weight, lora_a, lora_b, magnitude, n, s_down, z, scaling, dropout_p,
+                                          seed, need_x, False, need_a, need_b, need_magnitude, need_bias)
+    return dx, da, db, dmag, dbias
