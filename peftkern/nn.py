@@ -9,6 +9,7 @@ from torch import nn
 
 from .ops import _checks
 from .ops.adapter import bottleneck_adapter
+from .ops.dora import dora_linear, row_norms
 from .ops.lora import lora_linear
 from .ops.sparse_diff import sparse_diff_linear
 from .reference.activations import CODES as _ACTIVATIONS, NAMES as _ACTIVATION_NAMES
@@ -191,8 +192,15 @@ class LoRALinear(nn.Module):
             return self._forward_quantized(x)
         if self.merged:
             return torch.nn.functional.linear(x, self.weight, self.bias)
-        return lora_linear(x, self.weight, self.lora_a, self.lora_b, scaling=self.scaling, bias=self.bias,
-                           dropout_p=self.dropout, training=self.training)
+        return self._fused(x, self.weight, self.bias, self.lora_a, self.lora_b)
+
+    def _fused(self, x, weight, bias, lora_a, lora_b, cast=None) -> torch.Tensor:
+        """The functional op of this layer (DoRALinear overrides it). `cast`: a dtype the trainable parameters
+        are cast to first (for a 4-bit base computing in a dtype the adapter rule does not pair with float32)."""
+        if cast is not None:
+            lora_a, lora_b = lora_a.to(cast), lora_b.to(cast)
+        return lora_linear(x, weight, lora_a, lora_b, scaling=self.scaling, bias=bias, dropout_p=self.dropout,
+                           training=self.training)
 
     def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
         """As bitsandbytes' Linear4bit: x in the compute dtype (when set), bias in x's, the result in x's
@@ -203,16 +211,88 @@ class LoRALinear(nn.Module):
             self._compute_dtype_set = True
         xc = x.to(self.compute_dtype) if self.compute_dtype is not None else x
         bias = self.bias.to(xc.dtype) if self.bias is not None else None
-        lora_a, lora_b = self.lora_a, self.lora_b
-        if xc.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            lora_a, lora_b = lora_a.to(xc.dtype), lora_b.to(xc.dtype)
-        y = lora_linear(xc, self.quantized_weight, lora_a, lora_b, scaling=self.scaling, bias=bias,
-                        dropout_p=self.dropout, training=self.training)
+        cast = xc.dtype if xc.dtype not in (torch.float16, torch.bfloat16, torch.float32) else None
+        y = self._fused(xc, self.quantized_weight, bias, self.lora_a, self.lora_b, cast=cast)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, merged={self.merged}")
+
+
+class DoRALinear(LoRALinear):
+    """A frozen linear layer plus a weight-decomposed rank-r update (DoRA), with PEFT's semantics:
+
+        n = ‖weight + scaling·lora_b·lora_a‖₂ per output row (a constant in backward), c = magnitude / n
+        y = c ⊙ (x·weightᵀ + scaling·(x·lora_aᵀ)·lora_bᵀ) + bias        (no dropout; see peftkern.dora_linear)
+
+    Everything LoRALinear has (constructor arguments, `from_linear` over an nn.Linear or a bitsandbytes
+    Linear4bit, `weight`, `bias`, `lora_a`, `lora_b`, `scaling`, `merged`) plus a trainable `magnitude`
+    [out_features], initialised to n of the initial weights, as PEFT does: with `lora_b` at zero, the row norms
+    of `weight`, so a new layer computes exactly its base linear.
+
+    Args: as LoRALinear (in_features, out_features, r, alpha, dropout, bias, device, dtype); the magnitude is
+    made in the adapters' dtype. Raises as LoRALinear's constructor.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, r=r, alpha=alpha, dropout=dropout, bias=bias, device=device,
+                         dtype=dtype)
+        self.magnitude = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+        self.reset_magnitude()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0) -> "DoRALinear":
+        """A DoRALinear over an existing nn.Linear or bitsandbytes Linear4bit (shared, frozen weight and bias, as
+        LoRALinear.from_linear), with `magnitude` = the row norms of its weight. Raises as LoRALinear.from_linear."""
+        layer = super().from_linear(linear, r=r, alpha=alpha, dropout=dropout)
+        layer.magnitude = nn.Parameter(torch.empty(layer.out_features, device=layer.lora_a.device,
+                                                   dtype=layer.lora_a.dtype))
+        layer.reset_magnitude()
+        return layer
+
+    def _base(self):
+        return self.quantized_weight if self.quantized_weight is not None else self.weight
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """Set `magnitude` to n, the row norms of weight + scaling·lora_b·lora_a now (PEFT's initialisation)."""
+        if self.magnitude.device.type == "meta":
+            return
+        self.magnitude.copy_(row_norms(self._base(), self.lora_a, self.lora_b, self.scaling))
+
+    @torch.no_grad()
+    def merge_(self) -> "DoRALinear":
+        """Fold the adapter into `weight` in place: weight ← (magnitude / n) ⊙ (weight + scaling·lora_b·lora_a),
+        computed in float32 and rounded once (PEFT's DoRA merge); returns self. A copy of the original weight is
+        kept so that `unmerge_()` restores it bit for bit. Raises RuntimeError on a 4-bit base, as LoRALinear."""
+        if self.quantized_weight is not None:
+            return super().merge_()  # raises, saying why
+        if not self.merged:
+            n = row_norms(self.weight, self.lora_a, self.lora_b, self.scaling).to(torch.float32)
+            scale = (self.magnitude.to(torch.float32) / n).unsqueeze(1)
+            self._merged_backup = self.weight.detach().clone()
+            delta = (self.lora_b.to(torch.float32) @ self.lora_a.to(torch.float32)) * self.scaling
+            self.weight.copy_(((self.weight.to(torch.float32) + delta) * scale).to(self.weight.dtype))
+        return self
+
+    def _fused(self, x, weight, bias, lora_a, lora_b, cast=None) -> torch.Tensor:
+        magnitude = self.magnitude
+        if cast is not None:
+            lora_a, lora_b, magnitude = lora_a.to(cast), lora_b.to(cast), magnitude.to(cast)
+        return dora_linear(x, weight, lora_a, lora_b, magnitude, scaling=self.scaling, bias=bias,
+                           dropout_p=self.dropout, training=self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """peftkern.dora_linear over this layer's parameters (F.linear(x, weight, bias) when `merged`).
+
+        x: [..., in_features]; returns [..., out_features] in x's dtype; dtype rules, dropout and errors as
+        LoRALinear.forward. In eval mode the weight norm is cached until weight, lora_a or lora_b change."""
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", dora=True"
 
 
 class BottleneckAdapter(nn.Module):

@@ -196,6 +196,23 @@ def clear_norm_cache() -> None:
     _norm_cache.clear()
 
 
+def row_norms(weight, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
+    """‖weight + scaling·lora_b·lora_a‖₂ per output row, in float32 (float64 for a float64 weight), without the
+    dense sum: what DoRA's magnitude is initialised to (peftkern.nn.DoRALinear, as PEFT does). `weight` a tensor
+    or a QuantizedWeight (dequantized a block of rows at a time in its own dtype). No gradient."""
+    from ..reference import dora as ref_dora, qlora as ref_qlora
+    with torch.no_grad():
+        if isinstance(weight, QuantizedWeight):
+            state = (weight.absmax2, weight.code2, weight.offset) if weight.double_quant else (None, None, None)
+            dense_dtype = weight.dtype
+            weight = ref_qlora._packed_weight(weight.packed, weight.absmax, weight.code, *state, weight.shape[0],
+                                              weight.shape[1], weight.blocksize, weight.dtype, weight.dtype)
+        else:
+            dense_dtype = weight.dtype
+        acc = ref.acc_dtype(dense_dtype)
+        return ref_dora.weight_norm(weight, lora_a.detach(), lora_b.detach(), float(scaling), acc, lora_a.device)
+
+
 # ---- the public function --------------------------------------------------------------------------
 
 def _check(x, weight, lora_a, lora_b, magnitude, bias) -> None:
