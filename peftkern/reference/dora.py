@@ -87,21 +87,29 @@ def dora_fwd(x, weight, lora_a, lora_b, magnitude, bias, weight_norm_in, scaling
         if not keep_z:  # y takes z's memory
             return _scale_columns(z, c, bias, out=z), x.new_empty(0), s_down, n
         return _scale_columns(z, c, bias, out=torch.empty_like(z)), z, s_down, n
-    drop_scale = 1.0 / (1.0 - dropout_p)
     y = lora._base_linear(x, weight, bias)
     z = torch.empty_like(y) if keep_z else x.new_empty(0)
     s_down = torch.empty((x.shape[0], lora_a.shape[0]), device=x.device, dtype=acc)
     a_t, b_t = lora_a.t().to(acc), lora_b.t().to(acc)
+    wide = x.dtype == acc  # float32/float64 x: dropout(x) and every product in x's own dtype, in place
     for r0, r1 in lora._row_blocks(x):
-        kept = _keep_x(x, r0, r1, seed, dropout_p)
-        s_down[r0:r1] = torch.mm(kept.to(acc), a_t).mul_(drop_scale)
-        dw = lora._base_linear(kept, weight, None).to(acc).mul_(drop_scale)  # d·Wᵀ
-        rank_term = torch.mm(s_down[r0:r1], b_t).mul_(scaling)  # R
+        if wide:
+            d = lora._mask(x, r0, r1, seed, dropout_p, acc).mul_(x[r0:r1])  # dropout(x), one block
+            torch.mm(d, a_t, out=s_down[r0:r1])
+            zb = lora._base_linear(d, weight, None)  # d·Wᵀ
+        else:  # half x: keep ⊙ x is exact in x's dtype; 1/(1 − p) is applied to the wide product
+            kept = _keep_x(x, r0, r1, seed, dropout_p)
+            torch.mm(kept.to(acc), a_t, out=s_down[r0:r1]).mul_(1.0 / (1.0 - dropout_p))
+            zb = lora._base_linear(kept, weight, None).to(acc).mul_(1.0 / (1.0 - dropout_p))
+        zb.addmm_(s_down[r0:r1], b_t, alpha=scaling)  # z = d·Wᵀ + R
         if keep_z:
-            z[r0:r1] = dw + rank_term
-        # y += (c − 1) ⊙ d·Wᵀ + c ⊙ R, in the wide dtype, rounded once
-        dw.mul_(c - 1.0).add_(rank_term.mul_(c)).add_(y[r0:r1])
-        y[r0:r1] = dw
+            z[r0:r1] = zb
+        # y += (c − 1) ⊙ z + R  (= (c − 1) ⊙ d·Wᵀ + c ⊙ R), in the wide dtype, rounded once
+        if wide:
+            y[r0:r1].addcmul_(zb, c - 1.0).addmm_(s_down[r0:r1], b_t, alpha=scaling)
+        else:
+            zb.mul_(c - 1.0).addmm_(s_down[r0:r1], b_t, alpha=scaling).add_(y[r0:r1])
+            y[r0:r1] = zb
     return y, z, s_down, n
 
 
@@ -141,26 +149,35 @@ def dora_bwd(dy, x, weight, lora_a, lora_b, magnitude, n, s_down, z, scaling: fl
         dx, dw, da, db, _ = lora.lora_bwd(gc, x, weight, lora_a, lora_b, s_down, scaling, 0.0, 0,
                                           need_x, need_weight, need_a, need_b, False)
         return dx, dw, da, db, dmag, dbias
-    _, _, da, db, _ = lora.lora_bwd(gc, x, weight, lora_a, lora_b, s_down, scaling, dropout_p, seed,
-                                    False, False, need_a, need_b, False)
-    if need_x or need_weight:
-        drop_scale = 1.0 / (1.0 - dropout_p)
-        rank = lora.rank_dtype(x.dtype, lora_a, lora_b)
-        g_extra = _scaled_grad(dy, c - 1.0)  # dy ⊙ (c − 1): the gradient reaching d·Wᵀ beyond dy's own
-        if need_x:
-            dx = lora._base_grad_input(dy, weight)
-            extra = lora._base_grad_input(g_extra, weight)
-            ds = lora._mm(gc, lora_b, rank).to(acc).mul_(scaling)  # dS = s·gc·B
-            a_acc = lora_a.to(acc)
-        if need_weight:
-            dw = torch.mm(dy.t(), x)
-        for r0, r1 in lora._row_blocks(x):
-            multiplier = lora._mask(x, r0, r1, seed, dropout_p, acc)
-            if need_x:  # dx += mask ⊙ ((gc − dy)·W + dS·A) / (1 − p), the sum in the wide dtype, rounded once
-                block = torch.addmm(extra[r0:r1].to(acc), ds[r0:r1], a_acc).mul_(multiplier)
+    # dropout: one pass over x's row blocks, each block's mask made once and used for dx, dA and dweight
+    rank = lora.rank_dtype(x.dtype, lora_a, lora_b)
+    ds = lora._mm(gc, lora_b, rank).to(acc).mul_(scaling)  # dS = s·gc·B
+    if need_b:
+        db = (lora._mm(gc.t(), s_down, acc) * scaling).to(lora_b.dtype)
+    g_extra = _scaled_grad(dy, c - 1.0) if (need_x or need_weight) else None  # dy ⊙ (c − 1)
+    if need_x:
+        dx = lora._base_grad_input(dy, weight)
+        extra = lora._base_grad_input(g_extra, weight).to(acc)  # fresh unless x is half: then a wide copy
+        a_acc = lora_a.to(acc)
+    if need_weight:
+        dw = torch.mm(dy.t(), x)
+    da_acc = torch.zeros(lora_a.shape, device=x.device, dtype=acc) if need_a else None
+    for r0, r1 in lora._row_blocks(x):
+        multiplier = lora._mask(x, r0, r1, seed, dropout_p, acc)
+        if need_x:  # dx += mask ⊙ ((gc − dy)·W + dS·A) / (1 − p), the sum in the wide dtype, rounded once
+            block = extra[r0:r1].addmm_(ds[r0:r1], a_acc).mul_(multiplier)
+            if dx.dtype == acc:
+                dx[r0:r1].add_(block)
+            else:
                 dx[r0:r1] = block.add_(dx[r0:r1])
+        if need_a or need_weight:
+            d = multiplier.mul_(x[r0:r1])  # last use of the mask: it becomes dropout(x) in place
+            if need_a:
+                da_acc.addmm_(ds[r0:r1].t(), d)
             if need_weight:
-                dw.addmm_(g_extra[r0:r1].t(), multiplier.mul_(x[r0:r1]).to(x.dtype))
+                dw.addmm_(g_extra[r0:r1].t(), d.to(x.dtype))
+    if need_a:
+        da = da_acc.to(lora_a.dtype)
     return dx, dw, da, db, dmag, dbias
 
 
