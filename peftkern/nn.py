@@ -232,7 +232,8 @@ class DoRALinear(LoRALinear):
     of `weight`, so a new layer computes exactly its base linear.
 
     Args: as LoRALinear (in_features, out_features, r, alpha, dropout, bias, device, dtype); the magnitude is
-    made in the adapters' dtype. Raises as LoRALinear's constructor.
+    made in the adapters' dtype. Raises (naming the argument) TypeError when in_features, out_features or r is
+    not an int or alpha or dropout not a real number, ValueError when one is out of range.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -245,7 +246,8 @@ class DoRALinear(LoRALinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0) -> "DoRALinear":
         """A DoRALinear over an existing nn.Linear or bitsandbytes Linear4bit (shared, frozen weight and bias, as
-        LoRALinear.from_linear), with `magnitude` = the row norms of its weight. Raises as LoRALinear.from_linear."""
+        LoRALinear.from_linear), with `magnitude` = the row norms of its weight. Raises TypeError when `linear` is
+        neither, and TypeError/ValueError (naming the argument) for a bad r, alpha or dropout."""
         layer = super().from_linear(linear, r=r, alpha=alpha, dropout=dropout)
         layer.magnitude = nn.Parameter(torch.empty(layer.out_features, device=layer.lora_a.device,
                                                    dtype=layer.lora_a.dtype))
@@ -285,10 +287,19 @@ class DoRALinear(LoRALinear):
                            dropout_p=self.dropout, training=self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """peftkern.dora_linear over this layer's parameters (F.linear(x, weight, bias) when `merged`).
+        """y = c ⊙ (x·weightᵀ + scaling·(dropout(x)·lora_aᵀ)·lora_bᵀ) + bias with c = magnitude / n, in PEFT's DoRA
+        form (peftkern.dora_linear: with dropout the base term sees the undropped x as well); F.linear(x, weight,
+        bias) when `merged`.
 
-        x: [..., in_features]; returns [..., out_features] in x's dtype; dtype rules, dropout and errors as
-        LoRALinear.forward. In eval mode the weight norm is cached until weight, lora_a or lora_b change."""
+        x: [..., in_features], any leading dims and strides; returns [..., out_features] in x's dtype. Outside
+        torch.autocast x has weight's dtype; lora_a, lora_b and magnitude have it too, or are float32 beside a
+        float16/bfloat16 weight. Inside torch.autocast the inputs are cast to the autocast dtype as F.linear's
+        are, except the magnitude (a float32 column scale). Dropout runs in training mode only, with a fresh
+        mask per call from torch's generator. In eval mode the weight norm n is cached until weight, lora_a or
+        lora_b change.
+
+        Raises ValueError when x's last dim is not in_features, TypeError for a non-float or mismatched dtype,
+        RuntimeError when x is on another device than the parameters."""
         return super().forward(x)
 
     def extra_repr(self) -> str:

@@ -158,10 +158,16 @@ def _params(fn):
 def test_public_docstrings_stand_alone():
     """Users have the docstrings, not the repository's design documents: each public function and class
     documents its own arguments, dtypes and exceptions and points nowhere else."""
-    from peftkern.nn import BottleneckAdapter, LoRALinear
+    from peftkern.nn import BottleneckAdapter, DoRALinear, LoRALinear
 
     documented = {
         peftkern.lora_linear: _params(peftkern.lora_linear) + ["2**63", "float32", "bfloat16", "autocast"],
+        peftkern.dora_linear: _params(peftkern.dora_linear) + ["2**63", "float32", "bfloat16", "autocast", "cached"],
+        DoRALinear: _params(DoRALinear.__init__) + ["magnitude", "lora_a", "lora_b", "Linear4bit"],
+        DoRALinear.from_linear: ["linear", "shared", "frozen", "magnitude"],
+        DoRALinear.forward: ["in_features", "out_features", "float32", "autocast", "dropout", "magnitude"],
+        DoRALinear.merge_: ["unmerge_", "float32", "magnitude"],
+        DoRALinear.reset_magnitude: ["magnitude"],
         peftkern.bottleneck_adapter: _params(peftkern.bottleneck_adapter) + ["float32", "autocast", "gelu_tanh"],
         peftkern.use_backend: ["auto", "triton", "cuda", "reference", "PEFTKERN_BACKEND", "backward"],
         peftkern.backend_info: ["extension_built", "auto", "devices"],
@@ -183,5 +189,5 @@ def test_public_docstrings_stand_alone():
         for word in words:
             assert word in doc, f"{name}'s docstring should mention {word!r}"
         if obj not in (LoRALinear.unmerge_, LoRALinear.merged, LoRALinear.reset_lora_parameters,
-                       BottleneckAdapter.reset_parameters, LoRALinear.merge_):
+                       BottleneckAdapter.reset_parameters, LoRALinear.merge_, DoRALinear.reset_magnitude):
             assert "Raises" in doc or "raises" in doc.lower(), f"{name}'s docstring should say what it raises"
