@@ -48,6 +48,11 @@ def table(results: dict) -> str:
     lines.append("Eager baselines: " + "; ".join(f"{op}: {name}" for op, name in eager.items()) + ".")
     if any("eager_inplace" in row["results"] for row in results["rows"]):
         lines.append(report.SECOND_EAGER[0].upper() + report.SECOND_EAGER[1:] + ".")
+    dora = report.dora_notes(results)  # --op dora: each row's time against peftkern's own LoRA
+    if dora:
+        lines += ["", "DoRA against peftkern's own `lora_linear` on the same shapes and adapters:", ""]
+        lines += [f"- {line}" for line in dora]
+        lines.append("")
     note = report.peak_memory_note(results)
     if note:
         lines.append(f"Peak memory \"-\": {note}.")

@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time each op against the eager baseline and the F.linear floor")
     bench.add_argument("--op", choices=[*bench_ops(), "all"], default="all",
                        help="lora: lora_linear; qlora: lora_linear over a 4-bit QuantizedWeight (vs PEFT + "
-                            "bitsandbytes); adapter: bottleneck_adapter; sparse: sparse_diff_apply_ and "
+                            "bitsandbytes); dora: dora_linear (vs PEFT's LoRA layer with use_dora=True, and "
+                            "against peftkern's own lora_linear on the same shapes); adapter: "
+                            "bottleneck_adapter; sparse: sparse_diff_apply_ and "
                             "sparse_diff_linear; e2e: fine-tune a random-init Llama with PEFT LoRA, unpatched "
                             "vs patched; all (default): every one of them")
     bench.add_argument("--quick", action="store_true",

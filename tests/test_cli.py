@@ -1,5 +1,6 @@
 """python -m peftkern info | bench | --version, and examples/finetune.py, as a user runs them."""
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -75,7 +76,7 @@ def test_bench_quick_all_ops_under_background_load(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert [r["variant"] for r in results["e2e"]] == ["peft", "peftkern"]
     assert results["e2e"][1]["layers_patched"] > 0 and all(r["tokens_per_s"] > 0 for r in results["e2e"])
-    assert results["torch"] and {row["op"] for row in results["rows"]} == {"lora", "qlora", "adapter", "sparse"}
+    assert results["torch"] and {row["op"] for row in results["rows"]} == {"lora", "qlora", "dora", "adapter", "sparse"}
     for row in results["rows"]:
         assert {"eager", "peftkern", "floor"} <= set(row["results"])
         assert all(r["median_ms"] > 0 for r in row["results"].values())
@@ -237,6 +238,94 @@ def test_sparse_apply_has_an_in_place_baseline():
     lines = report.table_rows({"rows": [row]})
     assert [line[1] for line in lines] == [case.label, case.label + " vs in-place by hand"]
     assert lines[1][3] == f"{row['results']['eager_inplace']['median_ms']:.3f}"
+
+
+def test_bench_quick_dora_times_peft_peftkern_its_lora_and_the_floor(tmp_path):
+    """--op dora for real (--quick): every row times PEFT's DoRA layer, dora_linear, peftkern's own lora_linear on
+    the same adapters and the floor, and the output gives issue 13's DoRA / LoRA ratio for each row."""
+    out = run_cli("bench", "--op", "dora", "--quick", "--json", "d.json", tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "d.json").read_text())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert [row["label"] for row in results["rows"]] == [c.label for c in runner.cases_for("dora", device, quick=True)]
+    assert {row["case"]["dropout"] for row in results["rows"]} == {0.0, 0.1}
+    for row in results["rows"]:
+        assert row["op"] == "dora" and row["family"] == "dora_linear"
+        assert {"eager", "peftkern", "peftkern_lora", "floor"} <= set(row["results"])
+        assert all(r["median_ms"] > 0 for r in row["results"].values())
+        peft_here = importlib.util.find_spec("peft") is not None
+        assert row["eager_provider"].startswith("peft " if peft_here else "eager DoRA"), row["eager_provider"]
+        ratio = report.dora_vs_lora(row)
+        assert ratio == row["results"]["peftkern"]["median_ms"] / row["results"]["peftkern_lora"]["median_ms"]
+        assert f"dora {row['label']}: peftkern DoRA / peftkern LoRA = {ratio:.2f}x" in out.stdout
+    assert f"dora: eager = {results['rows'][0]['eager_provider']}; floor = bare F.linear" in out.stdout
+
+
+def test_dora_rows_keep_the_table_columns_and_add_a_lora_ratio_note():
+    """A dora row has the table line every op has (eager, peftkern, floor), and a note under the table with its
+    ratio to peftkern's LoRA, judged against issue 13's 1.10x; rows of other ops get no such note."""
+    def row(op, ms):
+        return {"op": op, "family": op, "label": f"{op} case", "backend": "reference", "eager_provider": "x",
+                "results": {k: {"median_ms": v, "peak_mem_mb": 7.0} for k, v in ms.items()}}
+
+    results = {"rows": [row("lora", {"eager": 3.0, "peftkern": 2.0, "floor": 1.0}),
+                        row("dora", {"eager": 4.0, "peftkern": 2.1, "peftkern_lora": 2.0, "floor": 1.0}),
+                        row("dora", {"eager": 4.0, "peftkern": 2.4, "peftkern_lora": 2.0, "floor": 1.0})]}
+    lines = report.table_rows(results)
+    assert [len(line) for line in lines] == [len(report.COLUMNS)] * 3
+    assert lines[1] == ("dora", "dora case", "reference", "4.000", "2.100", "1.000", "1.90x", "+110.0%", "7/7/7")
+    assert report.dora_notes(results) == [
+        "dora dora case: peftkern DoRA / peftkern LoRA = 1.05x (2.100 / 2.000 ms, peak 7 MB; within issue 13's 1.10x)",
+        "dora dora case: peftkern DoRA / peftkern LoRA = 1.20x (2.400 / 2.000 ms, peak 7 MB; above issue 13's 1.10x)"]
+    panels = dict(report.plot_panels(results))
+    assert dict(panels["dora"][0][1])["peftkern LoRA time / peftkern DoRA time"] == pytest.approx(2.0 / 2.1)
+    assert "peftkern LoRA time / peftkern DoRA time" not in dict(panels["lora"][0][1])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dora_eager_fallback_is_pefts_dora_layer(p, bias, monkeypatch):
+    """Without peft, --op dora times _EagerDora: the same outputs and gradients as PEFT's own DoRA Linear (same
+    weights, same dropout mask through the same RNG draws), so the baseline does not change with what is installed."""
+    peft = pytest.importorskip("peft", reason="the comparison with PEFT's DoRA layer needs peft (in the test extras)")
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from peftkern.bench import providers
+    from peftkern.bench.cases import DoraCase
+
+    torch.manual_seed(3)
+    k, n, r, alpha = 33, 20, 3, 6
+    base = torch.nn.Linear(k, n, bias=bias)
+    base.requires_grad_(False)
+    theirs = PeftLinear(base, "default", config=peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, use_dora=True),
+                        r=r, lora_alpha=alpha)
+    ours = providers._EagerDora(base, r, alpha, p)
+    with torch.no_grad():
+        theirs.lora_B["default"].weight.normal_()
+        theirs.lora_magnitude_vector["default"].weight.mul_(torch.rand(n) + 0.5)
+        ours.lora_A.weight.copy_(theirs.lora_A["default"].weight)
+        ours.lora_B.weight.copy_(theirs.lora_B["default"].weight)
+        ours.magnitude.copy_(theirs.lora_magnitude_vector["default"].weight)
+    theirs.train()
+    ours.train()
+    x, dy = torch.randn(2, 7, k), torch.randn(2, 7, n)
+    got = []
+    for layer, params in ((theirs, [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight,
+                                    theirs.lora_magnitude_vector["default"].weight]),
+                          (ours, [ours.lora_A.weight, ours.lora_B.weight, ours.magnitude])):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(11)
+        y = layer(xi)
+        y.backward(dy)
+        got.append([y.detach(), xi.grad] + [t.grad for t in params])
+    for name, a, b in zip(["y", "x", "lora_A", "lora_B", "magnitude"], *got):
+        torch.testing.assert_close(b, a, msg=name)
+    monkeypatch.setattr(providers, "peft_available", lambda: False)  # the provider set then uses the fallback
+    steps, eager_name = providers.dora_providers(DoraCase(16, k, n, r, torch.float32, p, bias), torch.device("cpu"))
+    assert eager_name == "eager DoRA (peft not installed)" and set(steps) == {"eager", "peftkern", "peftkern_lora",
+                                                                             "floor"}
+    for step in steps.values():
+        step()
 
 
 def test_finetune_help_states_the_model_size_it_builds():

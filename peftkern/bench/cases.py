@@ -42,6 +42,18 @@ def lora_cases(device: torch.device, quick: bool = False) -> list[LoraCase]:
 
 
 @dataclasses.dataclass(frozen=True)
+class DoraCase(LoraCase):
+    """DoRA (weight-decomposed LoRA): LoRA's shapes plus a trainable magnitude vector [N]."""
+    family = "dora_linear"
+
+
+def dora_cases(device: torch.device, quick: bool = False) -> list[DoraCase]:
+    """The LoRA cases (headline shapes in bf16 on GPU, M=8192 K=N=4096 r=16 among them; on CPU the
+    acceptance shape, float32), as DoRA layers."""
+    return [DoraCase(**{f.name: getattr(c, f.name) for f in dataclasses.fields(c)}) for c in lora_cases(device, quick)]
+
+
+@dataclasses.dataclass(frozen=True)
 class AdapterCase:
     m: int  # tokens
     d: int  # model width

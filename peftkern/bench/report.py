@@ -4,14 +4,18 @@ from __future__ import annotations
 import json
 
 # the op family each row belongs to (what `auto` dispatches on); older JSON files lack the "family" field
-_FAMILY_OF_OP = {"lora": "lora_linear", "adapter": "bottleneck_adapter"}
+_FAMILY_OF_OP = {"lora": "lora_linear", "dora": "dora_linear", "adapter": "bottleneck_adapter"}
 # the eager baselines of a row: (results key, how the table names a second one)
 EAGER_BASELINES = (("eager", ""), ("eager_inplace", "vs in-place by hand"))
 FLOORS = {"lora": "bare F.linear of the frozen base, fwd+bwd",
           "qlora": "bare dense F.linear of the dequantized base in the compute dtype, fwd+bwd",
+          "dora": "bare F.linear of the frozen base, fwd+bwd",
           "adapter": "one elementwise pass over h (fwd) and dy (bwd)",
           "sparse": "apply: in-place index_put_(accumulate=True); linear: bare F.linear fwd+bwd"}
 BAR_NAMES = {"eager": "speedup vs eager", "eager_inplace": "speedup vs in-place eager written by hand"}
+# issue 13: a DoRA step (dora_linear) costs at most this many times peftkern's own LoRA step (lora_linear) on the
+# same shapes, dropout and adapters; rows of --op dora time both ("peftkern" and "peftkern_lora")
+DORA_VS_LORA_TARGET = 1.10
 SECOND_EAGER = ("sparse apply, second row: the in-place update written by hand with sparse_diff_apply_'s "
                 "result (backup = w.view(-1)[idx]; w.view(-1).index_add_(0, idx, v))")
 
@@ -28,6 +32,31 @@ def derived(row: dict, eager: str = "eager") -> dict:
     r = row["results"]
     fused, base, floor = r["peftkern"]["median_ms"], r[eager]["median_ms"], r["floor"]["median_ms"]
     return {"speedup": base / fused, "overhead": fused / floor - 1.0}
+
+
+def dora_vs_lora(row: dict) -> float | None:
+    """peftkern's DoRA step time over peftkern's LoRA step time on the same case; None for rows without it."""
+    r = row["results"]
+    if "peftkern_lora" not in r:
+        return None
+    return r["peftkern"]["median_ms"] / r["peftkern_lora"]["median_ms"]
+
+
+def dora_notes(results: dict) -> list[str]:
+    """One line per --op dora row: the ratio to peftkern's own LoRA (issue 13's target) and that step's
+    time and peak memory. The table's columns stay those of every op; this is printed under it."""
+    lines = []
+    for row in results["rows"]:
+        ratio = dora_vs_lora(row)
+        if ratio is None:
+            continue
+        lora = row["results"]["peftkern_lora"]
+        mem = "" if lora.get("peak_mem_mb") is None else f", peak {lora['peak_mem_mb']:.0f} MB"
+        verdict = "within" if ratio <= DORA_VS_LORA_TARGET else "above"
+        lines.append(f"dora {row['label']}: peftkern DoRA / peftkern LoRA = {ratio:.2f}x "
+                     f"({row['results']['peftkern']['median_ms']:.3f} / {lora['median_ms']:.3f} ms{mem}; "
+                     f"{verdict} issue 13's {DORA_VS_LORA_TARGET:.2f}x)")
+    return lines
 
 
 def baselines(row: dict) -> list[tuple[str, str]]:
@@ -102,6 +131,8 @@ def print_table(results: dict) -> None:
             print(f"{op}: eager = {row['eager_provider']}; floor = {what}")
     if any("eager_inplace" in row["results"] for row in results["rows"]):
         print(SECOND_EAGER)
+    for line in dora_notes(results):
+        print(line)
     note = peak_memory_note(results)
     if note:
         print(f"peak MB \"-\": {note}")
@@ -138,6 +169,8 @@ def plot_panels(results: dict) -> list[tuple[str, list[tuple[str, list[tuple[str
         r = row["results"]
         bars = [(BAR_NAMES[eager], derived(row, eager)["speedup"]) for eager, _ in baselines(row)]
         bars.append(("floor time / peftkern time", r["floor"]["median_ms"] / r["peftkern"]["median_ms"]))
+        if dora_vs_lora(row) is not None:
+            bars.append(("peftkern LoRA time / peftkern DoRA time", 1.0 / dora_vs_lora(row)))
         panels.setdefault(family(row), []).append((row["label"], bars))
     e2e = results.get("e2e") or []
     by_variant = {e["variant"]: e for e in e2e}

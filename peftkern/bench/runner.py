@@ -7,16 +7,17 @@ import sys
 
 import torch
 
-from .cases import (AdapterCase, LoraCase, QLoraCase, SparseCase, adapter_cases, lora_cases, qlora_cases,
-                    sparse_cases)
+from .cases import (AdapterCase, DoraCase, LoraCase, QLoraCase, SparseCase, adapter_cases, dora_cases, lora_cases,
+                    qlora_cases, sparse_cases)
 from .ceilings import measure_ceilings
-from .providers import adapter_providers, lora_providers, qlora_providers, sparse_providers
+from .providers import adapter_providers, dora_providers, lora_providers, qlora_providers, sparse_providers
 from .memory import peak_mb_in_subprocess
 from .timing import measure_group
 
-OPS = ("lora", "qlora", "adapter", "sparse")
+OPS = ("lora", "qlora", "dora", "adapter", "sparse")
 # op -> (cases, providers)
 _OPS = {"lora": (lora_cases, lora_providers), "qlora": (qlora_cases, qlora_providers),
+        "dora": (dora_cases, dora_providers),
         "adapter": (adapter_cases, adapter_providers), "sparse": (sparse_cases, sparse_providers)}
 
 
@@ -105,7 +106,8 @@ def roofline(row: dict, ceilings: dict | None) -> dict | None:
 def case_from_dict(op: str, d: dict):
     d = dict(d)
     d["dtype"] = getattr(torch, d["dtype"])
-    return {"lora": LoraCase, "qlora": QLoraCase, "adapter": AdapterCase, "sparse": SparseCase}[op](**d)
+    return {"lora": LoraCase, "qlora": QLoraCase, "dora": DoraCase, "adapter": AdapterCase,
+            "sparse": SparseCase}[op](**d)
 
 
 def cases_for(op: str, device: torch.device, *, quick: bool) -> list:
