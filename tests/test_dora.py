@@ -395,3 +395,23 @@ def test_bad_scalars_raise():
         peftkern.dora_linear(*args.values(), training=1)
     with pytest.raises(ValueError, match="scaling"):
         peftkern.dora_linear(*args.values(), scaling=float("nan"))
+
+
+def test_eval_cache_entries_go_with_their_tensors():
+    """A layer rebuilt per call (or a deleted one) leaves no entry behind: entries hold the weight and adapters
+    weakly and are dropped when one of them is garbage-collected."""
+    import gc
+
+    ops_dora.clear_norm_cache()
+    x, w, a, b, mag = _eval_inputs()
+    _eval_call(x, w, a, b, mag)
+    assert len(ops_dora._norm_cache) == 1
+    del b
+    gc.collect()
+    assert len(ops_dora._norm_cache) == 0
+    b2 = nn.Parameter(torch.randn(16, 3))
+    _eval_call(x, w, a, b2, mag)
+    assert len(ops_dora._norm_cache) == 1
+    del w
+    gc.collect()
+    assert len(ops_dora._norm_cache) == 0

@@ -31,6 +31,7 @@ def plugin(monkeypatch):
     # monkeypatch records the originals first, so the plugin's replacements are undone after the test
     monkeypatch.setattr(BaseTuner, "inject_adapter", BaseTuner.inject_adapter)
     monkeypatch.setattr(integration, "lora_linear", integration.lora_linear)
+    monkeypatch.setattr(integration, "dora_linear", integration.dora_linear)
     module = _load("peftkern_patch_plugin")
     module.pytest_configure(None)
     return module

@@ -1,16 +1,31 @@
 """peftkern as a drop-in backend for Hugging Face PEFT models.
 
     from peftkern.integrations.peft import patch, unpatch
-    n = patch(peft_model)     # every LoRA Linear that can run fused now does; returns how many
+    n = patch(peft_model)     # every LoRA/DoRA Linear that can run fused now does; returns how many
     unpatch(peft_model)       # back to PEFT's own forward
 
 What patch() does
     A LoRA layer is patched by changing its class from PEFT's `peft.tuners.lora.layer.Linear` to
     `FusedLoraLinear`, a subclass defined in this module whose only change is `forward`: the base layer
     and the first active adapter run as one `peftkern.lora_linear` call (dropout, bias, PEFT's `scaling`
-    including rsLoRA), further active adapters with PEFT's own eager math. No parameter, buffer or config is
-    added, so state dicts, `save_pretrained` output, `repr`, adapter switching (`set_adapter`,
+    including rsLoRA), or as one `peftkern.dora_linear` call when that adapter uses DoRA (below); further
+    active adapters run PEFT's own eager math (a further DoRA adapter through PEFT's own
+    `DoraLinearVariant.forward`, on the running result exactly as PEFT hands it over). No parameter, buffer or
+    config is added, so state dicts, `save_pretrained` output, `repr`, adapter switching (`set_adapter`,
     `disable_adapter`, merging) behave exactly as before.
+
+DoRA (use_dora=True, PEFT's `DoraLinearVariant`)
+    The first active adapter runs as `dora_linear(x, W, lora_A.weight, lora_B.weight,
+    lora_magnitude_vector[name].weight, ...)`, PEFT's DoRA Linear math: the row norm of W + scaling·B·A comes
+    from the current adapters and is a constant in backward; dropout hits the adapter branch only while the LoRA
+    layer is in training mode (PEFT's rule for DoRA; for plain LoRA it is the dropout module's mode). In eval
+    mode dora_linear caches that norm, keyed so that any change of lora_A/lora_B (even through `.data`), of the
+    scaling, or an in-place change of the base weight is seen; a write into the *base weight* through `.data` is
+    the one change it cannot see (`peftkern.ops.dora.clear_norm_cache()` after such a write). PEFT's own cache
+    (`peft.tuners.lora.dora.ENABLE_DORA_CACHING = True`) is keyed by adapter name only and serves a stale norm
+    after such changes; while it is on, eval-mode calls run on PEFT's forward, so patched and unpatched models
+    compute the same thing with it on and off. DoRA on Embedding and Conv layers stays on PEFT's path (those
+    classes have no fused path at all).
 
 Why a class swap (and not a bound method stored on each instance)
     A class defined at module level pickles by reference (`peftkern.integrations.peft.FusedLoraLinear`), so
@@ -25,17 +40,19 @@ Which layers, and when they fall back
     bitsandbytes 4-bit LoRA class over a `Linear4bit` (patched to `FusedLoraLinear4bit`), are patched.
     Anything else stays on PEFT's forward: LoRA stacked on another adapter (LoHa/LoKr/AdaLoRA in a
     `PeftMixedModel`, whose base layer is that adapter's layer), other quantized or wrapped base layers,
-    Embedding/Conv LoRA layers. patch() logs each one
+    Embedding/Conv LoRA and DoRA layers, adapters that are a LoRA variant other than DoRA (aLoRA, VeLoRA, ...).
+    patch() logs each one
     (logger `peftkern.integrations.peft`, INFO) and emits one `LayersNotPatchedWarning` per call that lists
     them, grouped by reason; it is silent when every LoRA layer was patched.
     Checked per call (things that can change after patch()), falling back to PEFT's forward for that call:
     extra forward arguments (e.g. mixed-batch `adapter_names`), merged or disabled adapters, an active
-    adapter that is a LoRA variant (DoRA, ...) or has `lora_bias` (e.g. added later by `add_adapter`),
+    adapter that is a LoRA variant other than DoRA or has `lora_bias` (e.g. added later by `add_adapter`),
     dropout other than `nn.Dropout`/`nn.Identity`, dtypes or devices the fused op does not take (or
-    `disable_input_dtype_casting` with adapters in another dtype than the input, where PEFT raises), and
+    `disable_input_dtype_casting` with adapters in another dtype than the input, where PEFT raises), PEFT's
+    DoRA cache switched on in eval mode (above), and
     any forward (pre-)hook, backward hook, instance-level `forward` override or accelerate `_hf_hook` on
-    the base layer, lora_A, lora_B or the dropout module (e.g. `accelerate.cpu_offload`, `device_map`
-    offloading, a user's hook), or a global module hook: the fused path would skip them.
+    the base layer, lora_A, lora_B, the dropout module or the DoRA magnitude layer (e.g. `accelerate.cpu_offload`,
+    `device_map` offloading, a user's hook), or a global module hook: the fused path would skip them.
 
 Layers added after patch()
     patch() marks the model; PEFT's `BaseTuner.inject_adapter` (behind `get_peft_model`, `add_adapter`,
@@ -49,17 +66,22 @@ import functools
 import logging
 import sys
 import warnings
+import weakref
 from collections import defaultdict
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
+from peft.tuners.lora import dora as _peft_dora
+from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import BaseTuner
 
 from ..ops import _checks
+from ..ops.dora import dora_linear
 from ..ops.lora import lora_linear
 from ..quant import QuantizedWeight
 
@@ -117,7 +139,9 @@ def unsupported_reason(module: nn.Module) -> str | None:
         if not _is_linear4bit(base):
             return f"base layer is {type(base).__module__}.{type(base).__name__}, not a bitsandbytes Linear4bit"
     else:
-        return f"{type(module).__module__}.{type(module).__name__} layers have no fused path"
+        # Embedding/Conv LoRA and DoRA layers, and every other adapter type's layers
+        return (f"{type(module).__module__}.{type(module).__name__} layers have no fused path (only LoRA and DoRA "
+                "on Linear layers run fused)")
     for name in module.lora_A.keys():
         reason = _adapter_reason(module, name)
         if reason is not None:
@@ -125,11 +149,28 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
+def _is_dora(module, name: str) -> bool:
+    """True when adapter `name` of `module` is PEFT's DoRA on a Linear layer (exactly PEFT's classes: a subclass
+    could change the math that dora_linear reproduces)."""
+    return type(getattr(module, "lora_variant", {}).get(name)) is DoraLinearVariant
+
+
 def _adapter_reason(module, name: str) -> str | None:
-    if name in getattr(module, "lora_variant", {}):
-        return f"adapter {name!r} is a LoRA variant ({type(module.lora_variant[name]).__name__}, e.g. DoRA)"
-    if getattr(module, "use_dora", {}).get(name):
-        return f"adapter {name!r} uses DoRA"
+    variant = getattr(module, "lora_variant", {}).get(name)
+    if variant is not None and not _is_dora(module, name):
+        return (f"adapter {name!r} is a LoRA variant other than DoRA ({type(variant).__name__}), which has no "
+                "fused path")
+    if _is_dora(module, name):
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        layer = magnitudes[name] if magnitudes is not None and name in magnitudes else None
+        if type(layer) is not DoraLinearLayer or not isinstance(getattr(layer, "weight", None), torch.Tensor):
+            return f"adapter {name!r} uses DoRA with a magnitude layer other than PEFT's DoraLinearLayer"
+        # PEFT transposes the base weight inside its DoRA math iff fan_in_fan_out: only right for a Conv1D base
+        if bool(layer.fan_in_fan_out) != _is_conv1d(module.base_layer):
+            return (f"adapter {name!r} uses DoRA with fan_in_fan_out={layer.fan_in_fan_out} over a "
+                    f"{type(module.base_layer).__name__} base layer")
+    elif getattr(module, "use_dora", {}).get(name):
+        return f"adapter {name!r} uses DoRA without PEFT's DoraLinearVariant"
     if getattr(module, "lora_bias", {}).get(name):
         return f"adapter {name!r} has lora_bias"
     if type(module.lora_A[name]) is not nn.Linear or type(module.lora_B[name]) is not nn.Linear:
@@ -151,7 +192,8 @@ def _hooked(m: nn.Module) -> bool:
 
 
 class FusedLoraLinear(_PeftLoraLinear):
-    """PEFT's LoRA `Linear` whose forward runs on `peftkern.lora_linear` where it can (see the module doc).
+    """PEFT's LoRA `Linear` whose forward runs on `peftkern.lora_linear` (or `peftkern.dora_linear` for a DoRA
+    adapter) where it can (see the module doc).
 
     Never constructed directly: patch() switches eligible layers' class to it, unpatch() switches back.
     """
@@ -163,13 +205,60 @@ class FusedLoraLinear(_PeftLoraLinear):
         return _fused_forward(self, super().forward, x, *args, **kwargs)
 
 
+# base layer -> the weight object last handed to the fused ops for it (a Conv1D's [out, in] view, a Linear4bit's
+# QuantizedWeight). Handing the same object each call is what lets dora_linear's eval-mode norm cache hit (it is
+# keyed by the weight tensors' identity); a fresh view or QuantizedWeight per call would miss every time and leave
+# a dead entry behind. Weak keys: an entry goes with its layer; values hold the parameter, never the layer.
+_STABLE_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _conv1d_weight(base: nn.Module) -> torch.Tensor:
+    """A Conv1D's weight ([in, out]) as the [out, in] view the fused ops take, the same view object while the
+    parameter and its storage stay the same."""
+    param = base.weight
+    if param.requires_grad:
+        return param.t()  # a view that carries autograd history is made per call
+    entry = _STABLE_WEIGHTS.get(base)
+    if entry is not None:
+        held, view = entry
+        if (held is param and view.data_ptr() == param.data_ptr() and view.dtype == param.dtype
+                and view.device == param.device and view.shape == param.shape[::-1]
+                and view.stride() == param.stride()[::-1]):
+            return view
+    with torch.no_grad():
+        view = param.t()
+    _STABLE_WEIGHTS[base] = (param, view)
+    return view
+
+
+def _quantized_weight(base: nn.Module) -> QuantizedWeight:
+    """A Linear4bit's weight as a peftkern.QuantizedWeight over bitsandbytes' own storage, the same object while
+    the Params4bit (object, storage, version counter), its quant_state and absmax's storage stay the same (bitsandbytes
+    replaces the Params4bit when the layer moves, and its CPU repacking rewrites the quant_state: both make a new
+    one). The version is checked here because QuantizedWeight.packed is a `.data` alias, whose own counter does
+    not see in-place writes to the parameter."""
+    param = base.weight
+    state = getattr(param, "quant_state", None)
+    entry = _STABLE_WEIGHTS.get(base)
+    if entry is not None:
+        held, held_state, version, qweight = entry
+        if (held is param and held_state is state and state is not None and version == param._version
+                and not getattr(state, "packing_format_for_cpu", False)
+                and qweight.packed.data_ptr() == param.data_ptr()
+                and qweight.absmax.data_ptr() == state.absmax.data_ptr()):
+            return qweight
+    qweight = QuantizedWeight.from_bnb(param)
+    _STABLE_WEIGHTS[base] = (param, state, param._version, qweight)
+    return qweight
+
+
 def _base_weight(base: nn.Module, x: torch.Tensor):
-    """(weight for lora_linear, bias) of the base layer for this input, or None when the call must run on
-    PEFT's path. A bitsandbytes Linear4bit gives a peftkern.QuantizedWeight over its packed storage."""
+    """(weight for lora_linear/dora_linear, bias) of the base layer for this input, or None when the call must run
+    on PEFT's path. A bitsandbytes Linear4bit gives a peftkern.QuantizedWeight over its packed storage."""
     if type(base) is nn.Linear:
         return base.weight, base.bias
     if _is_conv1d(base):
-        return base.weight.t(), base.bias
+        return _conv1d_weight(base), base.bias
     # Linear4bit: its compute dtype is settled on the first call exactly as bitsandbytes' forward settles it
     if not base.compute_type_is_set:
         base.set_compute_type(x)
@@ -179,15 +268,16 @@ def _base_weight(base: nn.Module, x: torch.Tensor):
     if base.bias is not None and base.bias.dtype != x.dtype:
         return None  # bitsandbytes recasts the bias in place on its own path
     try:
-        return QuantizedWeight.from_bnb(base.weight), base.bias
+        return _quantized_weight(base), base.bias
     except (RuntimeError, ValueError, TypeError) as err:  # e.g. bitsandbytes' CPU-repacked layout
         log.info("peftkern: a Linear4bit runs on PEFT's forward: %s", err)
         return None
 
 
 def _fused_forward(self, peft_forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The forward of the patched classes: the base layer and the first active adapter in one lora_linear
-    call where every per-call condition holds (module doc), PEFT's own `peft_forward` otherwise."""
+    """The forward of the patched classes: the base layer and the first active adapter in one lora_linear (or,
+    for a DoRA adapter, dora_linear) call where every per-call condition holds (module doc), PEFT's own
+    `peft_forward` otherwise."""
     if args or kwargs or self.disable_adapters or self.merged:
         return peft_forward(x, *args, **kwargs)
     lora_keys = self.lora_A.keys()
@@ -197,14 +287,20 @@ def _fused_forward(self, peft_forward, x: torch.Tensor, *args, **kwargs) -> torc
     first = active[0]
     base = self.base_layer
     lora_A, lora_B, dropout = self.lora_A[first], self.lora_B[first], self.lora_dropout[first]
-    if (_hooked(base) or _hooked(lora_A) or _hooked(lora_B) or _hooked(dropout) or _global_hooks()):
+    dora = _is_dora(self, first)
+    magnitude_layer = self.lora_magnitude_vector[first] if dora else None
+    if (_hooked(base) or _hooked(lora_A) or _hooked(lora_B) or _hooked(dropout)
+            or (dora and _hooked(magnitude_layer)) or _global_hooks()):
         return peft_forward(x, *args, **kwargs)  # PEFT's forward calls those modules, hooks and all
+    if dora and _peft_dora.ENABLE_DORA_CACHING and not magnitude_layer.training:
+        return peft_forward(x, *args, **kwargs)  # PEFT's own norm cache decides what this call computes
     base_weight = _base_weight(base, x)
     if base_weight is None:
         return peft_forward(x, *args, **kwargs)
     weight, bias = base_weight
     quantized = isinstance(weight, QuantizedWeight)
     lora_a, lora_b = lora_A.weight, lora_B.weight
+    magnitude = magnitude_layer.weight if dora else None
     autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
     if not autocast:
         # a 4-bit weight is dequantized into x's dtype: only the bias must match
@@ -213,22 +309,48 @@ def _fused_forward(self, peft_forward, x: torch.Tensor, *args, **kwargs) -> torc
             else _checks.adapter_dtypes(x.dtype)  # casting disabled: PEFT itself raises on a dtype mismatch
         if not same_dtype or lora_a.dtype not in adapter_dtypes or lora_b.dtype not in adapter_dtypes:
             return peft_forward(x, *args, **kwargs)
+        if dora and (magnitude.dtype not in adapter_dtypes or lora_b.dtype != lora_a.dtype):
+            return peft_forward(x, *args, **kwargs)  # PEFT computes (or raises) in dtypes dora_linear does not take
     elif quantized:
         return peft_forward(x, *args, **kwargs)  # bitsandbytes' autocast handling is its own
-    if not (weight.device == x.device == lora_a.device == lora_b.device):
+    if not (weight.device == x.device == lora_a.device == lora_b.device) or (dora and magnitude.device != x.device):
         return peft_forward(x, *args, **kwargs)  # let PEFT (or its error) decide
-    training = isinstance(dropout, nn.Dropout) and dropout.training
-    result = lora_linear(x, weight, lora_a, lora_b, scaling=float(self.scaling[first]), bias=bias,
-                         dropout_p=float(dropout.p) if training else 0.0, training=training)
+    scaling = float(self.scaling[first])
+    if dora:
+        # PEFT's DoRA applies dropout only while the LoRA layer trains (an nn.Identity or eval mode: none), and its
+        # cache decorator empties the DoRA layer's cache on every call it does not cache (this one)
+        magnitude_layer._cache_clear()
+        drop = self.training and isinstance(dropout, nn.Dropout) and dropout.training
+        result = dora_linear(x, weight, lora_a, lora_b, magnitude, scaling=scaling, bias=bias,
+                             dropout_p=float(dropout.p) if drop else 0.0, training=self.training)
+    else:
+        training = isinstance(dropout, nn.Dropout) and dropout.training
+        result = lora_linear(x, weight, lora_a, lora_b, scaling=scaling, bias=bias,
+                             dropout_p=float(dropout.p) if training else 0.0, training=training)
     if len(active) == 1:
         return result
-    # further active adapters: PEFT's own eager math, in its order of casts and accumulation
+    return _further_adapters(self, active[1:], x, result, lora_a.dtype)
+
+
+def _further_adapters(self, names, x: torch.Tensor, result: torch.Tensor, first_dtype: torch.dtype) -> torch.Tensor:
+    """Active adapters after the first: PEFT's own eager math, in its order of casts and accumulation (the
+    bitsandbytes class casts each adapter's output back to the result dtype, the generic class only at the end). A
+    DoRA adapter runs PEFT's own DoraLinearVariant.forward on the running result, as PEFT passes it."""
     result_dtype = result.dtype
-    x = self._cast_input_dtype(x, lora_a.dtype)
-    for name in active[1:]:
+    per_adapter_cast = FusedLoraLinear4bit is not None and isinstance(self, FusedLoraLinear4bit)
+    x = self._cast_input_dtype(x, first_dtype)
+    for name in names:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         x = self._cast_input_dtype(x, lora_A.weight.dtype)
-        result = result + lora_B(lora_A(self.lora_dropout[name](x))) * self.scaling[name]
+        if name in self.lora_variant:  # DoRA: _adapter_reason let no other variant through
+            result = self.lora_variant[name].forward(self, active_adapter=name, x=x, result=result)
+            if per_adapter_cast:
+                result = result.to(result_dtype)
+        else:
+            output = lora_B(lora_A(self.lora_dropout[name](x))) * self.scaling[name]
+            if per_adapter_cast:
+                output = output.to(result_dtype)
+            result = result + output
     return result.to(result_dtype)
 
 
@@ -240,7 +362,8 @@ def _make_fused_4bit_class():
         return None
 
     class FusedLoraLinear4bit(base_cls):
-        """PEFT's bitsandbytes 4-bit LoRA layer whose forward runs on `peftkern.lora_linear` where it can."""
+        """PEFT's bitsandbytes 4-bit LoRA layer whose forward runs on `peftkern.lora_linear` (or
+        `peftkern.dora_linear` for a DoRA adapter) where it can."""
 
         def _get_name(self) -> str:
             return base_cls.__name__
@@ -313,7 +436,8 @@ def _set_mark(model: nn.Module, value: bool) -> None:
 
 
 def patch(model: nn.Module) -> int:
-    """Run every eligible LoRA Linear of a Hugging Face PEFT model on `peftkern.lora_linear`.
+    """Run every eligible LoRA (and DoRA) Linear of a Hugging Face PEFT model on `peftkern.lora_linear`
+    (`peftkern.dora_linear`).
 
     Args:
         model: a `PeftModel`, `PeftMixedModel`, PEFT tuner (`LoraModel`) or any `nn.Module` holding PEFT LoRA

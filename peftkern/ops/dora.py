@@ -11,6 +11,7 @@ invalidates an entry.
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import weakref
@@ -126,14 +127,15 @@ class _NormCache:
     (they are small: r·(in + out) elements, against the out·in·r work of the norm). The magnitude is not part of
     the key: n does not depend on it, and it is read afresh at every call. A write through `.data` into the
     *base weight* itself is the one change this cannot see; peftkern.ops.dora.clear_norm_cache() drops every
-    entry. Bounded: the least recently used entries go beyond MAX_ENTRIES.
+    entry. An entry is dropped as soon as its weight or an adapter is garbage-collected, and the least recently
+    used entries go beyond MAX_ENTRIES.
     """
 
     MAX_ENTRIES = 4096
 
     def __init__(self):
         self._entries: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a weakref callback may drop an entry while this thread holds it
 
     @staticmethod
     def _weight_parts(weight) -> tuple:
@@ -157,9 +159,11 @@ class _NormCache:
             if entry is None:
                 return None
             self._entries.move_to_end(key)
-        refs, state, a_copy, b_copy, n = entry
+        refs, state, a_copy, b_copy, n, a_ref, b_ref = entry
         parts = self._weight_parts(weight)
         if any(r() is not t for r, t in zip(refs, parts)) or state != self._state(parts):
+            return None
+        if a_ref() is not lora_a or b_ref() is not lora_b:
             return None
         if not (_same(a_copy, lora_a) and _same(b_copy, lora_b)):
             return None
@@ -168,8 +172,11 @@ class _NormCache:
     def put(self, weight, lora_a, lora_b, scaling, dtype, autocast_dtype, n: Tensor) -> None:
         parts = self._weight_parts(weight)
         key = self._key(weight, lora_a, lora_b, scaling, dtype, autocast_dtype)
-        entry = (tuple(weakref.ref(t) for t in parts), self._state(parts), lora_a.detach().clone(),
-                 lora_b.detach().clone(), n.detach())
+        # an entry goes as soon as its weight or an adapter is garbage-collected (it could never match again)
+        drop = functools.partial(_drop_entry, weakref.ref(self), key)
+        refs = tuple(weakref.ref(t, drop) for t in parts)
+        entry = (refs, self._state(parts), lora_a.detach().clone(), lora_b.detach().clone(), n.detach(),
+                 weakref.ref(lora_a, drop), weakref.ref(lora_b, drop))
         with self._lock:
             self._entries[key] = entry
             self._entries.move_to_end(key)
@@ -182,6 +189,13 @@ class _NormCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _drop_entry(cache_ref, key, _dead_ref) -> None:
+    cache = cache_ref()
+    if cache is not None:
+        with cache._lock:
+            cache._entries.pop(key, None)
 
 
 def _same(copy: Tensor, t: Tensor) -> bool:

@@ -22,8 +22,10 @@ def pytest_configure(config):
 
     inject = BaseTuner.inject_adapter  # already peftkern's wrapper (patches marked models' new layers)
 
+    fused_classes = tuple(c for c in (integration.FusedLoraLinear, integration.FusedLoraLinear4bit) if c is not None)
+
     def fused_layers(model):
-        return sum(type(m) is integration.FusedLoraLinear for m in model.modules())
+        return sum(type(m) in fused_classes for m in model.modules())
 
     def inject_adapter_then_patch(self, model, *args, **kwargs):
         before = fused_layers(model)
@@ -36,13 +38,15 @@ def pytest_configure(config):
 
     BaseTuner.inject_adapter = inject_adapter_then_patch
 
-    fused = integration.lora_linear
+    def counting(fused):
+        def count_then_call(*args, **kwargs):
+            _counts["fused_forwards"] += 1
+            return fused(*args, **kwargs)
+        return count_then_call
 
-    def counting_lora_linear(*args, **kwargs):
-        _counts["fused_forwards"] += 1
-        return fused(*args, **kwargs)
-
-    integration.lora_linear = counting_lora_linear  # the name FusedLoraLinear.forward calls
+    # the names the patched forwards call: lora_linear, and dora_linear for DoRA adapters
+    integration.lora_linear = counting(integration.lora_linear)
+    integration.dora_linear = counting(integration.dora_linear)
 
 
 def pytest_terminal_summary(terminalreporter):
