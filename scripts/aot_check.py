@@ -391,10 +391,15 @@ _LORA_MID = dict(M=256, r=32, bias=True, p=0.1)
 # float32 absmax) over an fp32 weight as well
 _QLORA_MAX = dict(M=256, r=16, bias=True, p=0.1)
 _QLORA_COMMON = dict(M=250, r=16, bias=False, p=0.0, blocksize=128, dq=False)
+# DoRA calls: the worst case (bias, dropout: the two-accumulator GEMMs, rank 64) in every setting, and in PEFT's
+# default setting the common one (no dropout, rank 16, an odd M) and a frozen magnitude (no z written)
+_DORA_MAX = dict(M=256, r=64, bias=True, p=0.1)
+_DORA_COMMON = dict(M=250, r=16, bias=False, p=0.0)
+_DORA_FROZEN_MAGNITUDE = dict(M=256, r=16, bias=True, p=0.0, train_magnitude=False)
 
 
 def driver_calls(full: bool = False) -> list[dict]:
-    """The driver's calls: dicts with family ("lora", "qlora", "adapter", "sparse"), dtypes, tf32 and the call's
+    """The driver's calls: dicts with family ("lora", "qlora", "dora", "adapter", "sparse"), dtypes, tf32 and the call's
     arguments.
 
     Default, a covering set sized for CI: in every dtype setting each family's worst case (LoRA with bias,
@@ -417,6 +422,12 @@ def driver_calls(full: bool = False) -> list[dict]:
                 for k in (16, 24, 64, 128, 256):
                     calls.append(dict(base, family="adapter", act=act, k=k, M=256))
             calls += [dict(base, family="adapter", **v) for v in _ADAPTER_VARIANTS]
+            for bias in (False, True):
+                for p in (0.0, 0.1):
+                    for r in (8, 16, 64):
+                        for train_magnitude in (False, True):
+                            calls.append(dict(base, family="dora", M=250 if r == 8 else 256, r=r, bias=bias, p=p,
+                                              train_magnitude=train_magnitude))
             for wq in sorted({act_dtype, "float32"}):
                 for bias, p in ((False, 0.0), (True, 0.1)):
                     for blocksize, dq in ((64, True), (128, False)):
@@ -425,7 +436,10 @@ def driver_calls(full: bool = False) -> list[dict]:
         else:
             calls.append(dict(base, family="lora", **_LORA_MAX))
             calls.append(dict(base, family="qlora", wq=act_dtype, **_QLORA_MAX))
+            calls.append(dict(base, family="dora", **_DORA_MAX))
             if peft_default:
+                calls.append(dict(base, family="dora", **_DORA_COMMON))
+                calls.append(dict(base, family="dora", **_DORA_FROZEN_MAGNITUDE))
                 calls.append(dict(base, family="qlora", wq=act_dtype, **_QLORA_COMMON))
                 calls.append(dict(base, family="qlora", wq="float32", **_QLORA_COMMON))
                 calls.append(dict(base, family="lora", **_LORA_COMMON))
@@ -489,6 +503,13 @@ def drive(calls: list[dict], recorder, log) -> list[str]:
         bb = rnd(N, dtype=xd) if bias else None
         return peftkern.lora_linear(x, qw, a, b, scaling=0.5, bias=bb, dropout_p=p, seed=3)
 
+    def dora(xd, pd, M, r, bias, p, train_magnitude=True, K=256, N=384):
+        x, w = rnd(M, K, dtype=xd, grad=True), rnd(N, K, dtype=xd)
+        a, b = rnd(r, K, dtype=pd, grad=True), rnd(N, r, dtype=pd, grad=True)
+        magnitude = (rnd(N, dtype=pd).abs() + 1.0).requires_grad_(train_magnitude)
+        bb = rnd(N, dtype=xd) if bias else None
+        return peftkern.dora_linear(x, w, a, b, magnitude, scaling=0.5, bias=bb, dropout_p=p, seed=3)
+
     def adapter(hd, pd, act, k, M, d=256, biases=True, residual=False, need_h=True, need_wu=True):
         h = rnd(M, d, dtype=hd, grad=need_h)
         wd, wu = rnd(k, d, dtype=pd, grad=True), rnd(d, k, dtype=pd, grad=need_wu)
@@ -503,7 +524,7 @@ def drive(calls: list[dict], recorder, log) -> list[str]:
         vals = rnd(nnz, dtype=vd, grad=True)
         return peftkern.sparse_diff_linear(x, w, idx, vals, rnd(N, dtype=xd) if bias else None)
 
-    families = {"lora": lora, "qlora": qlora, "adapter": adapter, "sparse": sparse}
+    families = {"lora": lora, "qlora": qlora, "dora": dora, "adapter": adapter, "sparse": sparse}
     old_mode = os.environ.get("PEFTKERN_DISPATCH")
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     try:

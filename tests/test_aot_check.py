@@ -213,7 +213,8 @@ def test_driver_covering_set_reaches_every_setting_flag_activation_and_width():
     assert {("bfloat16", "float32"), ("bfloat16", "bfloat16")} <= {(c["act_dtype"], c["param_dtype"]) for c in calls}
     for s in aot._SETTINGS:  # every family in every setting, each in its worst case
         mine = [c for c in calls if setting(c) == s]
-        assert {c["family"] for c in mine} == {"lora", "qlora", "adapter", "sparse"}, s
+        assert {c["family"] for c in mine} == {"lora", "qlora", "dora", "adapter", "sparse"}, s
+        assert any(c["family"] == "dora" and c["bias"] and c["p"] > 0 and c["r"] == 64 for c in mine), s
         assert any(c["family"] == "qlora" and c["bias"] and c["p"] > 0 for c in mine), s
         assert any(c["family"] == "lora" and c["bias"] and c["p"] > 0 and c["r"] == 64 for c in mine), s
         assert any(c["family"] == "adapter" and c["act"] == "gelu" and c["k"] == 64 for c in mine), s
@@ -230,6 +231,9 @@ def test_driver_covering_set_reaches_every_setting_flag_activation_and_width():
     assert {c["p"] > 0 for c in qlora} == {c["bias"] for c in qlora} == {True, False}
     assert {c["wq"] for c in qlora} == {"bfloat16", "float16", "float32"}
     assert {c.get("dq", True) for c in qlora} == {True, False}  # absmax double-quantized (resolved on chip) or not
+    dora = [c for c in calls if c["family"] == "dora"]
+    assert {c["p"] > 0 for c in dora} == {c["bias"] for c in dora} == {True, False}
+    assert {c.get("train_magnitude", True) for c in dora} == {True, False}  # z written, or not
     full = aot.driver_calls(full=True)
     assert len(full) > 3 * len(calls) and {setting(c) for c in full} == set(aot._SETTINGS)
 

@@ -415,3 +415,34 @@ def test_eval_cache_entries_go_with_their_tensors():
     del w
     gc.collect()
     assert len(ops_dora._norm_cache) == 0
+
+
+@pytest.mark.parametrize("mode", ["fused", "composite"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_triton_backend_through_the_op(mode, dtype, p, monkeypatch):
+    """The public function on the Triton backend (the interpreter here), each variant forced: output and every
+    gradient within ENGINEERING.md's bound of the float64 reference (2x PyTorch's own error in the dtype, through
+    the same formula on the reference backend, plus the floor); the dropout mask is the reference's."""
+    from .conftest import available_backends
+
+    if "triton" not in available_backends("dora_linear", dtype):
+        pytest.skip("the Triton backend cannot run here (Triton missing)")
+    monkeypatch.setenv("PEFTKERN_DISPATCH", mode)
+    torch.manual_seed(12)
+    m, k, n, r = 33, 40, 50, 3
+    x, w, bias = torch.randn(m, k), torch.randn(n, k) / 6, torch.randn(n)
+    a, b, mag = torch.randn(r, k) / 6, torch.randn(n, r) / 2, torch.rand(n) + 0.5
+    dy = torch.randn(m, n)
+
+    def run(backend, dt):
+        leaves = [t.to(dt, copy=True).requires_grad_() for t in (x, a, b, mag)]
+        with peftkern.use_backend(backend):
+            y = peftkern.dora_linear(leaves[0], w.to(dt), *leaves[1:], scaling=0.7, bias=bias.to(dt), dropout_p=p,
+                                     seed=5)
+            y.backward(dy.to(dt))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    got, torch_own, oracle = run("triton", dtype), run("reference", dtype), run("reference", torch.float64)
+    for name, g, e, o in zip(["y", "x", "lora_a", "lora_b", "magnitude"], got, torch_own, oracle):
+        assert rel_err(g, o) < 2 * rel_err(e, o) + ERROR_FLOOR[dtype], name
