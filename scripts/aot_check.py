@@ -395,6 +395,7 @@ _QLORA_COMMON = dict(M=250, r=16, bias=False, p=0.0, blocksize=128, dq=False)
 # default setting the common one (no dropout, rank 16, an odd M) and a frozen magnitude (no z written)
 _DORA_MAX = dict(M=256, r=64, bias=True, p=0.1)
 _DORA_COMMON = dict(M=250, r=16, bias=False, p=0.0)
+_DORA_RANK8 = dict(M=250, r=8, bias=True, p=0.0)  # the no-dropout GEMM at a rank off 16 (its padded rank factors)
 _DORA_FROZEN_MAGNITUDE = dict(M=256, r=16, bias=True, p=0.0, train_magnitude=False)
 
 
@@ -437,6 +438,7 @@ def driver_calls(full: bool = False) -> list[dict]:
             calls.append(dict(base, family="lora", **_LORA_MAX))
             calls.append(dict(base, family="qlora", wq=act_dtype, **_QLORA_MAX))
             calls.append(dict(base, family="dora", **_DORA_MAX))
+            calls.append(dict(base, family="dora", **_DORA_RANK8))
             if peft_default:
                 calls.append(dict(base, family="dora", **_DORA_COMMON))
                 calls.append(dict(base, family="dora", **_DORA_FROZEN_MAGNITUDE))
