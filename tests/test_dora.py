@@ -446,3 +446,29 @@ def test_triton_backend_through_the_op(mode, dtype, p, monkeypatch):
     got, torch_own, oracle = run("triton", dtype), run("reference", dtype), run("reference", torch.float64)
     for name, g, e, o in zip(["y", "x", "lora_a", "lora_b", "magnitude"], got, torch_own, oracle):
         assert rel_err(g, o) < 2 * rel_err(e, o) + ERROR_FLOOR[dtype], name
+
+
+@pytest.mark.parametrize("variant", ["fused", "composite"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_no_out_by_in_tensor_on_the_triton_paths(variant, p):
+    """Both Triton variants, forward and backward, every torch allocation recorded (on CPU the kernels run in the
+    interpreter): nothing of the weight's size; the norm is formed tile by tile in the kernel's registers."""
+    from .conftest import available_backends
+
+    if "triton" not in available_backends("dora_linear", torch.float32):
+        pytest.skip("the Triton backend is unavailable here (Triton missing)")
+    from peftkern.impls import triton_dora
+
+    impl = peftkern.dispatch.variants("dora_linear", "triton")[variant]
+    torch.manual_seed(13)
+    m, k, n, r = 6, 40, 48, 4
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    a, b, mag, bias = torch.randn(r, k), torch.randn(n, r), torch.rand(n) + 0.5, torch.randn(n)
+    dy = torch.randn(m, n)
+    with peftkern.use_backend("triton"), _Shapes() as rec:
+        y, z, s_down, nrm = impl.forward(x, w, a, b, mag, bias, None, 0.5, p, 5, True)
+        grads = impl.backward(dy, x, w, a, b, mag, nrm, s_down, z, 0.5, p, 5, True, False, True, True, True, True)
+    assert triton_dora is not None and rec.shapes
+    biggest = max(torch.Size(s).numel() for s in rec.shapes)
+    assert biggest < n * k, f"a tensor of {biggest} elements (the weight has {n * k})"
+    assert y.shape == (m, n) and grads[0].shape == (m, k) and grads[4].shape == (n,)
