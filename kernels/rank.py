@@ -140,6 +140,10 @@ def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 
     precision = dot_precision(p_rc.dtype == torch.float32)
     if precision == "tf32x3" and dropout_p > 0.0:
         block_c = 32
+    elif precision == "tf32x3" and x.dtype == torch.float32:
+        # both operands split hi/lo (DoRA's masked copy and fp32 inputs reach this without the mask): 128 columns
+        # spilled at R=16 (sm_80 and sm_90) and 64 at R=64 (124 B, sm_80)
+        block_c = 64 if block_r <= 32 else 32
     else:
         block_c = 128 if block_r <= 32 else 64
     block_c = 32 if INTERPRET else block_c
@@ -181,6 +185,10 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, exact: bool, se
     # R <= 32 without the mask 3xTF32 fits at 128 (and at 64 columns sm_80 spilled 8 B: R=16, fp32 g, fp16 x)
     exact, dropout = precision == "tf32x3", dropout_p > 0.0
     if exact and dropout:
+        block_c = 32
+    elif exact and R % 16:
+        # a rank off 16 (e.g. 8) leaves g's rows unaligned: 3xTF32 spilled 12-20 B at 128 columns and 4-8 B at 64
+        # (sm_80, R=8, fp32 g, fp16 x)
         block_c = 32
     elif (exact and block_r > 32) or (dropout and torch.float32 in (g.dtype, x.dtype)):
         block_c = 64
