@@ -24,9 +24,9 @@ from torch import Tensor
 from .. import _backend, dispatch
 from ..quant import QuantizedWeight
 from ..reference import lora as ref
-from . import _autograd, _checks, qdora
+from . import _autograd, _checks, qdora, qlora
 from ._autocast import register_autocast
-from .lora import SEED_LIMIT, _check_scalars
+from .lora import SEED_LIMIT, _check as _check_lora, _check_scalars
 
 FAMILY = "dora_linear"
 
@@ -230,13 +230,11 @@ def row_norms(weight, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
 # ---- the public function --------------------------------------------------------------------------
 
 def _check(x, weight, lora_a, lora_b, magnitude, bias) -> None:
+    # lora_linear's own checks of x, weight, adapters and bias; then the magnitude
     if isinstance(weight, QuantizedWeight):
-        qdora.check(x, weight, lora_a, lora_b, bias)
+        qlora.check(x, weight, lora_a, lora_b, bias)
     else:
-        _checks.tensor("weight", weight, ndim=2)
-        _checks.lora_tensors(x, weight.shape, f"weight is {tuple(weight.shape)} = [out, in]", lora_a, lora_b, bias)
-        _checks.same_device("x", x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
-        _checks.input_dtypes("x", x, frozen=dict(weight=weight, bias=bias), adapters=dict(lora_a=lora_a, lora_b=lora_b))
+        _check_lora(x, weight, lora_a, lora_b, bias)
     _checks.tensor("magnitude", magnitude, ndim=1)
     _checks.shape("magnitude", magnitude, (weight.shape[0],), "[out_features]")
     _checks.same_device("x", x, magnitude=magnitude)

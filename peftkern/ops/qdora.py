@@ -107,11 +107,6 @@ qdora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 register_autocast("qdora_linear_fwd", torch.ops.peftkern.qdora_linear_fwd.default, keep=(1, 2, 3, 4, 5, 6, 12, 14))
 
 
-def check(x, weight, lora_a, lora_b, bias) -> None:
-    """The checks of dora_linear's x, adapters and bias when `weight` is a QuantizedWeight (as lora_linear's)."""
-    qlora.check(x, weight, lora_a, lora_b, bias)
-
-
 def forward(x2: Tensor, weight, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, bias: Optional[Tensor],
             weight_norm: Optional[Tensor], scaling: float, dropout_p: float, seed: Optional[Tensor], keep_z: bool):
     """(y [M, out], n [out]) for x2 [M, in] over the QuantizedWeight `weight` (arguments already checked)."""
