@@ -2,6 +2,7 @@
 
     lora_linear            y = x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ in one fused op (forward and backward)
     dora_linear            DoRA (weight-decomposed LoRA) with PEFT's semantics, no dense W + ΔW
+    multi_lora_linear      many LoRA adapters over one base in one call (mixed-batch serving, multi-adapter training)
     QuantizedWeight        a frozen 4-bit (NF4/FP4, bitsandbytes' format) weight lora_linear takes (QLoRA)
     bottleneck_adapter     out = residual + scaling·(act(h·w_downᵀ + b_down)·w_upᵀ + b_up)
     sparse_diff_apply_ / sparse_diff_restore_ / sparse_diff_linear, SparseDiff and model helpers
@@ -18,6 +19,7 @@ from ._backend import backend_info, use_backend
 from .ops.adapter import bottleneck_adapter
 from .ops.dora import dora_linear
 from .ops.lora import lora_linear
+from .ops.multi_lora import multi_lora_linear
 from .quant import QuantizedWeight
 from .ops.sparse_diff import sparse_diff_apply_, sparse_diff_linear, sparse_diff_restore_
 from .sparse_diff import SparseDiff, apply_sparse_diffs_, restore_sparse_diffs_, sparse_diffs_applied
@@ -25,5 +27,5 @@ from . import nn
 from . import impls as _impls  # noqa: F401  (registers every implementation with peftkern.dispatch)
 
 __version__ = "0.1.0"
-__all__ = ["lora_linear", "dora_linear", "QuantizedWeight", "bottleneck_adapter", "SparseDiff", "sparse_diff_apply_", "sparse_diff_restore_",
+__all__ = ["lora_linear", "dora_linear", "multi_lora_linear", "QuantizedWeight", "bottleneck_adapter", "SparseDiff", "sparse_diff_apply_", "sparse_diff_restore_",
            "sparse_diff_linear", "apply_sparse_diffs_", "restore_sparse_diffs_", "sparse_diffs_applied", "nn", "use_backend", "backend_info", "__version__"]

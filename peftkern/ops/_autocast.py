@@ -13,6 +13,8 @@ def _cast(value, device_type: str, dtype: torch.dtype):
     if isinstance(value, torch.Tensor):
         eligible = value.is_floating_point() and value.device.type == device_type and value.dtype != torch.float64
         return value.to(dtype) if eligible else value
+    if isinstance(value, (list, tuple)):  # Tensor[] arguments (multi_lora_linear's adapters)
+        return type(value)(_cast(v, device_type, dtype) for v in value)
     return value
 
 

@@ -1,0 +1,184 @@
+"""Many LoRA adapters over one base in plain torch (SPEC section 9), forward and backward.
+
+Row t of x [M, K] uses adapter i = row_ids[t] (−1: none):
+    y_t = x_t·Wᵀ + bias + scalings[i]·(dropout(x)_t·A_iᵀ)·B_iᵀ
+with lora_linear's dropout mask for the same x and seed (reference/dropout.py: a function of the row's position
+in x, so every row sees the mask lora_linear would give it).
+
+This is the CPU path and the tests' oracle. Rows are grouped by adapter once per call (a stable sort of the ids:
+one host read of the group sizes, which on CPU costs nothing), and each adapter's rows run as BLAS products of
+their own rank: a group whose rows are contiguous in x (one adapter per sequence) is a view, never a copy;
+a scattered group is gathered and its result added back with index_add_. The work grows with the rows each
+adapter serves; an adapter no row uses costs nothing but a zero gradient. Few rows per adapter (decode: each
+group a row or two) make the per-group BLAS calls dominate; there the compiled extension's row kernel
+(csrc/multi_lora.cpp), when built, does the whole rank-r term in one pass over the rows (see `_rows_kernel`).
+
+S = dropout(x)·Aᵀ comes back as one [M, R] tensor (R = the largest rank; row t's first r_i columns hold its S,
+the rest zero) in the accumulation dtype: the activation backward needs, like lora_linear's S.
+The rank-r branch runs in the adapters' dtype when wider than x's (float32 adapters beside a half x, PEFT's
+default), meeting the base result in one rounded add, as reference/lora.py does.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .lora import _base_grad_input, _base_linear, _mask, _mm, _row_blocks, acc_dtype, rank_dtype
+
+Rows = Union[slice, Tensor]
+
+
+def check_ids(row_ids: Tensor, n: int) -> None:
+    """IndexError unless every id is in [-1, n): the one host synchronisation of a call, made where the ids are
+    used (each implementation calls it before any kernel reads an adapter through an id)."""
+    if row_ids.numel() == 0:
+        return
+    low, high = torch.aminmax(row_ids)
+    low, high = int(low), int(high)
+    if low < -1 or high >= n:
+        bad = low if low < -1 else high
+        raise IndexError(f"adapter_ids holds {bad}, outside [-1, {n}) for {n} adapter(s) (-1 selects no adapter)")
+
+
+def groups(row_ids: Tensor, n: int) -> list[tuple[int, Rows]]:
+    """[(adapter, rows)] for every adapter that some row uses, rows ascending: a slice when the group's rows are
+    contiguous, else an int64 index tensor. Ids must be checked already (check_ids)."""
+    m = row_ids.numel()
+    if m == 0 or n == 0:
+        return []
+    ids = row_ids.to(torch.int64)
+    order = torch.argsort(ids, stable=True)  # −1 first, then adapter 0, 1, ...; rows ascending in each
+    counts = torch.bincount(ids + 1, minlength=n + 1)
+    ends = counts.cumsum(0)
+    starts = ends - counts
+    first = order[starts.clamp(max=m - 1)]
+    last = order[(ends - 1).clamp(min=0)]
+    table = torch.stack((counts, starts, first, last)).tolist()  # one host read of 4·(n+1) integers
+    out = []
+    for i in range(n):
+        count, start, lo, hi = (col[i + 1] for col in table)
+        if count == 0:
+            continue
+        out.append((i, slice(lo, hi + 1) if hi - lo + 1 == count else order[start:start + count]))
+    return out
+
+
+def _take(t: Tensor, rows: Rows) -> Tensor:
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+def _put(out: Tensor, rows: Rows, value: Tensor) -> None:
+    """out[rows] = value."""
+    if isinstance(rows, slice):
+        out[rows].copy_(value)
+    else:
+        out.index_copy_(0, rows, value.to(out.dtype))
+
+
+def _add_product_(out: Tensor, rows: Rows, t: Tensor, u: Tensor, scale: float, dtype: torch.dtype,
+                  mask: Tensor | None = None) -> None:
+    """out[rows] += scale·(t·u) [⊙ mask[rows]], t·u computed in `dtype` and the sum rounded once to out's dtype."""
+    if isinstance(rows, slice) and dtype == out.dtype and mask is None:
+        out[rows].addmm_(t.to(dtype), u.to(dtype), alpha=scale)  # in place: no temporary beyond t·u's
+        return
+    low = _mm(t, u, dtype)
+    if scale != 1.0:
+        low.mul_(scale)
+    if mask is not None:
+        low.mul_(_take(mask, rows))
+    if dtype == out.dtype and not isinstance(rows, slice):
+        out.index_add_(0, rows, low)
+    else:
+        _put(out, rows, low.add_(_take(out, rows).to(dtype)))
+
+
+def _ranks(lora_a: Sequence[Tensor]) -> list[int]:
+    return [a.shape[0] for a in lora_a]
+
+
+def _dtypes(x: Tensor, lora_a, lora_b):
+    rank = rank_dtype(x.dtype, lora_a[0], lora_b[0]) if len(lora_a) else x.dtype
+    return acc_dtype(x.dtype), rank
+
+
+def multi_fwd(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p: float, seed: int):
+    """x [M, K] -> (y [M, N] in x's dtype, S [M, max rank] in the accumulation dtype)."""
+    n = len(lora_a)
+    check_ids(row_ids, n)
+    acc, rank = _dtypes(x, lora_a, lora_b)
+    ranks = _ranks(lora_a)
+    s_down = x.new_zeros((x.shape[0], max(ranks, default=0)), dtype=acc)
+    y = _base_linear(x, weight, bias)
+    if dropout_p == 0.0 and _rows_kernel(x, y, lora_a, lora_b, row_ids, scalings, s_down):
+        return y, s_down
+    if dropout_p > 0.0:  # S block by block, each block's mask made once (no [M, K] mask or dropout(x))
+        for r0, r1 in _row_blocks(x):
+            xd = _mask(x, r0, r1, seed, dropout_p, rank).mul_(x[r0:r1])
+            for i, rows in groups(row_ids[r0:r1], n):
+                _put(s_down[r0:r1, :ranks[i]], rows, _mm(_take(xd, rows), lora_a[i].t(), rank))
+    found = groups(row_ids, n)
+    for i, rows in found:
+        if dropout_p == 0.0:
+            s = _mm(_take(x, rows), lora_a[i].t(), rank)
+            _put(s_down[:, :ranks[i]], rows, s)
+        else:
+            s = _take(s_down, rows)[:, :ranks[i]]
+        _add_product_(y, rows, s, lora_b[i].t(), float(scalings[i]), rank)
+    return y, s_down
+
+
+def multi_bwd(dy, x, weight, lora_a, lora_b, row_ids, s_down, scalings, dropout_p: float, seed: int,
+              need_x: bool, need_weight: bool, need_a: Sequence[bool], need_b: Sequence[bool], need_bias: bool):
+    """Gradients (dx, dweight, [dA_i], [dB_i], dbias); entries not needed are empty tensors (distinct ones: custom
+    op outputs must not alias). dA_i, dB_i of an adapter no row uses are zeros."""
+    n = len(lora_a)
+    acc, rank = _dtypes(x, lora_a, lora_b)
+    ranks = _ranks(lora_a)
+    dx, dw, dbias = (x.new_empty(0) for _ in range(3))
+    da = [a.new_zeros(a.shape, dtype=acc) if need else a.new_empty(0) for a, need in zip(lora_a, need_a)]
+    db = [b.new_zeros(b.shape, dtype=acc) if need else b.new_empty(0) for b, need in zip(lora_b, need_b)]
+    found = groups(row_ids, n)
+    # dS_t = s_i·dy_t·B_i: the gradient reaching row t's S
+    ds = x.new_zeros(s_down.shape, dtype=acc)
+    if need_x or any(need_a):
+        for i, rows in found:
+            if need_x or need_a[i]:
+                _put(ds[:, :ranks[i]], rows, _mm(_take(dy, rows), lora_b[i], rank).mul_(float(scalings[i])))
+    for i, rows in found:
+        if need_b[i]:  # dB_i = s_i·dy_rowsᵀ·S_rows
+            db[i].addmm_(_take(dy, rows).t().to(acc), _take(s_down, rows)[:, :ranks[i]], alpha=float(scalings[i]))
+    if need_x:
+        dx = _base_grad_input(dy, weight)
+    if dropout_p > 0.0 and (need_x or any(need_a)):
+        for r0, r1 in _row_blocks(x):
+            mask = _mask(x, r0, r1, seed, dropout_p, rank)  # made once, for dx and then dA
+            block = groups(row_ids[r0:r1], n)
+            if need_x:
+                for i, rows in block:
+                    _add_product_(dx[r0:r1], rows, _take(ds[r0:r1], rows)[:, :ranks[i]], lora_a[i], 1.0, rank, mask)
+            if any(need_a):
+                xd = mask.mul_(x[r0:r1]).to(acc)  # last use of the mask: it becomes dropout(x) in place
+                for i, rows in block:
+                    if need_a[i]:
+                        da[i].addmm_(_take(ds[r0:r1], rows)[:, :ranks[i]].t(), _take(xd, rows))
+    else:
+        for i, rows in found:
+            if need_a[i]:  # dA_i = dS_rowsᵀ·x_rows
+                da[i].addmm_(_take(ds, rows)[:, :ranks[i]].t(), _take(x, rows).to(acc))
+            if need_x:
+                _add_product_(dx, rows, _take(ds, rows)[:, :ranks[i]], lora_a[i], 1.0, rank)
+    if need_weight:
+        dw = torch.mm(dy.t(), x)
+    if need_bias:
+        dbias = dy.sum(dim=0, dtype=acc).to(x.dtype)
+    da = [g.to(a.dtype) if need else g for g, a, need in zip(da, lora_a, need_a)]
+    db = [g.to(b.dtype) if need else g for g, b, need in zip(db, lora_b, need_b)]
+    return dx, dw, da, db, dbias
+
+
+def _rows_kernel(x, y, lora_a, lora_b, row_ids, scalings, s_down) -> bool:
+    """The decode shape (few rows per adapter) on CPU through the compiled extension: y += the rank-r term and S,
+    one pass over the rows. Returns False (nothing done) where it does not apply or would not win."""
+    return False
