@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "dropout.h"
+#include "multi_lora.h"
 #include "sparse_diff.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -16,6 +17,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = scale where the Philox mask keeps (row_offset + m, k), else 0 (CPU, or CUDA when built)", pybind11::arg("out"),
         pybind11::arg("row_offset"), pybind11::arg("seed"), pybind11::arg("threshold"), pybind11::arg("scale"),
         pybind11::arg("stream") = 0);
+  m.def("multi_lora_rows", &peftkern::multi_lora_rows,
+        "for each row t with adapter i = row_ids[t] >= 0: s_down[t, :r_i] = A_i x_t, y[t] += scalings[i] B_i s (CPU)",
+        pybind11::arg("y"), pybind11::arg("s_down"), pybind11::arg("x"), pybind11::arg("row_ids"),
+        pybind11::arg("lora_a"), pybind11::arg("lora_b"), pybind11::arg("scalings"));
   m.def("sparse_diff_validate", &peftkern::sparse_diff_validate,
         "(0, -1) if indices are in range and unique, (1, i) out of range at i, (2, i) duplicate at i (CPU)");
   // apply/restore check every index against the weight themselves (see csrc/sparse_diff.cpp) and return
