@@ -312,3 +312,47 @@ def test_bad_scalars_raise():
         _call(seed=1.5)
     with pytest.raises(TypeError, match="training"):
         _call(training=1)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_quantized_weight_equals_the_dequantized_dense_weight(p, double_quant, cpu_path):
+    from peftkern import QuantizedWeight
+
+    x = torch.randn(6, 2, 64, requires_grad=True)
+    qw = QuantizedWeight.quantize(torch.randn(N, 64) / 8, blocksize=64, double_quant=double_quant)
+    dense = qw.dequantize()
+    lora_a = [(torch.randn(r, 64) / 8).requires_grad_() for r in (3, 2)]
+    lora_b = [torch.randn(N, r).requires_grad_() for r in (3, 2)]
+    bias = torch.randn(N, requires_grad=True)
+    ids = torch.tensor([1, -1, 0, 0, 1, 1])
+    dy = torch.randn(6, 2, N)
+    results = []
+    for weight in (qw, dense):
+        for t in (x, *lora_a, *lora_b, bias):
+            t.grad = None
+        y = peftkern.multi_lora_linear(x, weight, lora_a, lora_b, ids, scalings=[0.5, 2.0], bias=bias, dropout_p=p,
+                                       seed=8)
+        y.backward(dy)
+        results.append([y.detach()] + [t.grad.clone() for t in (x, *lora_a, *lora_b, bias)])
+    for got, want in zip(*results):
+        assert rel_err(got, want) < 1e-6
+
+
+def test_quantized_ops_opcheck_and_bad_weight():
+    from peftkern import QuantizedWeight
+
+    x = torch.randn(5, 64)
+    qw = QuantizedWeight.quantize(torch.randn(N, 64), blocksize=64)
+    lora_a = [torch.randn(3, 64, requires_grad=True)]
+    lora_b = [torch.randn(N, 3, requires_grad=True)]
+    ids = torch.tensor([0, -1, 0, 0, -1])
+    parts = (qw.packed, qw.absmax, qw.code, qw.absmax2, qw.code2, qw.offset, N, 64, qw.dtype)
+    torch.library.opcheck(torch.ops.peftkern.multi_qlora_linear_fwd.default,
+                          (x, *parts, lora_a, lora_b, ids, None, [2.0], 0.2, torch.tensor(3)))
+    y, s_down = torch.ops.peftkern.multi_qlora_linear_fwd(x, *parts, lora_a, lora_b, ids, None, [2.0], 0.0, None)
+    torch.library.opcheck(torch.ops.peftkern.multi_qlora_linear_bwd.default,
+                          (torch.randn_like(y), x, *parts, [t.detach() for t in lora_a], [t.detach() for t in lora_b],
+                           ids, s_down, [2.0], 0.0, None, True, [True], [True], False, "reference"))
+    with pytest.raises(ValueError, match="the QuantizedWeight stands for"):
+        peftkern.multi_lora_linear(torch.randn(5, 32), qw, lora_a, lora_b, ids, scalings=[1.0])

@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import _backend, dispatch
 from ..quant import QuantizedWeight
 from ..reference import lora as ref
-from . import _checks
+from . import _checks, multi_qlora
 from ._autocast import register_autocast
 from .lora import SEED_LIMIT, _check_scalars
 
@@ -109,14 +109,17 @@ def _adapter_list(name: str, value) -> list:
 
 
 def _check(x, weight, lora_a, lora_b, adapter_ids, bias, scalings):
-    _checks.tensor("weight", weight, ndim=2)
+    quantized = isinstance(weight, QuantizedWeight)
+    if not quantized:
+        _checks.tensor("weight", weight, ndim=2)
     _checks.tensor("x", x, min_ndim=1)
     if bias is not None:
         _checks.tensor("bias", bias, ndim=1)
         _checks.shape("bias", bias, (weight.shape[0],), "[out_features]")
     if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x's last dim must equal weight's in_features {weight.shape[1]} (weight is "
-                         f"{tuple(weight.shape)} = [out, in]), got x of shape {tuple(x.shape)}")
+        what = "the QuantizedWeight stands for a [out, in] = " if quantized else "weight is [out, in] = "
+        raise ValueError(f"x's last dim must equal weight's in_features {weight.shape[1]} ({what}"
+                         f"{tuple(weight.shape)}), got x of shape {tuple(x.shape)}")
     if len(lora_a) == 0:
         raise ValueError("lora_a must hold at least one adapter, got an empty sequence")
     if len(lora_b) != len(lora_a):
@@ -131,8 +134,15 @@ def _check(x, weight, lora_a, lora_b, adapter_ids, bias, scalings):
                 and b.shape[1] == a.shape[0] and a.dtype == dtype and b.dtype == dtype
                 and a.device == device and b.device == device and a.is_floating_point()):
             _explain_adapter(x, weight, lora_a, i, a, b)
-    _checks.same_device("x", x, weight=weight, bias=bias)
-    _checks.input_dtypes("x", x, frozen=dict(weight=weight, bias=bias),
+    if quantized:
+        if weight.device != x.device:
+            raise RuntimeError(f"weight (a QuantizedWeight) is on {weight.device} but x is on {x.device}; "
+                               f"move them to one device (QuantizedWeight.to(device))")
+        _checks.same_device("x", x, bias=bias)
+    else:
+        _checks.same_device("x", x, weight=weight, bias=bias)
+    # a 4-bit weight is dequantized into x's dtype: only the bias must match x
+    _checks.input_dtypes("x", x, frozen=dict(bias=bias) if quantized else dict(weight=weight, bias=bias),
                          adapters={"lora_a[0]": lora_a[0], "lora_b[0]": lora_b[0]})
     _check_ids(x, adapter_ids)
     return scalings
@@ -203,9 +213,7 @@ def multi_lora_linear(x: Tensor, weight, lora_a: Sequence[Tensor], lora_b: Seque
     Raises (before any work): IndexError for an id outside [−1, n); ValueError / TypeError / RuntimeError for
     shapes, dtypes and devices, naming the argument (lora_a[2], scalings[0], ...).
     """
-    if isinstance(weight, QuantizedWeight):
-        raise NotImplementedError("multi_lora_linear over a QuantizedWeight is not implemented yet; dequantize it "
-                                  "(weight.dequantize()) or use lora_linear per adapter")
+    quantized = isinstance(weight, QuantizedWeight)
     lora_a, lora_b = _adapter_list("lora_a", lora_a), _adapter_list("lora_b", lora_b)
     scalings = _check(x, weight, lora_a, lora_b, adapter_ids, bias, scalings)
     _check_scalars(1.0, dropout_p, training, seed)
@@ -220,5 +228,9 @@ def multi_lora_linear(x: Tensor, weight, lora_a: Sequence[Tensor], lora_b: Seque
     ids = adapter_ids.reshape(tuple(adapter_ids.shape) + (1,) * (len(lead) - adapter_ids.dim()))
     row_ids = ids.expand(lead).reshape(rows)
     x2 = x.reshape(rows, x.shape[-1])
-    y, _ = torch.ops.peftkern.multi_lora_linear_fwd(x2, weight, lora_a, lora_b, row_ids, bias, scalings, p, seed_t)
+    if quantized:
+        y = multi_qlora.forward(x2, weight, lora_a, lora_b, row_ids, bias, scalings, p, seed_t)
+    else:
+        y, _ = torch.ops.peftkern.multi_lora_linear_fwd(x2, weight, lora_a, lora_b, row_ids, bias, scalings, p,
+                                                        seed_t)
     return y.view(*lead, weight.shape[0])

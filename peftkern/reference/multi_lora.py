@@ -203,3 +203,26 @@ def _rows_kernel(x, y, lora_a, lora_b, row_ids, scalings, s_down) -> bool:
                         [a.contiguous() for a in lora_a], [b.contiguous() for b in lora_b],
                         [float(v) for v in scalings])
     return True
+
+
+# ---- over a 4-bit base (SPEC section 7): the same math, the base products dequantizing a block of rows at a time
+def multi_qfwd(x, packed, absmax, code, absmax2, code2, offset, out_features: int, blocksize: int, weight_dtype,
+               lora_a, lora_b, row_ids, bias, scalings, dropout_p: float, seed: int):
+    from .qlora import _packed_weight
+
+    weight = _packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
+                            weight_dtype, x.dtype)
+    return multi_fwd(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed)
+
+
+def multi_qbwd(dy, x, packed, absmax, code, absmax2, code2, offset, out_features: int, blocksize: int, weight_dtype,
+               lora_a, lora_b, row_ids, s_down, scalings, dropout_p: float, seed: int, need_x: bool,
+               need_a: Sequence[bool], need_b: Sequence[bool], need_bias: bool):
+    """(dx, [dA_i], [dB_i], dbias): the base weight is frozen, no dW."""
+    from .qlora import _packed_weight
+
+    weight = _packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
+                            weight_dtype, x.dtype)
+    dx, _, da, db, dbias = multi_bwd(dy, x, weight, lora_a, lora_b, row_ids, s_down, scalings, dropout_p, seed,
+                                     need_x, False, need_a, need_b, need_bias)
+    return dx, da, db, dbias
