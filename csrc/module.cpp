@@ -18,7 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("row_offset"), pybind11::arg("seed"), pybind11::arg("threshold"), pybind11::arg("scale"),
         pybind11::arg("stream") = 0);
   m.def("multi_lora_rows", &peftkern::multi_lora_rows,
-        "for each row t with adapter i = row_ids[t] >= 0: s_down[t, :r_i] = A_i x_t, y[t] += scalings[i] B_i s (CPU)",
+        "for each row t with adapter i = row_ids[t] >= 0: s_down[t, :r_i] = A_i x_t, y[t] += scalings[i] B_i s (CPU); "
+        "false (nothing done) for layouts/dtypes it does not take",
         pybind11::arg("y"), pybind11::arg("s_down"), pybind11::arg("x"), pybind11::arg("row_ids"),
         pybind11::arg("lora_a"), pybind11::arg("lora_b"), pybind11::arg("scalings"));
   m.def("sparse_diff_validate", &peftkern::sparse_diff_validate,

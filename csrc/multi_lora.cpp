@@ -45,32 +45,31 @@ PEFTKERN_CLONES void row_term(T* y, T* s, const T* x, const T* a, const T* b, in
 
 }  // namespace
 
-void multi_lora_rows(torch::Tensor& y, torch::Tensor& s_down, const torch::Tensor& x, const torch::Tensor& row_ids,
+bool multi_lora_rows(torch::Tensor& y, torch::Tensor& s_down, const torch::Tensor& x, const torch::Tensor& row_ids,
                      const std::vector<torch::Tensor>& lora_a, const std::vector<torch::Tensor>& lora_b,
                      const std::vector<double>& scalings) {
   const int64_t n_adapters = static_cast<int64_t>(lora_a.size());
   TORCH_CHECK(lora_b.size() == lora_a.size() && scalings.size() == lora_a.size(),
               "multi_lora_rows: lora_a, lora_b and scalings must have one entry per adapter");
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "multi_lora_rows: x must be contiguous 2-D CPU");
+  // what this kernel does not take (the caller then runs the grouped path): checked here rather than in Python,
+  // where a loop over dozens of adapters costs more than this kernel saves at small shapes
+  const auto dtype = x.scalar_type();
+  if (!x.device().is_cpu() || x.dim() != 2 || !x.is_contiguous() ||
+      (dtype != torch::kFloat32 && dtype != torch::kFloat64))
+    return false;
   const int64_t m = x.size(0), k = x.size(1), n = y.size(1);
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == m && y.is_contiguous() && y.scalar_type() == x.scalar_type(),
-              "multi_lora_rows: y must be contiguous [M, N] in x's dtype");
-  TORCH_CHECK(s_down.dim() == 2 && s_down.size(0) == m && s_down.is_contiguous() &&
-                  s_down.scalar_type() == x.scalar_type(),
-              "multi_lora_rows: s_down must be contiguous [M, R] in x's dtype");
-  TORCH_CHECK(row_ids.scalar_type() == torch::kInt64 && row_ids.dim() == 1 && row_ids.size(0) == m &&
-                  row_ids.is_contiguous() && row_ids.device().is_cpu(),
-              "multi_lora_rows: row_ids must be a contiguous int64 CPU tensor of M ids");
+  if (y.dim() != 2 || y.size(0) != m || !y.is_contiguous() || y.scalar_type() != dtype || s_down.dim() != 2 ||
+      s_down.size(0) != m || !s_down.is_contiguous() || s_down.scalar_type() != dtype ||
+      row_ids.scalar_type() != torch::kInt64 || row_ids.dim() != 1 || row_ids.size(0) != m ||
+      !row_ids.is_contiguous() || !row_ids.device().is_cpu())
+    return false;
   for (int64_t i = 0; i < n_adapters; ++i) {
     const auto& a = lora_a[i];
     const auto& b = lora_b[i];
-    TORCH_CHECK(a.dim() == 2 && a.size(1) == k && a.is_contiguous() && a.scalar_type() == x.scalar_type() &&
-                    a.device().is_cpu(),
-                "multi_lora_rows: lora_a[", i, "] must be contiguous [r, K] in x's dtype");
-    TORCH_CHECK(b.dim() == 2 && b.size(0) == n && b.size(1) == a.size(0) && b.is_contiguous() &&
-                    b.scalar_type() == x.scalar_type() && b.device().is_cpu(),
-                "multi_lora_rows: lora_b[", i, "] must be contiguous [N, r] in x's dtype");
-    TORCH_CHECK(a.size(0) <= s_down.size(1), "multi_lora_rows: s_down is narrower than lora_a[", i, "]'s rank");
+    if (a.dim() != 2 || a.size(1) != k || !a.is_contiguous() || a.scalar_type() != dtype || !a.device().is_cpu() ||
+        b.dim() != 2 || b.size(0) != n || b.size(1) != a.size(0) || !b.is_contiguous() ||
+        b.scalar_type() != dtype || !b.device().is_cpu() || a.size(0) > s_down.size(1))
+      return false;
   }
   const int64_t* ids = row_ids.data_ptr<int64_t>();
   // the ids index the adapter lists below: every one is checked here, before any row is touched
@@ -102,6 +101,7 @@ void multi_lora_rows(torch::Tensor& y, torch::Tensor& s_down, const torch::Tenso
       }
     });
   });
+  return true;
 }
 
 }  // namespace peftkern

@@ -126,14 +126,22 @@ def _check(x, weight, lora_a, lora_b, adapter_ids, bias, scalings):
         raise ValueError(f"lora_b must hold one tensor per adapter ({len(lora_a)}, as lora_a), got {len(lora_b)}")
     scalings = _adapter_scalings(scalings, len(lora_a))
     out_features, in_features = weight.shape
-    dtype, device = lora_a[0].dtype if isinstance(lora_a[0], Tensor) else None, x.device
+    first = lora_a[0]
+    dtype, device = (first.dtype, first.device) if isinstance(first, Tensor) else (None, None)
     for i, (a, b) in enumerate(zip(lora_a, lora_b)):
-        # one cheap test per adapter (a decode step may pass dozens), the detailed checks only on failure
-        if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 2 and b.dim() == 2
-                and a.shape[0] >= 1 and a.shape[1] == in_features and b.shape[0] == out_features
-                and b.shape[1] == a.shape[0] and a.dtype == dtype and b.dtype == dtype
-                and a.device == device and b.device == device and a.is_floating_point()):
+        # one cheap test per adapter (a decode step may pass dozens), the detailed checks only on failure; the
+        # adapters' common device is compared with x's once, below
+        try:
+            sa, sb = a.shape, b.shape
+            ok = (len(sa) == 2 and len(sb) == 2 and sa[1] == in_features and sb[0] == out_features
+                  and sb[1] == sa[0] >= 1 and a.dtype is dtype and b.dtype is dtype
+                  and a.device == device and b.device == device)
+        except AttributeError:  # not a tensor
+            ok = False
+        if not ok:
             _explain_adapter(x, weight, lora_a, i, a, b)
+    _checks.tensor("lora_a[0]", first, ndim=2)  # a floating dtype, shared by every adapter (tested above)
+    _checks.same_device("x", x, **{"lora_a[0]": first})
     if quantized:
         if weight.device != x.device:
             raise RuntimeError(f"weight (a QuantizedWeight) is on {weight.device} but x is on {x.device}; "
@@ -158,6 +166,7 @@ def _explain_adapter(x, weight, lora_a, i, a, b) -> None:
     _checks.shape(f"lora_a[{i}]", a, (r, weight.shape[1]), "[r, in_features]")
     _checks.shape(f"lora_b[{i}]", b, (weight.shape[0], r), f"[out_features, r] with lora_a[{i}]'s r")
     _checks.same_device("x", x, **{f"lora_a[{i}]": a, f"lora_b[{i}]": b})
+    _checks.same_device("lora_a[0]", lora_a[0], **{f"lora_a[{i}]": a, f"lora_b[{i}]": b})
     raise TypeError(f"every adapter tensor must have one dtype (lora_a[0]'s, {lora_a[0].dtype}); "
                     f"lora_a[{i}] is {a.dtype}, lora_b[{i}] is {b.dtype}")
 

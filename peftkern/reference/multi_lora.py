@@ -187,22 +187,19 @@ ROWS_KERNEL_MAX_ROWS_PER_ADAPTER = 16
 def _rows_kernel(x, y, lora_a, lora_b, row_ids, scalings, s_down) -> bool:
     """The decode shape (few rows per adapter) on CPU through the compiled extension (csrc/multi_lora.cpp): S and
     y's rank-r term in one pass over the rows. Returns False (nothing done) where it does not apply or would not
-    win: not CPU, not float32/float64, adapters in another dtype than x, or many rows per adapter."""
+    win: not CPU, not float32/float64, adapters in another dtype than x, non-contiguous tensors, or many rows per
+    adapter."""
     from .. import _backend
 
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or s_down.dtype != x.dtype:
-        return False
-    if x.shape[0] > ROWS_KERNEL_MAX_ROWS_PER_ADAPTER * len(lora_a):
-        return False
-    if any(t.dtype != x.dtype for t in (*lora_a, *lora_b)):
+    if x.device.type != "cpu" or x.shape[0] > ROWS_KERNEL_MAX_ROWS_PER_ADAPTER * len(lora_a):
         return False
     ext = _backend.extension()
     if ext is None or not hasattr(ext, "multi_lora_rows"):
         return False
-    ext.multi_lora_rows(y, s_down, x.contiguous(), row_ids.to(torch.int64).contiguous(),
-                        [a.contiguous() for a in lora_a], [b.contiguous() for b in lora_b],
-                        [float(v) for v in scalings])
-    return True
+    # the kernel itself refuses (returns False) dtypes and layouts it does not take: non-contiguous tensors,
+    # adapters in another dtype than x, half precision
+    return ext.multi_lora_rows(y, s_down, x.contiguous(), row_ids if row_ids.dtype == torch.int64 else row_ids.long(),
+                               list(lora_a), list(lora_b), [float(v) for v in scalings])
 
 
 # ---- over a 4-bit base (SPEC section 7): the same math, the base products dequantizing a block of rows at a time
