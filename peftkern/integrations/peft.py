@@ -8,9 +8,18 @@ What patch() does
     A LoRA layer is patched by changing its class from PEFT's `peft.tuners.lora.layer.Linear` to
     `FusedLoraLinear`, a subclass defined in this module whose only change is `forward`: the base layer
     and the first active adapter run as one `peftkern.lora_linear` call (dropout, bias, PEFT's `scaling`
-    including rsLoRA), or as one `peftkern.dora_linear` call when that adapter uses DoRA (below); further
-    active adapters run PEFT's own eager math (a further DoRA adapter through PEFT's own
-    `DoraLinearVariant.forward`, on the running result exactly as PEFT hands it over). No parameter, buffer or
+    including rsLoRA), or as one `peftkern.dora_linear` call when that adapter uses DoRA (below).
+    Several active plain-LoRA adapters (`set_adapter([...])`) with no dropout in effect run as one lora_linear
+    call over the adapters concatenated along the rank (each adapter's B pre-scaled by its scaling, built with
+    differentiable ops, so each gets its own gradient); with dropout in effect PEFT draws an independent mask
+    per adapter, which one call cannot reproduce, so, as with DoRA among them, further active adapters run
+    PEFT's own eager math (a further DoRA adapter through PEFT's own `DoraLinearVariant.forward`, on the
+    running result exactly as PEFT hands it over).
+    A mixed batch (`adapter_names=[...]` in `forward` or `generate`: one adapter per sample, "__base__" for the
+    base model) runs as one `peftkern.multi_lora_linear` call instead of PEFT's `_mixed_batch_forward` loop,
+    where PEFT would not raise (length mismatch, merged adapters, DoRA: PEFT's forward runs and raises) and
+    the adapters it uses are plain LoRA of one dtype whose dropouts in effect are equal (multi_lora_linear takes
+    one dropout_p; each row only ever sees its own adapter's mask). No parameter, buffer or
     config is added, so state dicts, `save_pretrained` output, `repr`, adapter switching (`set_adapter`,
     `disable_adapter`, merging) behave exactly as before.
 
@@ -45,7 +54,7 @@ Which layers, and when they fall back
     (logger `peftkern.integrations.peft`, INFO) and emits one `LayersNotPatchedWarning` per call that lists
     them, grouped by reason; it is silent when every LoRA layer was patched.
     Checked per call (things that can change after patch()), falling back to PEFT's forward for that call:
-    extra forward arguments (e.g. mixed-batch `adapter_names`), merged or disabled adapters, an active
+    extra forward arguments other than `adapter_names`, merged or disabled adapters, an active
     adapter that is a LoRA variant other than DoRA or has `lora_bias` (e.g. added later by `add_adapter`),
     dropout other than `nn.Dropout`/`nn.Identity`, dtypes or devices the fused op does not take (or
     `disable_input_dtype_casting` with adapters in another dtype than the input, where PEFT raises), PEFT's
@@ -83,6 +92,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from ..ops import _checks
 from ..ops.dora import dora_linear
 from ..ops.lora import lora_linear
+from ..ops.multi_lora import multi_lora_linear
 from ..quant import QuantizedWeight
 
 __all__ = ["patch", "unpatch", "unsupported_reason", "FusedLoraLinear", "LayersNotPatchedWarning"]
@@ -274,47 +284,77 @@ def _base_weight(base: nn.Module, x: torch.Tensor):
         return None
 
 
-def _fused_forward(self, peft_forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The forward of the patched classes: the base layer and the first active adapter in one lora_linear (or,
-    for a DoRA adapter, dora_linear) call where every per-call condition holds (module doc), PEFT's own
-    `peft_forward` otherwise."""
-    if args or kwargs or self.disable_adapters or self.merged:
-        return peft_forward(x, *args, **kwargs)
-    lora_keys = self.lora_A.keys()
-    active = [a for a in self.active_adapters if a in lora_keys]
-    if not active or any(_adapter_reason(self, a) is not None for a in active):
-        return peft_forward(x, *args, **kwargs)
-    first = active[0]
+def _fusable_base(self, names, x: torch.Tensor, dora: bool = False):
+    """(weight, bias) of the base layer for one fused call over adapters `names`, or None where the call must run on
+    PEFT's forward: a hook on any module the fused path would skip, a base weight the ops do not take, dtypes or
+    devices outside the ops' rule (all of `names`' adapter tensors are checked)."""
     base = self.base_layer
-    lora_A, lora_B, dropout = self.lora_A[first], self.lora_B[first], self.lora_dropout[first]
-    dora = _is_dora(self, first)
-    magnitude_layer = self.lora_magnitude_vector[first] if dora else None
-    if (_hooked(base) or _hooked(lora_A) or _hooked(lora_B) or _hooked(dropout)
-            or (dora and _hooked(magnitude_layer)) or _global_hooks()):
-        return peft_forward(x, *args, **kwargs)  # PEFT's forward calls those modules, hooks and all
-    if dora and _peft_dora.ENABLE_DORA_CACHING and not magnitude_layer.training:
-        return peft_forward(x, *args, **kwargs)  # PEFT's own norm cache decides what this call computes
+    modules = [base] + [m for a in names for m in (self.lora_A[a], self.lora_B[a], self.lora_dropout[a])]
+    if dora:
+        modules += [self.lora_magnitude_vector[a] for a in names]
+    if any(_hooked(m) for m in modules) or _global_hooks():
+        return None  # PEFT's forward calls those modules, hooks and all
     base_weight = _base_weight(base, x)
     if base_weight is None:
-        return peft_forward(x, *args, **kwargs)
+        return None
     weight, bias = base_weight
     quantized = isinstance(weight, QuantizedWeight)
-    lora_a, lora_b = lora_A.weight, lora_B.weight
-    magnitude = magnitude_layer.weight if dora else None
+    adapters = [t for a in names for t in (self.lora_A[a].weight, self.lora_B[a].weight)]
     autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
     if not autocast:
         # a 4-bit weight is dequantized into x's dtype: only the bias must match
         same_dtype = (quantized or x.dtype == weight.dtype) and (bias is None or bias.dtype == x.dtype)
         adapter_dtypes = (x.dtype,) if not getattr(self, "cast_input_dtype_enabled", True) \
             else _checks.adapter_dtypes(x.dtype)  # casting disabled: PEFT itself raises on a dtype mismatch
-        if not same_dtype or lora_a.dtype not in adapter_dtypes or lora_b.dtype not in adapter_dtypes:
-            return peft_forward(x, *args, **kwargs)
-        if dora and (magnitude.dtype not in adapter_dtypes or lora_b.dtype != lora_a.dtype):
-            return peft_forward(x, *args, **kwargs)  # PEFT computes (or raises) in dtypes dora_linear does not take
+        if not same_dtype or any(t.dtype not in adapter_dtypes for t in adapters):
+            return None
     elif quantized:
-        return peft_forward(x, *args, **kwargs)  # bitsandbytes' autocast handling is its own
-    if not (weight.device == x.device == lora_a.device == lora_b.device) or (dora and magnitude.device != x.device):
-        return peft_forward(x, *args, **kwargs)  # let PEFT (or its error) decide
+        return None  # bitsandbytes' autocast handling is its own
+    if weight.device != x.device or any(t.device != x.device for t in adapters):
+        return None  # let PEFT (or its error) decide
+    return weight, bias
+
+
+def _effective_dropout(self, name: str) -> float:
+    """The dropout PEFT applies to plain-LoRA adapter `name` in this call (its module's own mode decides)."""
+    dropout = self.lora_dropout[name]
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def _fused_forward(self, peft_forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The forward of the patched classes: the base layer and the active adapter(s) in one lora_linear (or, for a
+    DoRA adapter, dora_linear) call, a mixed batch (`adapter_names`) in one multi_lora_linear call, where every
+    per-call condition holds (module doc); PEFT's own `peft_forward` otherwise."""
+    if kwargs.keys() == {"adapter_names"} and not args and kwargs["adapter_names"] is not None:
+        return _mixed_batch_forward(self, peft_forward, x, kwargs["adapter_names"])
+    if args or kwargs or self.disable_adapters or self.merged:
+        return peft_forward(x, *args, **kwargs)
+    lora_keys = self.lora_A.keys()
+    active = [a for a in self.active_adapters if a in lora_keys]
+    if not active or any(_adapter_reason(self, a) is not None for a in active):
+        return peft_forward(x, *args, **kwargs)
+    if len(active) > 1 and not any(_is_dora(self, a) for a in active):
+        return _several_adapters_forward(self, peft_forward, x, active)
+    first = active[0]
+    lora_A, lora_B, dropout = self.lora_A[first], self.lora_B[first], self.lora_dropout[first]
+    dora = _is_dora(self, first)
+    magnitude_layer = self.lora_magnitude_vector[first] if dora else None
+    if dora and _peft_dora.ENABLE_DORA_CACHING and not magnitude_layer.training:
+        return peft_forward(x, *args, **kwargs)  # PEFT's own norm cache decides what this call computes
+    fusable = _fusable_base(self, [first], x, dora=dora)
+    if fusable is None:
+        return peft_forward(x, *args, **kwargs)
+    weight, bias = fusable
+    lora_a, lora_b = lora_A.weight, lora_B.weight
+    magnitude = magnitude_layer.weight if dora else None
+    autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    if dora and not autocast:
+        adapter_dtypes = (x.dtype,) if not getattr(self, "cast_input_dtype_enabled", True) \
+            else _checks.adapter_dtypes(x.dtype)
+        if magnitude.dtype not in adapter_dtypes or lora_b.dtype != lora_a.dtype:
+            return peft_forward(x, *args, **kwargs)  # PEFT computes (or raises) in dtypes dora_linear does not take
+    if dora and magnitude.device != x.device:
+        return peft_forward(x, *args, **kwargs)
     scaling = float(self.scaling[first])
     if dora:
         # PEFT's DoRA applies dropout only while the LoRA layer trains (an nn.Identity or eval mode: none), and its
@@ -324,12 +364,69 @@ def _fused_forward(self, peft_forward, x: torch.Tensor, *args, **kwargs) -> torc
         result = dora_linear(x, weight, lora_a, lora_b, magnitude, scaling=scaling, bias=bias,
                              dropout_p=float(dropout.p) if drop else 0.0, training=self.training)
     else:
-        training = isinstance(dropout, nn.Dropout) and dropout.training
-        result = lora_linear(x, weight, lora_a, lora_b, scaling=scaling, bias=bias,
-                             dropout_p=float(dropout.p) if training else 0.0, training=training)
+        p = _effective_dropout(self, first)
+        result = lora_linear(x, weight, lora_a, lora_b, scaling=scaling, bias=bias, dropout_p=p, training=p > 0.0)
     if len(active) == 1:
         return result
     return _further_adapters(self, active[1:], x, result, lora_a.dtype)
+
+
+def _several_adapters_forward(self, peft_forward, x: torch.Tensor, active) -> torch.Tensor:
+    """Several plain-LoRA adapters active at once (`set_adapter([...])`): PEFT adds each adapter's branch to the base
+    result; with no dropout in effect their sum is one LoRA of the concatenated rank,
+    Σ_i s_i·(x·A_iᵀ)·B_iᵀ = (x·[A_1; A_2; ...]ᵀ)·[s_1·B_1, s_2·B_2, ...]ᵀ, so one lora_linear call runs them all (the
+    concatenation is built with differentiable ops: every adapter gets its own gradient). With dropout in effect
+    PEFT draws an independent mask per adapter, which one call's single mask cannot reproduce: the first adapter
+    runs fused and the others on PEFT's eager math (_further_adapters)."""
+    fusable = _fusable_base(self, active, x)
+    if fusable is None:
+        return peft_forward(x)
+    weight, bias = fusable
+    lora_as = [self.lora_A[a].weight for a in active]
+    lora_bs = [self.lora_B[a].weight for a in active]
+    first = active[0]
+    if any(_effective_dropout(self, a) > 0.0 for a in active) or len({t.dtype for t in (*lora_as, *lora_bs)}) > 1:
+        p = _effective_dropout(self, first)
+        result = lora_linear(x, weight, lora_as[0], lora_bs[0], scaling=float(self.scaling[first]), bias=bias,
+                             dropout_p=p, training=p > 0.0)
+        return _further_adapters(self, active[1:], x, result, lora_as[0].dtype)
+    lora_a = torch.cat(lora_as, dim=0)
+    lora_b = torch.cat([b * float(self.scaling[a]) for a, b in zip(active, lora_bs)], dim=1)
+    return lora_linear(x, weight, lora_a, lora_b, scaling=1.0, bias=bias, training=False)
+
+
+def _mixed_batch_forward(self, peft_forward, x: torch.Tensor, adapter_names) -> torch.Tensor:
+    """PEFT's mixed batch (`adapter_names=[...]`, one name per sample, "__base__" or a name this layer does not have:
+    the base layer alone) as one multi_lora_linear call, where PEFT's own forward would run `_mixed_batch_forward`
+    (its Python loop that gathers and scatters each adapter's sub-batch). Falls back to PEFT's forward for
+    everything it would raise on (a length mismatch, merged adapters, DoRA) and whatever multi_lora_linear does not
+    reproduce: other LoRA variants, adapters whose dropouts differ in effect (it takes one dropout_p; each row sees
+    only its own adapter's), adapter tensors of more than one dtype, and the per-call conditions of lora_linear."""
+    def fallback():
+        return peft_forward(x, adapter_names=adapter_names)
+
+    if self.disable_adapters or self.merged or x.dim() < 2 or not isinstance(adapter_names, (list, tuple)):
+        return fallback()
+    if len(adapter_names) != x.shape[0] or not all(isinstance(a, str) for a in adapter_names):
+        return fallback()
+    lora_keys = self.lora_A.keys()
+    used = [a for a in dict.fromkeys(adapter_names) if a != "__base__" and a in lora_keys]
+    if not used or any(self.use_dora.get(a, False) or _adapter_reason(self, a) is not None for a in used):
+        return fallback()
+    dropouts = {_effective_dropout(self, a) for a in used}
+    lora_as = [self.lora_A[a].weight for a in used]
+    lora_bs = [self.lora_B[a].weight for a in used]
+    if len(dropouts) > 1 or len({t.dtype for t in (*lora_as, *lora_bs)}) > 1:
+        return fallback()
+    fusable = _fusable_base(self, used, x)
+    if fusable is None:
+        return fallback()
+    weight, bias = fusable
+    index = {a: i for i, a in enumerate(used)}
+    ids = torch.tensor([index.get(a, -1) for a in adapter_names], dtype=torch.int64, device=x.device)
+    p = dropouts.pop()
+    return multi_lora_linear(x, weight, lora_as, lora_bs, ids, scalings=[float(self.scaling[a]) for a in used],
+                             bias=bias, dropout_p=p, training=p > 0.0)
 
 
 def _further_adapters(self, names, x: torch.Tensor, result: torch.Tensor, first_dtype: torch.dtype) -> torch.Tensor:
