@@ -76,7 +76,8 @@ def test_bench_quick_all_ops_under_background_load(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert [r["variant"] for r in results["e2e"]] == ["peft", "peftkern"]
     assert results["e2e"][1]["layers_patched"] > 0 and all(r["tokens_per_s"] > 0 for r in results["e2e"])
-    assert results["torch"] and {row["op"] for row in results["rows"]} == {"lora", "qlora", "dora", "adapter", "sparse"}
+    assert results["torch"] and {row["op"] for row in results["rows"]} == {"lora", "qlora", "dora", "multi_lora", "adapter",
+                                                                           "sparse"}
     for row in results["rows"]:
         assert {"eager", "peftkern", "floor"} <= set(row["results"])
         assert all(r["median_ms"] > 0 for r in row["results"].values())
@@ -259,6 +260,64 @@ def test_bench_quick_dora_times_peft_peftkern_its_lora_and_the_floor(tmp_path):
         assert ratio == row["results"]["peftkern"]["median_ms"] / row["results"]["peftkern_lora"]["median_ms"]
         assert f"dora {row['label']}: peftkern DoRA / peftkern LoRA = {ratio:.2f}x" in out.stdout
     assert f"dora: eager = {results['rows'][0]['eager_provider']}; floor = bare F.linear" in out.stdout
+
+
+def test_bench_quick_multi_lora_times_peft_mixed_batch_peftkern_one_adapter_and_the_floor(tmp_path):
+    """--op multi_lora for real (--quick): a prefill and a decode row, each timing PEFT's mixed-batch forward,
+    multi_lora_linear, lora_linear with one adapter and the floor, with issue 14's verdicts printed under the table."""
+    out = run_cli("bench", "--op", "multi_lora", "--quick", "--json", "m.json", tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "m.json").read_text())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cases = runner.cases_for("multi_lora", device, quick=True)
+    assert [row["label"] for row in results["rows"]] == [c.label for c in cases]
+    assert [row["case"]["kind"] for row in results["rows"]] == ["prefill", "decode"]
+    for row in results["rows"]:
+        assert row["op"] == "multi_lora" and row["family"] == "multi_lora_linear"
+        assert set(row["results"]) == {"eager", "peftkern", "peftkern_single", "floor"}
+        assert all(r["median_ms"] > 0 for r in row["results"].values())
+        peft_here = importlib.util.find_spec("peft") is not None
+        assert row["eager_provider"].startswith("peft " if peft_here else "eager mixed batch"), row["eager_provider"]
+        assert f"multi_lora {row['label']}: speedup vs PEFT" in out.stdout
+    assert "forward (eval) median ms" in out.stdout
+
+
+def test_multi_lora_notes_judge_issue_14s_targets():
+    def row(kind, ms):
+        return {"op": "multi_lora", "family": "multi_lora_linear", "label": f"{kind} case", "case": {"kind": kind},
+                "results": {k: {"median_ms": v, "peak_mem_mb": None} for k, v in ms.items()}}
+
+    results = {"device_type": "cpu",
+               "rows": [row("prefill", {"eager": 55.0, "peftkern": 50.0, "peftkern_single": 49.0, "floor": 46.0}),
+                        row("decode", {"eager": 3.0, "peftkern": 1.6, "peftkern_single": 1.2, "floor": 0.9})]}
+    assert report.multi_lora_notes(results) == [
+        "multi_lora prefill case: speedup vs PEFT 1.10x (meets >= 1.00x); vs floor 1.09x (meets <= 1.10x); "
+        "vs one adapter 1.02x",
+        "multi_lora decode case: speedup vs PEFT 1.88x (misses >= 2.00x); vs one adapter 1.33x"]
+
+
+def test_multi_lora_eager_fallback_equals_pefts_mixed_batch_forward():
+    """Without peft, --op multi_lora times _EagerMixedBatch: PEFT's own mixed-batch loop, the same result."""
+    peft = pytest.importorskip("peft", reason="the comparison with PEFT's layer needs peft (in the test extras)")
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from peftkern.bench import providers
+
+    torch.manual_seed(5)
+    base = torch.nn.Linear(24, 20)
+    theirs = PeftLinear(base, "a0", config=peft.LoraConfig(r=3, lora_alpha=6), r=3, lora_alpha=6)
+    theirs.update_layer("a1", r=3, lora_alpha=6, lora_dropout=0.0, init_lora_weights=True, use_rslora=False,
+                        config=peft.LoraConfig(r=3, lora_alpha=6))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_()
+    lora_a = [theirs.lora_A[n].weight for n in ("a0", "a1")]
+    lora_b = [theirs.lora_B[n].weight for n in ("a0", "a1")]
+    ours = providers._EagerMixedBatch(base, lora_a, lora_b, [2.0, 2.0])
+    x = torch.randn(4, 5, 24)
+    names = ["a1", "__base__", "a0", "a1"]
+    with torch.no_grad():
+        assert torch.allclose(ours(x, adapter_names=names), theirs(x, adapter_names=names), rtol=1e-6, atol=1e-6)
 
 
 def test_dora_rows_keep_the_table_columns_and_add_a_lora_ratio_note():

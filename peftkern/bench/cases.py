@@ -152,3 +152,45 @@ def qlora_cases(device: torch.device, quick: bool = False) -> list[QLoraCase]:
     if quick:
         return [QLoraCase(128, 256, 256, 16, torch.float32, 0.0)]
     return [QLoraCase(512, 1024, 1024, 16, torch.float32, p) for p in (0.0, 0.1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiLoraCase:
+    """Many adapters over one base, forward in eval mode (serving a mixed batch): `batch` sequences of `seq` tokens,
+    `adapters` adapters of rank r, ids one per sequence (prefill: adapter i for sequence i; decode: drawn at random
+    from a fixed generator, so each adapter serves about batch / adapters rows)."""
+    kind: str  # "prefill" or "decode"
+    batch: int
+    seq: int
+    k: int
+    n: int
+    r: int
+    adapters: int
+    dtype: torch.dtype
+    family = "multi_lora_linear"
+
+    @property
+    def m(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def label(self) -> str:
+        return (f"{self.kind} M={self.m} ({self.batch}x{self.seq}) K={self.k} N={self.n} r={self.r} "
+                f"{self.adapters} adapters {str(self.dtype).replace('torch.', '')}")
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        return d
+
+
+def multi_lora_cases(device: torch.device, quick: bool = False) -> list[MultiLoraCase]:
+    """Issue 14's shapes: prefill (4096 rows = 8 sequences of 512 tokens, 8 adapters) and decode (64 sequences of one
+    token, 32 adapters), rank 16; K=N=1024 float32 on CPU, K=N=4096 bf16 on GPU."""
+    if device.type == "cuda":
+        h, dtype = 4096, torch.bfloat16
+    else:
+        h, dtype = 1024, torch.float32
+    if quick:
+        return [MultiLoraCase("prefill", 4, 64, 256, 256, 16, 4, dtype), MultiLoraCase("decode", 16, 1, 256, 256, 16, 8, dtype)]
+    return [MultiLoraCase("prefill", 8, 512, h, h, 16, 8, dtype), MultiLoraCase("decode", 64, 1, h, h, 16, 32, dtype)]

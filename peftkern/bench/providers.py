@@ -14,6 +14,12 @@ DoRA (weight-decomposed LoRA, the same shapes as LoRA)
 - peftkern_lora: peftkern.lora_linear over the same x, weight and adapters: what DoRA costs on top of
             peftkern's own LoRA (issue 13 asks for at most 1.10x)
 - floor:    the bare frozen base F.linear, forward and backward
+Many LoRA adapters over one base (forward only, eval mode, no grad: serving a mixed batch)
+- eager:    Hugging Face PEFT's own LoRA `Linear` holding every adapter, called with `adapter_names=[...]` (its
+            `_mixed_batch_forward`), else its exact eager loop (gather each adapter's rows, its branch, add back)
+- peftkern: peftkern.multi_lora_linear over the same weight, adapters and ids
+- peftkern_single: peftkern.lora_linear with one adapter on every row: what one adapter costs
+- floor:    the bare frozen base F.linear, forward
 Bottleneck adapter
 - eager:    AdapterHub's computation: down Linear, activation, up Linear, scale, add the residual
 - peftkern: peftkern.bottleneck_adapter on the backend `auto` picks
@@ -252,6 +258,95 @@ def dora_providers(case: DoraCase, device: torch.device) -> tuple[dict[str, Call
 
     return with_variants({"eager": eager, "peftkern": fused, "peftkern_lora": fused_lora, "floor": floor},
                          device, case), eager_name
+
+
+class _EagerMixedBatch(torch.nn.Module):
+    """PEFT 0.21's `_mixed_batch_forward` for plain LoRA, op for op (when peft is not installed)."""
+
+    def __init__(self, base, lora_a, lora_b, scalings):
+        super().__init__()
+        self.base, self.lora_a, self.lora_b, self.scalings = base, lora_a, lora_b, scalings
+
+    def forward(self, x, adapter_names):
+        result = self.base(x)
+        for name in set(adapter_names):
+            if name == "__base__":
+                continue
+            i = int(name[1:])
+            rows = [j for j, item in enumerate(adapter_names) if item == name]
+            sub = x[rows].to(self.lora_a[i].dtype)
+            out = F.linear(F.linear(sub, self.lora_a[i]), self.lora_b[i]) * self.scalings[i]
+            result[rows] += out.to(result.dtype)
+        return result
+
+
+def multi_lora_providers(case, device: torch.device) -> tuple[dict[str, Callable[[], None]], str]:
+    """Forward-only step functions (eval, no grad) for eager (PEFT's mixed-batch forward), peftkern
+    (multi_lora_linear), peftkern_single (lora_linear, one adapter on all rows) and the floor (F.linear). Checks once,
+    untimed, that eager and peftkern agree."""
+    import peftkern
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    alpha = 2 * case.r
+    base = torch.nn.Linear(case.k, case.n, bias=True, device=device, dtype=case.dtype)
+    base.requires_grad_(False)
+    names = [f"a{i}" for i in range(case.adapters)]
+    if peft_available():
+        from peft import LoraConfig
+        from peft.tuners.lora.layer import Linear as PeftLinear
+
+        layer = PeftLinear(base, names[0], config=LoraConfig(r=case.r, lora_alpha=alpha), r=case.r, lora_alpha=alpha)
+        for name in names[1:]:
+            layer.update_layer(name, r=case.r, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=True,
+                               use_rslora=False, config=LoraConfig(r=case.r, lora_alpha=alpha))
+        lora_a = [layer.lora_A[name].weight for name in names]
+        lora_b = [layer.lora_B[name].weight for name in names]
+        scalings = [float(layer.scaling[name]) for name in names]
+        eager_name = f"peft {__import__('peft').__version__} (mixed batch, adapter_names)"
+    else:
+        lora_a = [torch.nn.Parameter(torch.empty(case.r, case.k, device=device, dtype=case.dtype)) for _ in names]
+        lora_b = [torch.nn.Parameter(torch.empty(case.n, case.r, device=device, dtype=case.dtype)) for _ in names]
+        scalings = [alpha / case.r] * case.adapters
+        layer = _EagerMixedBatch(base, lora_a, lora_b, scalings)
+        eager_name = "eager mixed batch (peft not installed)"
+    layer.to(device).eval()
+    with torch.no_grad():  # trained adapters: every A and B random (PEFT's zero-init B would hide the work)
+        for a, b in zip(lora_a, lora_b):
+            a.copy_((torch.randn(a.shape, generator=gen) / case.k ** 0.5).to(a))
+            b.copy_((torch.randn(b.shape, generator=gen) * 0.01).to(b))
+    if case.kind == "prefill":
+        seq_ids = [i % case.adapters for i in range(case.batch)]
+    else:
+        seq_ids = torch.randint(0, case.adapters, (case.batch,), generator=gen).tolist()
+    adapter_names = [names[i] for i in seq_ids]
+    ids = torch.tensor(seq_ids, device=device)
+    x = torch.randn(case.batch, case.seq, case.k, generator=gen).to(device=device, dtype=case.dtype)
+
+    def eager():
+        with torch.no_grad():
+            return layer(x, adapter_names=adapter_names)
+
+    def fused():
+        with torch.no_grad():
+            return peftkern.multi_lora_linear(x, base.weight, lora_a, lora_b, ids, scalings=scalings, bias=base.bias,
+                                              training=False)
+
+    def single():
+        with torch.no_grad():
+            return peftkern.lora_linear(x, base.weight, lora_a[0], lora_b[0], scaling=scalings[0], bias=base.bias,
+                                        training=False)
+
+    def floor():
+        with torch.no_grad():
+            return F.linear(x, base.weight, base.bias)
+
+    want, got = eager().double(), fused().double()
+    err = ((got - want).norm() / want.norm()).item()
+    bound = 1e-5 if case.dtype == torch.float32 else 1e-2
+    if not err <= bound:
+        raise AssertionError(f"multi_lora bench {case.label}: peftkern and {eager_name} disagree (relative error "
+                             f"{err:.3g} > {bound:g}); refusing to time them")
+    return {"eager": eager, "peftkern": fused, "peftkern_single": single, "floor": floor}, eager_name
 
 
 def adapter_providers(case, device: torch.device) -> tuple[dict[str, Callable[[], None]], str]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 
 # the op family each row belongs to (what `auto` dispatches on); older JSON files lack the "family" field
-_FAMILY_OF_OP = {"lora": "lora_linear", "dora": "dora_linear", "adapter": "bottleneck_adapter"}
+_FAMILY_OF_OP = {"lora": "lora_linear", "dora": "dora_linear", "multi_lora": "multi_lora_linear",
+                 "adapter": "bottleneck_adapter"}
 # the eager baselines of a row: (results key, how the table names a second one)
 EAGER_BASELINES = (("eager", ""), ("eager_inplace", "vs in-place by hand"))
 FLOORS = {"lora": "bare F.linear of the frozen base, fwd+bwd",
           "qlora": "bare dense F.linear of the dequantized base in the compute dtype, fwd+bwd",
           "dora": "bare F.linear of the frozen base, fwd+bwd",
+          "multi_lora": "bare F.linear of the frozen base, forward only (eval, no grad)",
           "adapter": "one elementwise pass over h (fwd) and dy (bwd)",
           "sparse": "apply: in-place index_put_(accumulate=True); linear: bare F.linear fwd+bwd"}
 BAR_NAMES = {"eager": "speedup vs eager", "eager_inplace": "speedup vs in-place eager written by hand"}
@@ -40,6 +42,44 @@ def dora_vs_lora(row: dict) -> float | None:
     if "peftkern_lora" not in r:
         return None
     return r["peftkern"]["median_ms"] / r["peftkern_lora"]["median_ms"]
+
+
+# issue 14's targets for --op multi_lora rows: (device type, case kind) -> [(what, ratio, bound, "<=" or ">=")]
+def multi_lora_checks(row: dict, device_type: str) -> list[tuple[str, float, float, str]]:
+    r = row["results"]
+    if row["op"] != "multi_lora" or "peftkern_single" not in r:
+        return []
+    ms = {name: v["median_ms"] for name, v in r.items()}
+    speedup, floor_ratio = ms["eager"] / ms["peftkern"], ms["peftkern"] / ms["floor"]
+    single_ratio = ms["peftkern"] / ms["peftkern_single"]
+    kind = row["case"]["kind"]
+    if device_type == "cuda":
+        if kind == "decode":
+            return [("speedup vs PEFT", speedup, 3.0, ">="), ("vs one adapter", single_ratio, float("inf"), "<=")]
+        return [("vs one adapter", single_ratio, 1.15, "<="), ("speedup vs PEFT", speedup, 1.0, ">=")]
+    if kind == "decode":
+        return [("speedup vs PEFT", speedup, 2.0, ">="), ("vs one adapter", single_ratio, float("inf"), "<=")]
+    return [("speedup vs PEFT", speedup, 1.0, ">="), ("vs floor", floor_ratio, 1.10, "<="),
+            ("vs one adapter", single_ratio, float("inf"), "<=")]
+
+
+def multi_lora_notes(results: dict) -> list[str]:
+    """One line per --op multi_lora row: speedup over PEFT's mixed-batch forward, time over the floor and over one
+    adapter on all rows, each against issue 14's target where it sets one."""
+    lines = []
+    for row in results["rows"]:
+        checks = multi_lora_checks(row, results.get("device_type", "cpu"))
+        if not checks:
+            continue
+        parts = []
+        for what, value, bound, sense in checks:
+            if bound == float("inf"):
+                parts.append(f"{what} {value:.2f}x")
+                continue
+            ok = value >= bound if sense == ">=" else value <= bound
+            parts.append(f"{what} {value:.2f}x ({'meets' if ok else 'misses'} {sense} {bound:.2f}x)")
+        lines.append(f"multi_lora {row['label']}: " + "; ".join(parts))
+    return lines
 
 
 def dora_notes(results: dict) -> list[str]:
@@ -95,7 +135,15 @@ def title(results: dict) -> str:
             f"({load['kind']})" if load.get("processes") else "")
     return (f"peftkern bench on {results['device']} ({results['device_type']}"
             f"{', %d threads' % results['cpu_threads'] if cpu else ''}), "
-            f"torch {results['torch']}, triton {results['triton']}; fwd+bwd median ms{busy}")
+            f"torch {results['torch']}, triton {results['triton']}; {_timed(results)} median ms{busy}")
+
+
+def _timed(results: dict) -> str:
+    """What a row's step is: fwd+bwd, except --op multi_lora (serving: forward only, eval)."""
+    ops = {row["op"] for row in results["rows"]}
+    if ops == {"multi_lora"}:
+        return "forward (eval)"
+    return "fwd+bwd (multi_lora: forward, eval)" if "multi_lora" in ops else "fwd+bwd"
 
 
 def peak_memory_note(results: dict) -> str | None:
@@ -131,7 +179,7 @@ def print_table(results: dict) -> None:
             print(f"{op}: eager = {row['eager_provider']}; floor = {what}")
     if any("eager_inplace" in row["results"] for row in results["rows"]):
         print(SECOND_EAGER)
-    for line in dora_notes(results):
+    for line in dora_notes(results) + multi_lora_notes(results):
         print(line)
     note = peak_memory_note(results)
     if note:

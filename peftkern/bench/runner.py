@@ -7,17 +7,18 @@ import sys
 
 import torch
 
-from .cases import (AdapterCase, DoraCase, LoraCase, QLoraCase, SparseCase, adapter_cases, dora_cases, lora_cases,
-                    qlora_cases, sparse_cases)
+from .cases import (AdapterCase, DoraCase, LoraCase, MultiLoraCase, QLoraCase, SparseCase, adapter_cases, dora_cases,
+                    lora_cases, multi_lora_cases, qlora_cases, sparse_cases)
 from .ceilings import measure_ceilings
-from .providers import adapter_providers, dora_providers, lora_providers, qlora_providers, sparse_providers
+from .providers import (adapter_providers, dora_providers, lora_providers, multi_lora_providers, qlora_providers,
+                        sparse_providers)
 from .memory import peak_mb_in_subprocess
 from .timing import measure_group
 
-OPS = ("lora", "qlora", "dora", "adapter", "sparse")
+OPS = ("lora", "qlora", "dora", "multi_lora", "adapter", "sparse")
 # op -> (cases, providers)
 _OPS = {"lora": (lora_cases, lora_providers), "qlora": (qlora_cases, qlora_providers),
-        "dora": (dora_cases, dora_providers),
+        "dora": (dora_cases, dora_providers), "multi_lora": (multi_lora_cases, multi_lora_providers),
         "adapter": (adapter_cases, adapter_providers), "sparse": (sparse_cases, sparse_providers)}
 
 
@@ -106,7 +107,7 @@ def roofline(row: dict, ceilings: dict | None) -> dict | None:
 def case_from_dict(op: str, d: dict):
     d = dict(d)
     d["dtype"] = getattr(torch, d["dtype"])
-    return {"lora": LoraCase, "qlora": QLoraCase, "dora": DoraCase, "adapter": AdapterCase,
+    return {"lora": LoraCase, "qlora": QLoraCase, "dora": DoraCase, "multi_lora": MultiLoraCase, "adapter": AdapterCase,
             "sparse": SparseCase}[op](**d)
 
 
