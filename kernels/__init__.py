@@ -95,8 +95,9 @@ if triton is not None:
     # every kernel module now, inside the scope: a kernel is interpreted or compiled as decided above,
     # however and whenever its module is imported later
     with interpreter_scope():
-        from . import (_launch, activations, adapter, dora, dropout, lora, lora_persistent, qlora, rank,  # noqa: F401
-                       sparse_diff, tf32)
+        from . import (_launch, activations, adapter, dora, dropout, lora, lora_persistent, multi_lora,  # noqa: F401
+                       qlora, rank, sparse_diff, tf32)
     if INTERPRET:
-        for _module in (activations, adapter, dora, dropout, lora, lora_persistent, qlora, rank, sparse_diff):
+        for _module in (activations, adapter, dora, dropout, lora, lora_persistent, multi_lora, qlora, rank,
+                        sparse_diff):
             _scope_launches(_module)

@@ -397,11 +397,17 @@ _DORA_MAX = dict(M=256, r=64, bias=True, p=0.1)
 _DORA_COMMON = dict(M=250, r=16, bias=False, p=0.0)
 _DORA_RANK8 = dict(M=250, r=8, bias=True, p=0.0)  # the no-dropout GEMM at a rank off 16 (its padded rank factors)
 _DORA_FROZEN_MAGNITUDE = dict(M=256, r=16, bias=True, p=0.0, train_magnitude=False)
+# many adapters (multi_lora_linear): ranks that differ (the largest sets the tiles; 8 and 4 are off 16), with bias
+# and dropout at full tiles; and a decode shape (few rows per adapter: the small row tiles)
+_MULTI_MAX = dict(M=256, ranks=(64, 8, 16), bias=True, p=0.1)
+_MULTI_DECODE = dict(M=24, ranks=(16, 16, 4, 16), bias=False, p=0.0)
+# families with one Triton variant (composite): driven in composite mode only (forcing "fused" raises for them)
+_COMPOSITE_ONLY = {"multi_lora"}
 
 
 def driver_calls(full: bool = False) -> list[dict]:
-    """The driver's calls: dicts with family ("lora", "qlora", "dora", "adapter", "sparse"), dtypes, tf32 and the call's
-    arguments.
+    """The driver's calls: dicts with family ("lora", "qlora", "dora", "multi_lora", "adapter", "sparse"), dtypes, tf32
+    and the call's arguments.
 
     Default, a covering set sized for CI: in every dtype setting each family's worst case (LoRA with bias,
     dropout and rank 64; the adapter's heaviest variant; sparse with aligned sizes) and one more adapter
@@ -429,6 +435,10 @@ def driver_calls(full: bool = False) -> list[dict]:
                         for train_magnitude in (False, True):
                             calls.append(dict(base, family="dora", M=250 if r == 8 else 256, r=r, bias=bias, p=p,
                                               train_magnitude=train_magnitude))
+            for ranks in ((64, 8, 16), (16, 16), (32, 4)):
+                for bias, p in ((False, 0.0), (True, 0.1)):
+                    calls.append(dict(base, family="multi_lora", M=256, ranks=ranks, bias=bias, p=p))
+            calls.append(dict(base, family="multi_lora", **_MULTI_DECODE))
             for wq in sorted({act_dtype, "float32"}):
                 for bias, p in ((False, 0.0), (True, 0.1)):
                     for blocksize, dq in ((64, True), (128, False)):
@@ -439,6 +449,8 @@ def driver_calls(full: bool = False) -> list[dict]:
             calls.append(dict(base, family="qlora", wq=act_dtype, **_QLORA_MAX))
             calls.append(dict(base, family="dora", **_DORA_MAX))
             calls.append(dict(base, family="dora", **_DORA_RANK8))
+            calls.append(dict(base, family="multi_lora", **_MULTI_MAX))
+            calls.append(dict(base, family="multi_lora", **_MULTI_DECODE))
             if peft_default:
                 calls.append(dict(base, family="dora", **_DORA_COMMON))
                 calls.append(dict(base, family="dora", **_DORA_FROZEN_MAGNITUDE))
@@ -512,6 +524,15 @@ def drive(calls: list[dict], recorder, log) -> list[str]:
         bb = rnd(N, dtype=xd) if bias else None
         return peftkern.dora_linear(x, w, a, b, magnitude, scaling=0.5, bias=bb, dropout_p=p, seed=3)
 
+    def multi_lora(xd, pd, M, ranks, bias, p, K=256, N=384):
+        x, w = rnd(M, K, dtype=xd, grad=True), rnd(N, K, dtype=xd)
+        a = [rnd(r, K, dtype=pd, grad=True) for r in ranks]
+        b = [rnd(N, r, dtype=pd, grad=True) for r in ranks]
+        bb = rnd(N, dtype=xd) if bias else None
+        ids = torch.randint(-1, len(ranks), (M,), generator=torch.Generator().manual_seed(M))
+        return peftkern.multi_lora_linear(x, w, a, b, ids, scalings=[0.5] * len(ranks), bias=bb, dropout_p=p,
+                                          seed=3)
+
     def adapter(hd, pd, act, k, M, d=256, biases=True, residual=False, need_h=True, need_wu=True):
         h = rnd(M, d, dtype=hd, grad=need_h)
         wd, wu = rnd(k, d, dtype=pd, grad=True), rnd(d, k, dtype=pd, grad=need_wu)
@@ -526,7 +547,8 @@ def drive(calls: list[dict], recorder, log) -> list[str]:
         vals = rnd(nnz, dtype=vd, grad=True)
         return peftkern.sparse_diff_linear(x, w, idx, vals, rnd(N, dtype=xd) if bias else None)
 
-    families = {"lora": lora, "qlora": qlora, "dora": dora, "adapter": adapter, "sparse": sparse}
+    families = {"lora": lora, "qlora": qlora, "dora": dora, "multi_lora": multi_lora, "adapter": adapter,
+                "sparse": sparse}
     old_mode = os.environ.get("PEFTKERN_DISPATCH")
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
@@ -535,6 +557,8 @@ def drive(calls: list[dict], recorder, log) -> list[str]:
                 os.environ["PEFTKERN_DISPATCH"] = mode
                 log(f"# driving {len(calls)} calls, {mode}")
                 for call in calls:
+                    if mode == "fused" and call["family"] in _COMPOSITE_ONLY:
+                        continue
                     args = {k: v for k, v in call.items() if k not in ("family", "act_dtype", "param_dtype", "tf32")}
                     torch.backends.cuda.matmul.allow_tf32 = call["tf32"]
                     # bf16 runs as fp16 (the interpreter cannot run bf16 dots) and is recorded as bf16

@@ -213,8 +213,12 @@ def test_driver_covering_set_reaches_every_setting_flag_activation_and_width():
     assert {("bfloat16", "float32"), ("bfloat16", "bfloat16")} <= {(c["act_dtype"], c["param_dtype"]) for c in calls}
     for s in aot._SETTINGS:  # every family in every setting, each in its worst case
         mine = [c for c in calls if setting(c) == s]
-        assert {c["family"] for c in mine} == {"lora", "qlora", "dora", "adapter", "sparse"}, s
+        assert {c["family"] for c in mine} == {"lora", "qlora", "dora", "multi_lora", "adapter", "sparse"}, s
         assert any(c["family"] == "dora" and c["bias"] and c["p"] > 0 and c["r"] == 64 for c in mine), s
+        # many adapters: ranks that differ (64 the largest, one off 16) with bias and dropout, and a decode shape
+        assert any(c["family"] == "multi_lora" and c["bias"] and c["p"] > 0 and max(c["ranks"]) == 64
+                   and any(r % 16 for r in c["ranks"]) for c in mine), s
+        assert any(c["family"] == "multi_lora" and c["M"] <= 16 * len(c["ranks"]) for c in mine), s
         assert any(c["family"] == "qlora" and c["bias"] and c["p"] > 0 for c in mine), s
         assert any(c["family"] == "lora" and c["bias"] and c["p"] > 0 and c["r"] == 64 for c in mine), s
         assert any(c["family"] == "adapter" and c["act"] == "gelu" and c["k"] == 64 for c in mine), s

@@ -1,0 +1,331 @@
+"""Many LoRA adapters over one base (SPEC section 9): grouped skinny products, each row with its own adapter.
+
+Rows are grouped by adapter on the device (peftkern/impls/triton_multi_lora.py: a stable sort of the ids and a
+histogram, no host synchronisation): `order` lists the rows adapter by adapter, `seg_start[i]`/`seg_len[i]` say
+where adapter i's rows are in it. The adapters reach the kernels through device tables of data pointers (one
+int64 per adapter), so no adapter is copied or padded per call: a segment reads only its own adapter's r_i rows.
+Program (tile, i) works on adapter i's segment and exits at once when the segment is shorter than its tile:
+the grid grows with n·cdiv(M, BLOCK_M), the work with the rows each adapter serves.
+
+  _shrink_kernel   S[t, :r_i] = scale_i · (keep ⊙ X)[t, :] · P_iᵀ            (S = dropout(x)·A_iᵀ; dS = s_i·dy·B_i)
+  _expand_kernel   out[t, :] += scale_i · keep ⊙ (T[t, :r_i] · U_i)        (y += s_i·S·B_iᵀ; dx += keep ⊙ dS·A_i)
+  _grad_kernel     G_i = scale_i · Σ_{t in segment i} T[t, :r_i]ᵀ · (keep ⊙ V)[t, :]   (dA_i; dB_iᵀ), no atomics
+
+P_i / U_i / G_i are each adapter's own [r_i, C] matrix (A_i, or B_i read transposed: TRANS, element (r, c) at
+c·r_i + r). `keep` is lora_linear's dropout mask of the row's original position (kernels/dropout.py).
+
+Roofline at the issue's GPU prefill shape (M=8192 rows, K=N=4096, 8 adapters of r=16, bf16, H100): the shrink
+reads x once (64 MiB) and the adapters once (1 MiB): ~22 µs at 3 TB/s; the expand reads and writes y once
+(2 × 64 MiB): ~45 µs; together ~10% beside cuBLAS's x·Wᵀ (275 GFLOP ≈ 0.35-0.45 ms), which is the composite path.
+Decode (64 rows, 32 adapters): every adapter is read once (32 · 2 · 16 · 4096 · 2 B = 8 MiB, ~3 µs), beside
+W's 32 MiB that the base product reads anyway; the small BLOCK_M keeps programs from idling on short segments.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+from . import _launch
+from ._launch import dot_precision, dropout_args, pow2_at_least_16
+from .dropout import keep_tile
+from .tf32 import dot_prec
+
+GRID_YZ_LIMIT = 65535  # CUDA's limit on the grid's second and third axes
+
+
+@triton.jit
+def _segment_rows(order_ptr, seg_start_ptr, seg_len_ptr, i, m0, BLOCK_M: tl.constexpr):
+    """Rows m0 .. m0 + BLOCK_M of adapter i's segment: (row indices in x, mask, segment length)."""
+    start = tl.load(seg_start_ptr + i)
+    length = tl.load(seg_len_ptr + i)
+    offs = m0 + tl.arange(0, BLOCK_M)
+    ok = offs < length
+    rows = tl.load(order_ptr + start + offs, mask=ok, other=0)
+    return rows, ok, length
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, out_ptr, p_table, p_ref, rank_ptr, scale_ptr, order_ptr, seg_start_ptr, seg_len_ptr,
+    C, R_MAX,
+    stride_xm, stride_xc, stride_om, stride_or,
+    seed, threshold, drop_scale,
+    TRANS: tl.constexpr, PER_ADAPTER_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    i = tl.program_id(1)
+    num_r = tl.cdiv(R_MAX, BLOCK_R)
+    pid_m = pid // num_r
+    pid_r = pid % num_r
+    rows, row_ok, length = _segment_rows(order_ptr, seg_start_ptr, seg_len_ptr, i, pid_m * BLOCK_M, BLOCK_M)
+    rank = tl.load(rank_ptr + i)
+    if pid_m * BLOCK_M < length and pid_r * BLOCK_R < rank:
+        p_ptr = tl.load(p_table + i).to(tl.pointer_type(p_ref.dtype.element_ty))
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < rank
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = offs_c < C
+            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            if TRANS:  # P_i = B_iᵀ of B_i [C, r_i]: element (r, c) at c·r_i + r
+                p_off = offs_c.to(tl.int64)[:, None] * rank + offs_r[None, :]
+            else:  # P_i = A_i [r_i, C]: element (r, c) at r·C + c
+                p_off = offs_r.to(tl.int64)[None, :] * C + offs_c[:, None]
+            p = tl.load(p_ptr + p_off, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+            if HAS_DROPOUT:
+                x = tl.where(keep_tile(seed, rows, c0, C, threshold, BLOCK_C), x, 0.0).to(x.dtype)
+            acc = dot_prec(x, p, acc, PRECISION)
+        scale = drop_scale
+        if PER_ADAPTER_SCALE:
+            scale = scale * tl.load(scale_ptr + i)
+        # columns r_i .. R_MAX of the row stay as the caller zeroed them
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or, acc * scale,
+                 mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _expand_kernel(
+    out_ptr, t_ptr, u_table, u_ref, rank_ptr, scale_ptr, order_ptr, seg_start_ptr, seg_len_ptr,
+    N,
+    stride_om, stride_on, stride_tm, stride_tr,
+    seed, threshold, drop_scale,
+    TRANS: tl.constexpr, PER_ADAPTER_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # axis 0: (row tile, column tile), column tiles fastest so neighbouring programs share T's rows; axis 1: adapter
+    pid = tl.program_id(0)
+    i = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    rows, row_ok, length = _segment_rows(order_ptr, seg_start_ptr, seg_len_ptr, i, pid_m * BLOCK_M, BLOCK_M)
+    if pid_m * BLOCK_M < length:
+        rank = tl.load(rank_ptr + i)
+        u_ptr = tl.load(u_table + i).to(tl.pointer_type(u_ref.dtype.element_ty))
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < rank
+            t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            if TRANS:  # U_i = B_iᵀ of B_i [N, r_i]: element (r, n) at n·r_i + r
+                u_off = offs_n.to(tl.int64)[None, :] * rank + offs_r[:, None]
+            else:  # U_i = A_i [r_i, N]: element (r, n) at r·N + n
+                u_off = offs_r.to(tl.int64)[:, None] * N + offs_n[None, :]
+            u = tl.load(u_ptr + u_off, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = dot_prec(t, u, acc, PRECISION)
+        scale = drop_scale
+        if PER_ADAPTER_SCALE:
+            scale = scale * tl.load(scale_ptr + i)
+        if HAS_DROPOUT:
+            acc = tl.where(keep_tile(seed, rows, pid_n * BLOCK_N, N, threshold, BLOCK_N), acc, 0.0)
+        ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
+        ok = row_ok[:, None] & n_ok[None, :]
+        # segments are disjoint and a row appears once in its segment: no two programs touch one element
+        cur = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(ptrs, (cur + acc * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _grad_kernel(
+    t_ptr, v_ptr, g_table, g_ref, rank_ptr, scale_ptr, order_ptr, seg_start_ptr, seg_len_ptr,
+    C, R_MAX,
+    stride_tm, stride_tr, stride_vm, stride_vc,
+    seed, threshold, drop_scale,
+    TRANS: tl.constexpr, PER_ADAPTER_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # program (column tile x rank tile, adapter) walks its adapter's whole segment in order: a deterministic sum
+    # with no atomics and no partial buffers; an adapter no row uses gets zeros (its loop is empty)
+    pid = tl.program_id(0)
+    i = tl.program_id(1)
+    num_r = tl.cdiv(R_MAX, BLOCK_R)
+    pid_c = pid // num_r
+    pid_r = pid % num_r
+    rank = tl.load(rank_ptr + i)
+    if pid_r * BLOCK_R < rank:
+        start = tl.load(seg_start_ptr + i)
+        length = tl.load(seg_len_ptr + i)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        c_ok = offs_c < C
+        r_ok = offs_r < rank
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for m0 in range(0, length, BLOCK_M):
+            offs = m0 + tl.arange(0, BLOCK_M)
+            row_ok = offs < length
+            rows = tl.load(order_ptr + start + offs, mask=row_ok, other=0)
+            t_t = tl.load(t_ptr + rows.to(tl.int64)[None, :] * stride_tm + offs_r[:, None] * stride_tr,
+                          mask=row_ok[None, :] & r_ok[:, None], other=0.0)
+            v = tl.load(v_ptr + rows.to(tl.int64)[:, None] * stride_vm + offs_c[None, :] * stride_vc,
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            if HAS_DROPOUT:
+                v = tl.where(keep_tile(seed, rows, pid_c * BLOCK_C, C, threshold, BLOCK_C), v, 0.0).to(v.dtype)
+            acc = dot_prec(t_t, v, acc, PRECISION)
+        scale = drop_scale
+        if PER_ADAPTER_SCALE:
+            scale = scale * tl.load(scale_ptr + i)
+        g_ptr = tl.load(g_table + i).to(tl.pointer_type(g_ref.dtype.element_ty))
+        if TRANS:  # G_iᵀ stored: g_i [C, r_i], element (r, c) at c·r_i + r
+            g_off = offs_c.to(tl.int64)[None, :] * rank + offs_r[:, None]
+        else:  # g_i [r_i, C]
+            g_off = offs_r.to(tl.int64)[:, None] * C + offs_c[None, :]
+        tl.store(g_ptr + g_off, (acc * scale).to(g_ref.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+
+
+# ---- launchers ----------------------------------------------------------------------------------------------
+
+class Groups:
+    """Rows grouped by adapter, on the device: `order` (int64 [M], the rows adapter by adapter, rows ascending
+    within one), `seg_start`/`seg_len` (int64 [n]: where adapter i's rows are in `order`). Built with torch ops
+    on the device, no host synchronisation. `ranks`/`scalings`: the adapters' ranks (int32 [n]) and scalings
+    (fp32 [n]) on the device; `r_max` the largest rank (a host int, known from the shapes)."""
+
+    def __init__(self, row_ids: torch.Tensor, ranks: list[int], scalings: list[float]):
+        n = len(ranks)
+        device = row_ids.device
+        ids = row_ids.to(torch.int64)
+        self.order = torch.argsort(ids, stable=True)  # −1 rows first: segment i starts after them
+        # a scatter-add, not torch.bincount: on CUDA bincount reads the ids' maximum back to the host to size its output
+        counts = torch.zeros(n + 1, dtype=torch.int64, device=device).scatter_add_(0, ids + 1, torch.ones_like(ids))
+        ends = torch.cumsum(counts, 0)
+        self.seg_start = (ends - counts)[1:].contiguous()
+        self.seg_len = counts[1:].contiguous()
+        self.ranks = device_table(ranks, torch.int32, device)
+        self.scalings = device_table(scalings, torch.float32, device)
+        self.n, self.r_max, self.rank_list = n, max(ranks), list(ranks)
+
+
+def device_table(values, dtype, device) -> torch.Tensor:
+    """A small host list as a device tensor without a host synchronisation: through pinned memory with a
+    non-blocking copy on CUDA (a copy from pageable memory would wait for the stream)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+def pointer_table(tensors, device) -> torch.Tensor:
+    """int64 [n]: each (contiguous) tensor's data pointer, for the kernels' per-adapter matrices."""
+    return device_table([t.data_ptr() for t in tensors], torch.int64, device)
+
+
+def _check_adapters(n: int) -> None:
+    if n > GRID_YZ_LIMIT:
+        raise ValueError(f"multi_lora_linear's Triton kernels take at most {GRID_YZ_LIMIT} adapters (CUDA's grid "
+                         f"limit on the adapter axis), got {n}")
+
+
+def _block_m(groups: Groups, m: int) -> int:
+    """Small tiles when adapters serve few rows each (decode: a row or two per adapter), full ones otherwise."""
+    if INTERPRET:
+        return 16
+    return 16 if m <= 16 * groups.n else 64
+
+
+def shrink(x: torch.Tensor, mats, groups: Groups, *, trans: bool, per_adapter_scale: bool, exact: bool,
+           seed: int = 0, dropout_p: float = 0.0) -> torch.Tensor:
+    """S [M, r_max] fp32: row t of adapter i gets scale·(keep ⊙ x_t)·P_iᵀ in its first r_i columns, zeros after
+    (rows of no adapter: zeros). P_i = mats[i] ([r_i, C]), or mats[i]ᵀ with `trans` (mats[i] [C, r_i]).
+    scale = scalings[i] with `per_adapter_scale`, else 1 (times 1/(1-p) with dropout)."""
+    _check_adapters(groups.n)
+    M, C = x.shape
+    out = torch.zeros((M, groups.r_max), device=x.device, dtype=torch.float32)
+    if M == 0 or C == 0:
+        return out
+    seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
+    precision = dot_precision(exact)
+    block_m = _block_m(groups, M)
+    block_r = pow2_at_least_16(groups.r_max, 64)
+    # 3xTF32 splits the fp32 operand tiles into hi/lo halves; with the Philox state of the mask beside them the
+    # narrower column tile keeps registers in bounds (the same rule as kernels/rank.py's rank_down)
+    if precision == "tf32x3" and (dropout_p > 0.0 or x.dtype == torch.float32):
+        block_c = 32
+    else:
+        block_c = 64 if block_r <= 32 else 32
+    if block_r > 32 and dropout_p > 0.0:
+        block_m = min(block_m, 32)  # rank 64 with the mask: [64, 64] spilled 4 B (sm_80, bf16 x), [32, 64] fits
+    block_c = 32 if INTERPRET else block_c
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(groups.r_max, block_r), groups.n)
+    _shrink_kernel[grid](
+        x, out, pointer_table(mats, x.device), mats[0], groups.ranks, groups.scalings, groups.order,
+        groups.seg_start, groups.seg_len,
+        C, groups.r_max,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        seed_v, threshold, drop_scale,
+        TRANS=trans, PER_ADAPTER_SCALE=per_adapter_scale, HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
+    )
+    return out
+
+
+def expand_add_(out: torch.Tensor, t: torch.Tensor, mats, groups: Groups, *, trans: bool, per_adapter_scale: bool,
+                exact: bool, seed: int = 0, dropout_p: float = 0.0) -> torch.Tensor:
+    """out[t, :] += scale·keep ⊙ (T[t, :r_i]·U_i), in place, summed in fp32 and rounded once to out's dtype.
+    U_i = mats[i] ([r_i, N]), or mats[i]ᵀ with `trans` (mats[i] [N, r_i]). Returns out."""
+    _check_adapters(groups.n)
+    M, N = out.shape
+    if M == 0 or N == 0:
+        return out
+    seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
+    block_m = _block_m(groups, M)
+    # rows are gathered, so the tile's addresses are a full [BLOCK_M, BLOCK_N] int64 tensor (kernels/rank.py's
+    # rank_up_add_ computes them from a contiguous range): [64, 128] spilled up to 420 B (sm_80, fp32 3xTF32;
+    # scripts/aot_check.py), [64, 64] fits
+    block_n = 32 if INTERPRET else 64
+    block_r = pow2_at_least_16(groups.r_max, 32)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), groups.n)
+    _expand_kernel[grid](
+        out, t, pointer_table(mats, out.device), mats[0], groups.ranks, groups.scalings, groups.order,
+        groups.seg_start, groups.seg_len,
+        N,
+        out.stride(0), out.stride(1), t.stride(0), t.stride(1),
+        seed_v, threshold, drop_scale,
+        TRANS=trans, PER_ADAPTER_SCALE=per_adapter_scale, HAS_DROPOUT=dropout_p > 0.0,
+        PRECISION=dot_precision(exact),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
+    )
+    return out
+
+
+def grad(t: torch.Tensor, v: torch.Tensor, outs, groups: Groups, *, trans: bool, per_adapter_scale: bool,
+         exact: bool, seed: int = 0, dropout_p: float = 0.0, need=None) -> None:
+    """outs[i] = scale · Σ_{rows of adapter i} T[t, :r_i]ᵀ · (keep ⊙ V)[t, :] for each adapter, written in place into
+    the contiguous tensors `outs` (outs[i] [r_i, C], or its transpose [C, r_i] with `trans`), in their dtype.
+    `need` (bools, one per adapter): only those are computed; the others' programs exit at once (their rank is 0
+    in the table the kernel gets) and their `outs` entries (any tensor of the dtype) are not touched."""
+    _check_adapters(groups.n)
+    M, C = v.shape
+    if C == 0:
+        return
+    seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
+    precision = dot_precision(exact)
+    block_m = 16 if INTERPRET else 32
+    block_r = pow2_at_least_16(groups.r_max, 64)
+    # the [BLOCK_R, BLOCK_C] fp32 accumulator beside the V tile (and 3xTF32's hi/lo halves, the mask's Philox
+    # state): kernels/rank.py's rank_grad rules
+    if precision == "tf32x3" and (dropout_p > 0.0 or groups.r_max % 16):
+        block_c = 32
+    elif precision == "tf32x3" or dropout_p > 0.0 or block_r > 32:
+        block_c = 64
+    else:
+        block_c = 128
+    block_c = 32 if INTERPRET else block_c
+    ranks = groups.ranks
+    if need is not None and not all(need):
+        ranks = device_table([r if k else 0 for r, k in zip(groups.rank_list, need)], torch.int32, v.device)
+    grid = (triton.cdiv(C, block_c) * triton.cdiv(groups.r_max, block_r), groups.n)
+    _grad_kernel[grid](
+        t, v, pointer_table(outs, v.device), outs[0], ranks, groups.scalings, groups.order,
+        groups.seg_start, groups.seg_len,
+        C, groups.r_max,
+        t.stride(0), t.stride(1), v.stride(0), v.stride(1),
+        seed_v, threshold, drop_scale,
+        TRANS=trans, PER_ADAPTER_SCALE=per_adapter_scale, HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    )

@@ -1,0 +1,80 @@
+"""multi_lora_linear on the Triton backend: one variant, composite.
+
+  forward   S = dropout(x)·A_iᵀ per row by the grouped shrink kernel (kernels/multi_lora.py), y = x·Wᵀ + bias by the
+            library GEMM (cuBLAS through F.linear), then the grouped expand adds s_i·S·B_iᵀ into y in place
+  backward  dS = s_i·dy·B_i (grouped shrink), dB_iᵀ = s_i·Sᵀ·dy and dA_i = dSᵀ·dropout(x) (grouped gradient kernel,
+            each adapter's segment summed in order: deterministic), dx = dy·W (library) + keep ⊙ dS·A_i (grouped
+            expand), dW = dyᵀ·x (library)
+
+A fused variant (the base GEMM with the grouped rank-r term in its epilogue, rows taken adapter by adapter) would
+save the expand's read and write of y (~10% of the base GEMM at the issue's prefill shape, kernels/multi_lora.py);
+it is not written yet, so measured dispatch has one candidate. The adapters are never copied or concatenated:
+the kernels read each one through a table of data pointers.
+"""
+import torch
+
+from .. import _backend, dispatch
+from ..reference.multi_lora import check_ids
+
+
+def _kernels():
+    return _backend.kernels("multi_lora")
+
+
+def _exact(lora_a) -> bool:
+    """fp32 adapters (or an fp32 input, whose adapters are fp32 too): the products keep fp32 precision."""
+    return lora_a[0].dtype == torch.float32
+
+
+def forward(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed):
+    check_ids(row_ids, len(lora_a))  # the one host synchronisation, before any kernel reads an adapter by id
+    kern = _kernels()
+    lora_a = [a.contiguous() for a in lora_a]
+    lora_b = [b.contiguous() for b in lora_b]
+    groups = kern.Groups(row_ids, [a.shape[0] for a in lora_a], scalings)
+    exact = _exact(lora_a)
+    s_down = kern.shrink(x, lora_a, groups, trans=False, per_adapter_scale=False, exact=exact, seed=seed,
+                         dropout_p=dropout_p)
+    y = torch.nn.functional.linear(x, weight, bias)
+    kern.expand_add_(y, s_down, lora_b, groups, trans=True, per_adapter_scale=True, exact=exact)
+    return y, s_down
+
+
+def _grads(kern, t, v, mats, need, groups, *, trans, per_adapter_scale, exact, seed, dropout_p):
+    """The gradients of the adapters in `need` ([r_i, C] or, with trans, [C, r_i], in each adapter's dtype); an empty
+    tensor for the others, which the kernel skips."""
+    outs = [kern._launch.empty(m.shape, m.device, m.dtype) if k else m.new_empty(0)
+            for m, k in zip(mats, need)]
+    if any(need):
+        kern.grad(t, v, outs, groups, trans=trans, per_adapter_scale=per_adapter_scale, exact=exact, seed=seed,
+                  dropout_p=dropout_p, need=need)
+    return outs
+
+
+def backward(dy, x, weight, lora_a, lora_b, row_ids, s_down, scalings, dropout_p, seed, need_x, need_weight, need_a,
+             need_b, need_bias):
+    kern = _kernels()
+    lora_a = [a.contiguous() for a in lora_a]
+    lora_b = [b.contiguous() for b in lora_b]
+    groups = kern.Groups(row_ids, [a.shape[0] for a in lora_a], scalings)
+    exact = _exact(lora_a)
+    dx, dw, dbias = (x.new_empty(0) for _ in range(3))
+    ds = None
+    if need_x or any(need_a):  # dS = s_i·dy·B_i: the gradient reaching each row's S
+        ds = kern.shrink(dy, lora_b, groups, trans=True, per_adapter_scale=True, exact=exact)
+    da = _grads(kern, ds, x, lora_a, need_a, groups, trans=False, per_adapter_scale=False, exact=exact, seed=seed,
+                dropout_p=dropout_p)
+    db = _grads(kern, s_down, dy, lora_b, need_b, groups, trans=True, per_adapter_scale=True, exact=exact, seed=0,
+                dropout_p=0.0)
+    if need_x:  # dx = dy·W + keep ⊙ dS·A_i / (1 - p)
+        dx = torch.mm(dy, weight)
+        kern.expand_add_(dx, ds, lora_a, groups, trans=False, per_adapter_scale=False, exact=exact, seed=seed,
+                         dropout_p=dropout_p)
+    if need_weight:
+        dw = torch.mm(dy.t(), x)
+    if need_bias:
+        dbias = dy.sum(dim=0, dtype=torch.float32).to(x.dtype)
+    return dx, dw, da, db, dbias
+
+
+dispatch.register("multi_lora_linear", "triton", "composite", forward=forward, backward=backward)
