@@ -191,6 +191,7 @@ class Groups:
         device = row_ids.device
         ids = row_ids.to(torch.int64)
         self.order = torch.argsort(ids, stable=True)  # −1 rows first: segment i starts after them
+        self.sorted_ids = ids[self.order]
         # a scatter-add, not torch.bincount: on CUDA bincount reads the ids' maximum back to the host to size its output
         counts = torch.zeros(n + 1, dtype=torch.int64, device=device).scatter_add_(0, ids + 1, torch.ones_like(ids))
         ends = torch.cumsum(counts, 0)
@@ -329,3 +330,135 @@ def grad(t: torch.Tensor, v: torch.Tensor, outs, groups: Groups, *, trans: bool,
         TRANS=trans, PER_ADAPTER_SCALE=per_adapter_scale, HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
+
+
+# ---- fused forward: the base GEMM with each row's own rank-r term in its accumulator ----------------------------
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr, w_ptr, t_ptr, u_table, u_ref, bias_ptr, out_ptr, rank_ptr, scale_ptr, order_ptr, sorted_ids_ptr,
+    M, N, L,
+    stride_xm, stride_xl, stride_wl, stride_wn, stride_tm, stride_tr, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, MAIN_PRECISION: tl.constexpr, RANK_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, M_BUCKET: tl.constexpr,  # autotuning key only
+):
+    # y[rows] = x[rows]·Wᵀ + bias + s_i·S[rows, :r_i]·B_iᵀ over rows taken adapter by adapter (`order`), so a row
+    # tile holds one adapter's rows, or the ends of a few neighbouring segments: the rank-r term loops over the
+    # adapters from the tile's first row's to its last row's (sorted ids), each adapter's rows selected by mask.
+    # Grouped program ordering (Triton tutorial 03) as kernels/lora.py; the rank-r term is the accumulator's initial
+    # value, as there (its registers are free again before the main loop's pipelined tiles are live).
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs < M
+    rows = tl.load(order_ptr + offs % M)  # past the edge: a valid row, masked at the store
+    ids = tl.load(sorted_ids_ptr + offs % M)
+    first_id = tl.load(sorted_ids_ptr + pid_m * BLOCK_M)
+    last_id = tl.load(sorted_ids_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in range(tl.maximum(first_id, 0), last_id + 1):  # −1 rows (sorted first) have no rank-r term
+        rank = tl.load(rank_ptr + j)
+        scale = tl.load(scale_ptr + j)
+        u_ptr = tl.load(u_table + j).to(tl.pointer_type(u_ref.dtype.element_ty))
+        mine = m_ok & (ids == j)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < rank
+            t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                        mask=mine[:, None] & r_ok[None, :], other=0.0)
+            # U = B_jᵀ of B_j [N, r_j]: element (r, n) at n·r_j + r
+            u = tl.load(u_ptr + (offs_n % N).to(tl.int64)[None, :] * rank + offs_r[:, None],
+                        mask=r_ok[:, None], other=0.0)
+            acc = dot_prec(t * scale, u, acc, RANK_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xl
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wl + (offs_n % N).to(tl.int64)[None, :] * stride_wn
+    for k0 in range(0, L, BLOCK_K):
+        k_ok = offs_k < L - k0
+        a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = dot_prec(a, b, acc, MAIN_PRECISION)
+        x_ptrs += BLOCK_K * stride_xl
+        w_ptrs += BLOCK_K * stride_wl
+
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): kernels/lora.py's tiles with at most 64 fp32 accumulator elements per
+# thread (that file's limit for an epilogue with loops and masked factor loads: beyond it sm_80 spilled), as the
+# rank-r loop here always has masked, gathered loads. Measured with scripts/aot_check.py: 128x128x32 on 8 warps
+# spilled 8 B (sm_80, bf16 x, fp32 adapters); for fp32 x (3xTF32 main loop) 64x128 spilled up to 148 B and 128x64
+# 44 B (sm_80), 64x64 fits
+_GEMM_TILES_16 = [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 32, 4, 4)]
+_GEMM_TILES_FP32 = [(64, 64, 32, 4, 4), (64, 64, 32, 4, 3)]
+
+
+def _gemm_configs():
+    if INTERPRET:
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), num_warps=4, num_stages=1)]
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in _GEMM_TILES_16 + _GEMM_TILES_FP32]
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """The tile list of the input dtype (fp32 tiles fit fp32's pipeline in shared memory)."""
+    if len(configs) == 1:
+        return list(configs)
+    x = kwargs["x_ptr"] if "x_ptr" in kwargs else named_args["x_ptr"]
+    fp32_tiles = {tuple(t[:3]) + (t[3], t[4]) for t in _GEMM_TILES_FP32}
+
+    def tile(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+    return [c for c in configs if (tile(c) in fp32_tiles) == (x.dtype == torch.float32)]
+
+
+_gemm_tuned = triton.autotune(
+    configs=_gemm_configs(),
+    key=["M_BUCKET", "N", "L", "HAS_BIAS", "MAIN_PRECISION", "RANK_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+)(_gemm_kernel)
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor, s_down: torch.Tensor, lora_b, groups: Groups, bias, *,
+         exact: bool) -> torch.Tensor:
+    """y [M, N] = x·weightᵀ + bias + s_i·S[t, :r_i]·B_iᵀ for each row t of adapter i (none for −1 rows), one GEMM;
+    lora_b: contiguous [N, r_i] tensors. Roofline: the base GEMM's (2·M·N·K FLOPs, x and W read once per tile row /
+    column, y written once) plus S (M·r_max fp32) and each B_i once per row tile of its segment."""
+    _check_adapters(groups.n)
+    M, L = x.shape
+    N = weight.shape[0]
+    out = _launch.empty((M, N), x.device, x.dtype)
+    if M == 0 or N == 0:
+        return out
+    sorted_ids = groups.sorted_ids
+    wt = weight.t()  # a strided view, never a copy
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _gemm_tuned[grid](
+        x, wt, s_down, pointer_table(lora_b, x.device), lora_b[0],
+        bias.contiguous() if bias is not None else out, out, groups.ranks, groups.scalings, groups.order, sorted_ids,
+        M, N, L,
+        x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), s_down.stride(0), s_down.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, MAIN_PRECISION=dot_precision(x.dtype == torch.float32),
+        RANK_PRECISION=dot_precision(exact), BLOCK_R=16, M_BUCKET=triton.next_power_of_2(M),
+    )
+    return out

@@ -401,8 +401,6 @@ _DORA_FROZEN_MAGNITUDE = dict(M=256, r=16, bias=True, p=0.0, train_magnitude=Fal
 # and dropout at full tiles; and a decode shape (few rows per adapter: the small row tiles)
 _MULTI_MAX = dict(M=256, ranks=(64, 8, 16), bias=True, p=0.1)
 _MULTI_DECODE = dict(M=24, ranks=(16, 16, 4, 16), bias=False, p=0.0)
-# families with one Triton variant (composite): driven in composite mode only (forcing "fused" raises for them)
-_COMPOSITE_ONLY = {"multi_lora"}
 
 
 def driver_calls(full: bool = False) -> list[dict]:
@@ -557,8 +555,6 @@ def drive(calls: list[dict], recorder, log) -> list[str]:
                 os.environ["PEFTKERN_DISPATCH"] = mode
                 log(f"# driving {len(calls)} calls, {mode}")
                 for call in calls:
-                    if mode == "fused" and call["family"] in _COMPOSITE_ONLY:
-                        continue
                     args = {k: v for k, v in call.items() if k not in ("family", "act_dtype", "param_dtype", "tf32")}
                     torch.backends.cuda.matmul.allow_tf32 = call["tf32"]
                     # bf16 runs as fp16 (the interpreter cannot run bf16 dots) and is recorded as bf16

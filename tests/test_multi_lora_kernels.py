@@ -56,11 +56,13 @@ IDS = {
 }
 
 
+@pytest.mark.parametrize("variant", ["fused", "composite"])
 @pytest.mark.parametrize("ids_kind", list(IDS))
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("x_dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
                                                    (torch.float16, torch.float32)])
-def test_triton_matches_the_float64_reference(ids_kind, p, x_dtype, adapter_dtype, poisoned):
+def test_triton_matches_the_float64_reference(variant, ids_kind, p, x_dtype, adapter_dtype, poisoned, monkeypatch):
+    monkeypatch.setenv("PEFTKERN_DISPATCH", variant)
     ranks = [3, 1, 20, 8]  # 20: a rank above one 16-wide rank tile
     cast, exact = _inputs(x_dtype, adapter_dtype, ranks)
     ids = IDS[ids_kind](len(ranks))
@@ -135,13 +137,14 @@ def test_no_host_synchronisation_after_the_id_check(monkeypatch):
 
     for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
-    y, s_down = impl.forward(x, w, a, b, ids, None, [1.0, 2.0], 0.2, 7)
+    y, s_down = impl._forward(True)(x, w, a, b, ids, None, [1.0, 2.0], 0.2, 7)
+    y2, _ = impl._forward(False)(x, w, a, b, ids, None, [1.0, 2.0], 0.2, 7)
     grads = impl.backward(torch.ones_like(y), x, w, a, b, ids, s_down, [1.0, 2.0], 0.2, 7, True, False,
                           [True, True], [True, True], True)
     monkeypatch.undo()
     with peftkern.use_backend("reference"):
         want_y, _ = torch.ops.peftkern.multi_lora_linear_fwd(x, w, a, b, ids, None, [1.0, 2.0], 0.2, torch.tensor(7))
-    assert rel_err(y, want_y) < 1e-5 and grads[0].shape == x.shape
+    assert rel_err(y, want_y) < 1e-5 and rel_err(y2, want_y) < 1e-5 and grads[0].shape == x.shape
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
@@ -150,7 +153,7 @@ def test_no_device_synchronisation_on_cuda():
     t = {k: (v.cuda() if isinstance(v, torch.Tensor) else [u.cuda() for u in v] if isinstance(v, list) else v)
          for k, v in cast.items()}
     ids = torch.randint(-1, 2, (64,), device="cuda")
-    impl.forward(t["x"], t["w"], t["a"], t["bb"], ids, t["b"], [1.0, 2.0], 0.0, 0)  # warm-up: compiles
+    impl._forward(True)(t["x"], t["w"], t["a"], t["bb"], ids, t["b"], [1.0, 2.0], 0.0, 0)  # warm-up: compiles
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -161,6 +164,7 @@ def test_no_device_synchronisation_on_cuda():
         y = torch.nn.functional.linear(t["x"], t["w"], t["b"])
         kern.expand_add_(y, s, [b.contiguous() for b in t["bb"]], groups, trans=True, per_adapter_scale=True,
                          exact=True)
+        kern.gemm(t["x"], t["w"], s, [b.contiguous() for b in t["bb"]], groups, t["b"], exact=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -172,7 +176,9 @@ def test_adapter_axis_stays_within_cudas_grid_limit():
         kern._check_adapters(kern.GRID_YZ_LIMIT + 1)
 
 
-def test_decode_shape_many_adapters_few_rows(poisoned):
+@pytest.mark.parametrize("variant", ["fused", "composite"])
+def test_decode_shape_many_adapters_few_rows(variant, poisoned, monkeypatch):
+    monkeypatch.setenv("PEFTKERN_DISPATCH", variant)
     ranks = [4] * 12
     cast, exact = _inputs(torch.float32, torch.float32, ranks, m_lead=(16,))
     ids = torch.arange(16) % 12 - (torch.arange(16) == 5).long() * 6  # every adapter, one row with -1

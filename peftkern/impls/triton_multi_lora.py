@@ -1,15 +1,14 @@
-"""multi_lora_linear on the Triton backend: one variant, composite.
+"""multi_lora_linear on the Triton backend, two variants under measured dispatch:
 
-  forward   S = dropout(x)·A_iᵀ per row by the grouped shrink kernel (kernels/multi_lora.py), y = x·Wᵀ + bias by the
-            library GEMM (cuBLAS through F.linear), then the grouped expand adds s_i·S·B_iᵀ into y in place
-  backward  dS = s_i·dy·B_i (grouped shrink), dB_iᵀ = s_i·Sᵀ·dy and dA_i = dSᵀ·dropout(x) (grouped gradient kernel,
-            each adapter's segment summed in order: deterministic), dx = dy·W (library) + keep ⊙ dS·A_i (grouped
-            expand), dW = dyᵀ·x (library)
+  fused      S = dropout(x)·A_iᵀ per row by the grouped shrink kernel (kernels/multi_lora.py), then one GEMM over the
+             rows taken adapter by adapter: y = x·Wᵀ + bias + s_i·S·B_iᵀ, each row's rank-r term in the accumulator
+  composite  the same S, y = x·Wᵀ + bias by the library GEMM (cuBLAS through F.linear), then the grouped expand adds
+             s_i·S·B_iᵀ into y in place (one more read and write of y than fused, but cuBLAS's GEMM)
+  backward (both)  dS = s_i·dy·B_i (grouped shrink), dB_iᵀ = s_i·Sᵀ·dy and dA_i = dSᵀ·dropout(x) (grouped gradient
+             kernel, each adapter's rows summed in order: deterministic), dx = dy·W (library) + keep ⊙ dS·A_i
+             (grouped expand), dW = dyᵀ·x (library)
 
-A fused variant (the base GEMM with the grouped rank-r term in its epilogue, rows taken adapter by adapter) would
-save the expand's read and write of y (~10% of the base GEMM at the issue's prefill shape, kernels/multi_lora.py);
-it is not written yet, so measured dispatch has one candidate. The adapters are never copied or concatenated:
-the kernels read each one through a table of data pointers.
+The adapters are never copied or concatenated: the kernels read each one through a table of data pointers.
 """
 import torch
 
@@ -26,18 +25,22 @@ def _exact(lora_a) -> bool:
     return lora_a[0].dtype == torch.float32
 
 
-def forward(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed):
-    check_ids(row_ids, len(lora_a))  # the one host synchronisation, before any kernel reads an adapter by id
-    kern = _kernels()
-    lora_a = [a.contiguous() for a in lora_a]
-    lora_b = [b.contiguous() for b in lora_b]
-    groups = kern.Groups(row_ids, [a.shape[0] for a in lora_a], scalings)
-    exact = _exact(lora_a)
-    s_down = kern.shrink(x, lora_a, groups, trans=False, per_adapter_scale=False, exact=exact, seed=seed,
-                         dropout_p=dropout_p)
-    y = torch.nn.functional.linear(x, weight, bias)
-    kern.expand_add_(y, s_down, lora_b, groups, trans=True, per_adapter_scale=True, exact=exact)
-    return y, s_down
+def _forward(fused: bool):
+    def forward(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed):
+        check_ids(row_ids, len(lora_a))  # the one host synchronisation, before any kernel reads an adapter by id
+        kern = _kernels()
+        lora_a = [a.contiguous() for a in lora_a]
+        lora_b = [b.contiguous() for b in lora_b]
+        groups = kern.Groups(row_ids, [a.shape[0] for a in lora_a], scalings)
+        exact = _exact(lora_a)
+        s_down = kern.shrink(x, lora_a, groups, trans=False, per_adapter_scale=False, exact=exact, seed=seed,
+                             dropout_p=dropout_p)
+        if fused:
+            return kern.gemm(x, weight, s_down, lora_b, groups, bias, exact=exact), s_down
+        y = torch.nn.functional.linear(x, weight, bias)
+        kern.expand_add_(y, s_down, lora_b, groups, trans=True, per_adapter_scale=True, exact=exact)
+        return y, s_down
+    return forward
 
 
 def _grads(kern, t, v, mats, need, groups, *, trans, per_adapter_scale, exact, seed, dropout_p):
@@ -77,4 +80,5 @@ def backward(dy, x, weight, lora_a, lora_b, row_ids, s_down, scalings, dropout_p
     return dx, dw, da, db, dbias
 
 
-dispatch.register("multi_lora_linear", "triton", "composite", forward=forward, backward=backward)
+dispatch.register("multi_lora_linear", "triton", "fused", forward=_forward(True), backward=backward)
+dispatch.register("multi_lora_linear", "triton", "composite", forward=_forward(False), backward=backward)
