@@ -4,21 +4,33 @@ Rows are grouped by adapter on the device (peftkern/impls/triton_multi_lora.py: 
 histogram, no host synchronisation): `order` lists the rows adapter by adapter, `seg_start[i]`/`seg_len[i]` say
 where adapter i's rows are in it. The adapters reach the kernels through device tables of data pointers (one
 int64 per adapter), so no adapter is copied or padded per call: a segment reads only its own adapter's r_i rows.
+The tables' whole extra traffic is 8·n bytes copied host-to-device per launch (pinned, asynchronous) and one 8-byte
+load per program; concatenating the adapters instead would copy every adapter (2·Σr_i·4096 elements) per call and
+split the gradients back.
 Program (tile, i) works on adapter i's segment and exits at once when the segment is shorter than its tile:
 the grid grows with n·cdiv(M, BLOCK_M), the work with the rows each adapter serves.
 
-  _shrink_kernel   S[t, :r_i] = scale_i · (keep ⊙ X)[t, :] · P_iᵀ            (S = dropout(x)·A_iᵀ; dS = s_i·dy·B_i)
-  _expand_kernel   out[t, :] += scale_i · keep ⊙ (T[t, :r_i] · U_i)        (y += s_i·S·B_iᵀ; dx += keep ⊙ dS·A_i)
-  _grad_kernel     G_i = scale_i · Σ_{t in segment i} T[t, :r_i]ᵀ · (keep ⊙ V)[t, :]   (dA_i; dB_iᵀ), no atomics
+  _multi_lora_shrink_kernel  S[t, :r_i] = scale_i·(keep ⊙ X)[t, :]·P_iᵀ        S = dropout(x)·A_iᵀ; dS = s_i·dy·B_i
+  _multi_lora_expand_kernel  out[t, :] += scale_i·keep ⊙ (T[t, :r_i]·U_i)    y += s_i·S·B_iᵀ; dx += keep ⊙ dS·A_i
+  _multi_lora_grad_kernel    G_i = scale_i·Σ_{t of adapter i} T[t, :r_i]ᵀ·(keep ⊙ V)[t, :]   dA_i; dB_iᵀ (no atomics)
+  _multi_lora_gemm_kernel    y = x·Wᵀ + bias + s_i·S[t, :r_i]·B_iᵀ, rows in adapter order     the fused forward
 
 P_i / U_i / G_i are each adapter's own [r_i, C] matrix (A_i, or B_i read transposed: TRANS, element (r, c) at
 c·r_i + r). `keep` is lora_linear's dropout mask of the row's original position (kernels/dropout.py).
 
-Roofline at the issue's GPU prefill shape (M=8192 rows, K=N=4096, 8 adapters of r=16, bf16, H100): the shrink
-reads x once (64 MiB) and the adapters once (1 MiB): ~22 µs at 3 TB/s; the expand reads and writes y once
-(2 × 64 MiB): ~45 µs; together ~10% beside cuBLAS's x·Wᵀ (275 GFLOP ≈ 0.35-0.45 ms), which is the composite path.
-Decode (64 rows, 32 adapters): every adapter is read once (32 · 2 · 16 · 4096 · 2 B = 8 MiB, ~3 µs), beside
-W's 32 MiB that the base product reads anyway; the small BLOCK_M keeps programs from idling on short segments.
+Rooflines at the headline prefill shape (M=8192 rows, K=N=4096, 8 adapters of r=16 serving 1024 rows each, bf16,
+H100 ~800 TFLOP/s, ~3 TB/s); each rank-r product is 2·M·r·4096 = 1.1 GFLOP (~1.3 µs), so all are memory-bound:
+  shrink   reads x (or dy) once, 64 MiB, + each adapter once from DRAM (8 · 128 KiB; again per row tile from L2),
+           writes S 0.5 MiB: ~22 µs, the minimum (one pass over x). Programs: 8 · 128 row tiles, 7/8 exit at once.
+  expand   reads and writes y (or dx) once, 2 × 64 MiB, + S: ~45 µs (fused saves this pass; composite pays it for
+           cuBLAS's GEMM).
+  grad     reads V (x or dy) once per rank tile (once for r <= 64), 64 MiB, + T: ~22 µs; writes G_i (1 MiB).
+  gemm     the base GEMM: 2·M·N·K = 275 GFLOP (~0.35 ms at peak), x 64 + W 32 + y 64 MiB: compute-bound; the
+           rank-r term adds 1.1 GFLOP and S (0.5 MiB) + each B_j per row tile (L2).
+So the composite forward adds ~10-20% to cuBLAS's x·Wᵀ (0.35-0.45 ms), the fused ~6%.
+Decode (64 rows over 32 adapters, BLOCK_M 16): every adapter is read once (32 · 2 · 16 · 4096 · 2 B = 8 MiB,
+~3 µs), beside W's 32 MiB that the base product reads anyway; the small row tile keeps programs from idling on
+segments of a row or two (64-row tiles would do 4x the masked work per program).
 """
 import torch
 import triton
@@ -45,7 +57,7 @@ def _segment_rows(order_ptr, seg_start_ptr, seg_len_ptr, i, m0, BLOCK_M: tl.cons
 
 
 @triton.jit
-def _shrink_kernel(
+def _multi_lora_shrink_kernel(
     x_ptr, out_ptr, p_table, p_ref, rank_ptr, scale_ptr, order_ptr, seg_start_ptr, seg_len_ptr,
     C, R_MAX,
     stride_xm, stride_xc, stride_om, stride_or,
@@ -87,7 +99,7 @@ def _shrink_kernel(
 
 
 @triton.jit
-def _expand_kernel(
+def _multi_lora_expand_kernel(
     out_ptr, t_ptr, u_table, u_ref, rank_ptr, scale_ptr, order_ptr, seg_start_ptr, seg_len_ptr,
     N,
     stride_om, stride_on, stride_tm, stride_tr,
@@ -132,7 +144,7 @@ def _expand_kernel(
 
 
 @triton.jit
-def _grad_kernel(
+def _multi_lora_grad_kernel(
     t_ptr, v_ptr, g_table, g_ref, rank_ptr, scale_ptr, order_ptr, seg_start_ptr, seg_len_ptr,
     C, R_MAX,
     stride_tm, stride_tr, stride_vm, stride_vc,
@@ -253,7 +265,7 @@ def shrink(x: torch.Tensor, mats, groups: Groups, *, trans: bool, per_adapter_sc
         block_m = min(block_m, 32)  # rank 64 with the mask: [64, 64] spilled 4 B (sm_80, bf16 x), [32, 64] fits
     block_c = 32 if INTERPRET else block_c
     grid = (triton.cdiv(M, block_m) * triton.cdiv(groups.r_max, block_r), groups.n)
-    _shrink_kernel[grid](
+    _multi_lora_shrink_kernel[grid](
         x, out, pointer_table(mats, x.device), mats[0], groups.ranks, groups.scalings, groups.order,
         groups.seg_start, groups.seg_len,
         C, groups.r_max,
@@ -281,7 +293,7 @@ def expand_add_(out: torch.Tensor, t: torch.Tensor, mats, groups: Groups, *, tra
     block_n = 32 if INTERPRET else 64
     block_r = pow2_at_least_16(groups.r_max, 32)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), groups.n)
-    _expand_kernel[grid](
+    _multi_lora_expand_kernel[grid](
         out, t, pointer_table(mats, out.device), mats[0], groups.ranks, groups.scalings, groups.order,
         groups.seg_start, groups.seg_len,
         N,
@@ -321,7 +333,7 @@ def grad(t: torch.Tensor, v: torch.Tensor, outs, groups: Groups, *, trans: bool,
     if need is not None and not all(need):
         ranks = device_table([r if k else 0 for r, k in zip(groups.rank_list, need)], torch.int32, v.device)
     grid = (triton.cdiv(C, block_c) * triton.cdiv(groups.r_max, block_r), groups.n)
-    _grad_kernel[grid](
+    _multi_lora_grad_kernel[grid](
         t, v, pointer_table(outs, v.device), outs[0], ranks, groups.scalings, groups.order,
         groups.seg_start, groups.seg_len,
         C, groups.r_max,
@@ -335,7 +347,7 @@ def grad(t: torch.Tensor, v: torch.Tensor, outs, groups: Groups, *, trans: bool,
 # ---- fused forward: the base GEMM with each row's own rank-r term in its accumulator ----------------------------
 
 @triton.jit
-def _gemm_kernel(
+def _multi_lora_gemm_kernel(
     x_ptr, w_ptr, t_ptr, u_table, u_ref, bias_ptr, out_ptr, rank_ptr, scale_ptr, order_ptr, sorted_ids_ptr,
     M, N, L,
     stride_xm, stride_xl, stride_wl, stride_wn, stride_tm, stride_tr, stride_om, stride_on,
@@ -428,11 +440,11 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     return [c for c in configs if (tile(c) in fp32_tiles) == (x.dtype == torch.float32)]
 
 
-_gemm_tuned = triton.autotune(
+_multi_lora_gemm_tuned = triton.autotune(
     configs=_gemm_configs(),
     key=["M_BUCKET", "N", "L", "HAS_BIAS", "MAIN_PRECISION", "RANK_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
-)(_gemm_kernel)
+)(_multi_lora_gemm_kernel)
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, s_down: torch.Tensor, lora_b, groups: Groups, bias, *,
@@ -452,7 +464,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, s_down: torch.Tensor, lora_b, gr
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _gemm_tuned[grid](
+    _multi_lora_gemm_tuned[grid](
         x, wt, s_down, pointer_table(lora_b, x.device), lora_b[0],
         bias.contiguous() if bias is not None else out, out, groups.ranks, groups.scalings, groups.order, sorted_ids,
         M, N, L,

@@ -401,6 +401,7 @@ _DORA_FROZEN_MAGNITUDE = dict(M=256, r=16, bias=True, p=0.0, train_magnitude=Fal
 # and dropout at full tiles; and a decode shape (few rows per adapter: the small row tiles)
 _MULTI_MAX = dict(M=256, ranks=(64, 8, 16), bias=True, p=0.1)
 _MULTI_DECODE = dict(M=24, ranks=(16, 16, 4, 16), bias=False, p=0.0)
+_MULTI_MID = dict(M=256, ranks=(32, 4), bias=False, p=0.1)  # the 32-wide rank tiles of the shrink and grad kernels
 
 
 def driver_calls(full: bool = False) -> list[dict]:
@@ -449,6 +450,7 @@ def driver_calls(full: bool = False) -> list[dict]:
             calls.append(dict(base, family="dora", **_DORA_RANK8))
             calls.append(dict(base, family="multi_lora", **_MULTI_MAX))
             calls.append(dict(base, family="multi_lora", **_MULTI_DECODE))
+            calls.append(dict(base, family="multi_lora", **_MULTI_MID))
             if peft_default:
                 calls.append(dict(base, family="dora", **_DORA_COMMON))
                 calls.append(dict(base, family="dora", **_DORA_FROZEN_MAGNITUDE))

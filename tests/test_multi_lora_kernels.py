@@ -2,8 +2,9 @@
 interpreter (float32/float16: the interpreter's bf16 dot is wrong, triton issue 11584), against the float64
 reference: forward and every gradient, ids per sequence and per token, −1 rows, ranks that differ (and above one
 rank tile), an adapter no row uses, frozen adapters, dropout with lora_linear's mask, float32 adapters beside float16
-x, non-contiguous x, outputs poisoned with NaN before the kernels write, and no host synchronisation after the id
-check."""
+x, non-contiguous x and int32 ids, a rank above one rank tile, an empty batch, outputs poisoned with NaN before the
+kernels write, rows and gradients equal to lora_linear's for their adapter, no host synchronisation after the id
+check, and every launcher's grid within CUDA's limits at the GPU tile choices (recorded, not run)."""
 import pytest
 import torch
 
@@ -77,18 +78,34 @@ def test_triton_matches_the_float64_reference(variant, ids_kind, p, x_dtype, ada
         assert rel_err(g, w) <= bound
 
 
-def test_rows_equal_lora_linear_with_their_adapter_with_dropout():
+@pytest.mark.parametrize("variant", ["fused", "composite"])
+def test_rows_equal_lora_linear_with_their_adapter_with_dropout(variant, monkeypatch):
+    """Each row is lora_linear's row for its adapter (same seed: the same dropout mask, by the row's position in x),
+    and so is each gradient: dx row by row, dA_i / dB_i as lora_linear's with dy kept on adapter i's rows only."""
+    monkeypatch.setenv("PEFTKERN_DISPATCH", variant)
     cast, _ = _inputs(torch.float32, torch.float32, [4, 2], m_lead=(6,))
     ids = torch.tensor([1, 0, -1, 1, 0, 0])
+    scalings = (2.0, 0.5)
+    x = cast["x"].clone().requires_grad_()
+    a = [t.clone().requires_grad_() for t in cast["a"]]
+    b = [t.clone().requires_grad_() for t in cast["bb"]]
     with peftkern.use_backend("triton"):
-        y = peftkern.multi_lora_linear(cast["x"], cast["w"], cast["a"], cast["bb"], ids, scalings=[2.0, 0.5],
-                                       bias=cast["b"], dropout_p=0.25, seed=9)
-        for i, s in enumerate((2.0, 0.5)):
-            yi = peftkern.lora_linear(cast["x"], cast["w"], cast["a"][i], cast["bb"][i], scaling=s, bias=cast["b"],
-                                      dropout_p=0.25, seed=9)
-            assert rel_err(y[ids == i], yi[ids == i]) < 1e-5
+        y = peftkern.multi_lora_linear(x, cast["w"], a, b, ids, scalings=list(scalings), bias=cast["b"],
+                                       dropout_p=0.25, seed=9)
+        y.backward(cast["dy"])
+        for i, s in enumerate(scalings):
+            xi = cast["x"].clone().requires_grad_()
+            ai, bi = cast["a"][i].clone().requires_grad_(), cast["bb"][i].clone().requires_grad_()
+            yi = peftkern.lora_linear(xi, cast["w"], ai, bi, scaling=s, bias=cast["b"], dropout_p=0.25, seed=9)
+            yi.backward(cast["dy"] * (ids == i)[:, None])
+            rows = ids == i
+            assert rel_err(y[rows], yi[rows]) < 1e-5
+            # lora_linear's dx with dy zero off adapter i's rows is dy·W + that adapter's term on its rows
+            assert rel_err(x.grad[rows], xi.grad[rows]) < 1e-5
+            assert rel_err(a[i].grad, ai.grad) < 1e-5 and rel_err(b[i].grad, bi.grad) < 1e-5
     base = torch.nn.functional.linear(cast["x"], cast["w"], cast["b"])
     assert rel_err(y[ids == -1], base[ids == -1]) < 1e-6
+    assert rel_err(x.grad[ids == -1], (cast["dy"] @ cast["w"])[ids == -1]) < 1e-6
 
 
 def test_unused_adapter_gets_zeros_and_frozen_adapter_nothing(poisoned):
@@ -100,16 +117,41 @@ def test_unused_adapter_gets_zeros_and_frozen_adapter_nothing(poisoned):
     assert d_a[2] is None and d_b[2] is not None and d_b[2].abs().sum() > 0
 
 
-def test_non_contiguous_x_and_int32_ids():
-    cast, _ = _inputs(torch.float32, torch.float32, [3, 5], m_lead=(9,))
+@pytest.mark.parametrize("variant", ["fused", "composite"])
+def test_non_contiguous_x_and_int32_ids(variant, poisoned, monkeypatch):
+    monkeypatch.setenv("PEFTKERN_DISPATCH", variant)
+    cast, exact = _inputs(torch.float32, torch.float32, [3, 5], m_lead=(9,))
     wide = torch.randn(9, 2 * K)
     wide[:, ::2] = cast["x"]
-    x = wide[:, ::2]
+    cast["x"] = wide[:, ::2]  # every other column: a row stride of 2·K, a column stride of 2
+    assert not cast["x"].is_contiguous()
     ids = torch.tensor([1, 0, 0, -1, 1, 1, 0, 1, 0], dtype=torch.int32)
-    with peftkern.use_backend("triton"):
-        got = peftkern.multi_lora_linear(x, cast["w"], cast["a"], cast["bb"], ids, scalings=[1.0, 0.5])
-    want = peftkern.multi_lora_linear(x.contiguous(), cast["w"], cast["a"], cast["bb"], ids.long(), scalings=[1.0, 0.5])
-    assert rel_err(got, want) < 1e-5
+    got = _run("triton", cast, ids, [1.0, 0.5], 0.3)
+    want = _run("reference", exact, ids.long(), [1.0, 0.5], 0.3)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["fused", "composite"])
+def test_rank_above_one_rank_tile_of_every_kernel(variant, poisoned, monkeypatch):
+    """Rank 80 > the 64-wide rank tiles of the shrink and gradient kernels: several rank tiles per row tile (programs
+    past a small adapter's rank exit, the big adapter's second tile writes its own columns)."""
+    monkeypatch.setenv("PEFTKERN_DISPATCH", variant)
+    ranks = [80, 3]
+    cast, exact = _inputs(torch.float32, torch.float32, ranks, m_lead=(11,))
+    ids = torch.tensor([0, 1, -1, 0, 0, 1, 1, 0, -1, 0, 1])
+    got = _run("triton", cast, ids, [0.25, 2.0], 0.3)
+    want = _run("reference", exact, ids, [0.25, 2.0], 0.3)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_empty_batch_gives_zero_adapter_gradients(poisoned):
+    cast, _ = _inputs(torch.float32, torch.float32, [2, 3], m_lead=(0,))
+    got = _run("triton", cast, torch.zeros(0, dtype=torch.int64), [1.0, 1.0], 0.0)
+    assert got[0].shape == (0, N) and got[1].shape == (0, K)
+    for g in got[2:]:
+        assert torch.equal(g, torch.zeros_like(g))
 
 
 def test_ids_out_of_range_raise_before_any_kernel(monkeypatch):
@@ -137,14 +179,21 @@ def test_no_host_synchronisation_after_the_id_check(monkeypatch):
 
     for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
+    probe = torch.tensor([3])
+    for read in (lambda: probe.item(), lambda: probe.tolist(), lambda: int(probe), lambda: float(probe),
+                 lambda: bool(probe), lambda: [0, 1, 2, 3][probe]):
+        with pytest.raises(AssertionError, match="host synchronisation"):  # the patches do catch every read
+            read()
     y, s_down = impl._forward(True)(x, w, a, b, ids, None, [1.0, 2.0], 0.2, 7)
     y2, _ = impl._forward(False)(x, w, a, b, ids, None, [1.0, 2.0], 0.2, 7)
-    grads = impl.backward(torch.ones_like(y), x, w, a, b, ids, s_down, [1.0, 2.0], 0.2, 7, True, False,
-                          [True, True], [True, True], True)
+    grads = impl.backward(torch.ones_like(y), x, w, a, b, ids, s_down, [1.0, 2.0], 0.2, 7, True, True,
+                          [True, False], [True, True], True)
+    half = impl._forward(True)(x.half(), w.half(), a, b, ids.int(), None, [1.0, 2.0], 0.0, 0)  # fp32 adapters
     monkeypatch.undo()
     with peftkern.use_backend("reference"):
         want_y, _ = torch.ops.peftkern.multi_lora_linear_fwd(x, w, a, b, ids, None, [1.0, 2.0], 0.2, torch.tensor(7))
     assert rel_err(y, want_y) < 1e-5 and rel_err(y2, want_y) < 1e-5 and grads[0].shape == x.shape
+    assert grads[1].shape == w.shape and grads[2][1].numel() == 0 and half[0].dtype == torch.float16
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
@@ -174,6 +223,75 @@ def test_adapter_axis_stays_within_cudas_grid_limit():
     kern._check_adapters(kern.GRID_YZ_LIMIT)
     with pytest.raises(ValueError, match="at most 65535 adapters"):
         kern._check_adapters(kern.GRID_YZ_LIMIT + 1)
+
+
+MAX_X, MAX_YZ = 2**31 - 1, 65535
+
+
+@pytest.fixture
+def grids(monkeypatch):
+    """Launches record (kernel, grid, meta-parameters) instead of running, with the launchers' GPU tile choices (the
+    interpreter enforces no grid limit, so the grids are checked here; tests/test_grid_limits.py does the same for
+    the single-adapter kernels). An autotuned kernel's grid is evaluated for every GPU config it could pick."""
+    from triton.runtime.autotuner import Autotuner
+
+    kern = impl._kernels()
+    monkeypatch.setattr(kern, "INTERPRET", False)
+    log = []
+
+    class Recorder:
+        def __init__(self, name, configs):
+            self.name, self.configs = name, configs
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                for meta in ([dict(kwargs, **c.kwargs) for c in self.configs] if self.configs else [kwargs]):
+                    log.append((self.name, tuple(grid(meta) if callable(grid) else grid), meta))
+            return launch
+
+    names = [n for n in dir(kern) if n.startswith("_multi_lora_") and n.endswith(("_kernel", "_tuned"))]
+    for name in names:
+        kernel = getattr(kern, name)
+        if name.endswith("_tuned"):
+            assert isinstance(kernel, Autotuner)
+            monkeypatch.setattr(kern, name, Recorder(name, kern._gemm_configs()))  # GPU configs: INTERPRET is off
+        elif not any(n == name.replace("_kernel", "_tuned") for n in names):
+            monkeypatch.setattr(kern, name, Recorder(name, None))
+    return log
+
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(shape, device="meta", dtype=dtype)
+
+
+@pytest.mark.parametrize("m,n", [(1, 1), (64, 32), (200_000, 8), (16_384, 65535)])
+def test_every_launcher_keeps_cuda_grid_limits(grids, m, n):
+    """lm_head-sized layers (128256 outputs) at one row, a decode batch, 200k rows, and the most adapters allowed."""
+    kern = impl._kernels()
+    hidden, vocab, rank = 4096, 128256, 16
+    ids = _meta(m, dtype=torch.int64)
+    groups = kern.Groups(ids, [rank] * n, [1.0] * n)
+    a = [_meta(rank, hidden, dtype=torch.float32)] * n
+    b = [_meta(vocab, rank, dtype=torch.float32)] * n
+    x, dy = _meta(m, hidden), _meta(m, vocab)
+    s = kern.shrink(x, a, groups, trans=False, per_adapter_scale=False, exact=True, seed=1, dropout_p=0.1)
+    ds = kern.shrink(dy, b, groups, trans=True, per_adapter_scale=True, exact=True)
+    kern.expand_add_(_meta(m, vocab), s, b, groups, trans=True, per_adapter_scale=True, exact=True)
+    kern.expand_add_(_meta(m, hidden), ds, a, groups, trans=False, per_adapter_scale=False, exact=True, seed=1,
+                     dropout_p=0.1)
+    kern.grad(ds, x, a, groups, trans=False, per_adapter_scale=False, exact=True, seed=1, dropout_p=0.1)
+    kern.grad(s, dy, b, groups, trans=True, per_adapter_scale=True, exact=True)
+    kern.gemm(x, _meta(vocab, hidden), s, b, groups, _meta(vocab), exact=True)
+    bad = [(name, grid) for name, grid, _ in grids
+           if not (1 <= len(grid) <= 3 and 1 <= grid[0] <= MAX_X and all(1 <= g <= MAX_YZ for g in grid[1:]))]
+    assert not bad, f"grids outside CUDA's limits: {bad}"
+    launched = {name for name, _, _ in grids}
+    assert launched == {"_multi_lora_shrink_kernel", "_multi_lora_expand_kernel", "_multi_lora_grad_kernel",
+                        "_multi_lora_gemm_tuned"}
+    # the GPU tiles were recorded: small row tiles while adapters serve few rows each (decode), full ones otherwise
+    block_m = {meta["BLOCK_M"] for name, _, meta in grids if name == "_multi_lora_shrink_kernel"}
+    assert block_m == ({16} if m <= 16 * n else {64})
+    assert max(meta["BLOCK_M"] for name, _, meta in grids if name == "_multi_lora_gemm_tuned") >= 128
 
 
 @pytest.mark.parametrize("variant", ["fused", "composite"])
