@@ -15,11 +15,14 @@ What patch() does
     per adapter, which one call cannot reproduce, so, as with DoRA among them, further active adapters run
     PEFT's own eager math (a further DoRA adapter through PEFT's own `DoraLinearVariant.forward`, on the
     running result exactly as PEFT hands it over).
-    A mixed batch (`adapter_names=[...]` in `forward` or `generate`: one adapter per sample, "__base__" for the
-    base model) runs as one `peftkern.multi_lora_linear` call instead of PEFT's `_mixed_batch_forward` loop,
-    where PEFT would not raise (length mismatch, merged adapters, DoRA: PEFT's forward runs and raises) and
-    the adapters it uses are plain LoRA of one dtype whose dropouts in effect are equal (multi_lora_linear takes
-    one dropout_p; each row only ever sees its own adapter's mask). No parameter, buffer or
+    A mixed batch (`adapter_names=[...]` in `forward` or `generate`, beam search included: one adapter per sample,
+    "__base__" or a name the layer does not hold for the base model) runs as one `peftkern.multi_lora_linear` call
+    instead of PEFT's `_mixed_batch_forward` loop (over a Linear4bit base too: the op takes the QuantizedWeight),
+    where PEFT would not raise (length mismatch, merged adapters, DoRA among the names: PEFT's forward runs and
+    raises its own error) and the adapters it uses are plain LoRA of one dtype whose dropouts in effect are equal
+    (multi_lora_linear takes one dropout_p; each row only ever sees its own adapter's mask), under the per-call
+    conditions below. Each mixed-batch call left on PEFT's path logs why at DEBUG (it is decided per call and per
+    layer, so INFO would flood a generate loop). No parameter, buffer or
     config is added, so state dicts, `save_pretrained` output, `repr`, adapter switching (`set_adapter`,
     `disable_adapter`, merging) behave exactly as before.
 
@@ -284,19 +287,27 @@ def _base_weight(base: nn.Module, x: torch.Tensor):
         return None
 
 
-def _fusable_base(self, names, x: torch.Tensor, dora: bool = False):
+def _fusable_base(self, names, x: torch.Tensor, dora: bool = False, why: list | None = None):
     """(weight, bias) of the base layer for one fused call over adapters `names`, or None where the call must run on
     PEFT's forward: a hook on any module the fused path would skip, a base weight the ops do not take, dtypes or
-    devices outside the ops' rule (all of `names`' adapter tensors are checked)."""
+    devices outside the ops' rule (all of `names`' adapter tensors are checked). When it gives None and `why` is a
+    list, the reason is appended to it (for the log)."""
+    def refuse(reason: str):
+        if why is not None:
+            why.append(reason)
+        return None
+
     base = self.base_layer
     modules = [base] + [m for a in names for m in (self.lora_A[a], self.lora_B[a], self.lora_dropout[a])]
     if dora:
         modules += [self.lora_magnitude_vector[a] for a in names]
     if any(_hooked(m) for m in modules) or _global_hooks():
-        return None  # PEFT's forward calls those modules, hooks and all
+        # PEFT's forward calls those modules, hooks and all
+        return refuse("a hook or forward override on the base layer or an adapter's modules, or a global module hook")
     base_weight = _base_weight(base, x)
     if base_weight is None:
-        return None
+        return refuse(f"the {type(base).__name__} base layer cannot run fused on this input (its compute or bias "
+                      "dtype, or a storage layout the ops do not read)")
     weight, bias = base_weight
     quantized = isinstance(weight, QuantizedWeight)
     adapters = [t for a in names for t in (self.lora_A[a].weight, self.lora_B[a].weight)]
@@ -307,11 +318,12 @@ def _fusable_base(self, names, x: torch.Tensor, dora: bool = False):
         adapter_dtypes = (x.dtype,) if not getattr(self, "cast_input_dtype_enabled", True) \
             else _checks.adapter_dtypes(x.dtype)  # casting disabled: PEFT itself raises on a dtype mismatch
         if not same_dtype or any(t.dtype not in adapter_dtypes for t in adapters):
-            return None
+            return refuse(f"dtypes outside the fused op's rule (input {x.dtype}, base {weight.dtype}, adapters "
+                          f"{sorted({str(t.dtype) for t in adapters})})")
     elif quantized:
-        return None  # bitsandbytes' autocast handling is its own
+        return refuse("autocast over a 4-bit base (bitsandbytes' autocast handling is its own)")
     if weight.device != x.device or any(t.device != x.device for t in adapters):
-        return None  # let PEFT (or its error) decide
+        return refuse("the base weight or an adapter is on another device than the input")  # PEFT (or its error)
     return weight, bias
 
 
@@ -398,35 +410,62 @@ def _several_adapters_forward(self, peft_forward, x: torch.Tensor, active) -> to
 def _mixed_batch_forward(self, peft_forward, x: torch.Tensor, adapter_names) -> torch.Tensor:
     """PEFT's mixed batch (`adapter_names=[...]`, one name per sample, "__base__" or a name this layer does not have:
     the base layer alone) as one multi_lora_linear call, where PEFT's own forward would run `_mixed_batch_forward`
-    (its Python loop that gathers and scatters each adapter's sub-batch). Falls back to PEFT's forward for
-    everything it would raise on (a length mismatch, merged adapters, DoRA) and whatever multi_lora_linear does not
+    (its Python loop that gathers and scatters each adapter's sub-batch). Falls back to PEFT's forward (the reason
+    logged at DEBUG: this is decided per call, per layer) for everything PEFT's `_check_forward_args` raises on (a
+    length mismatch, merged adapters, DoRA), so its errors stay its own, and whatever multi_lora_linear does not
     reproduce: other LoRA variants, adapters whose dropouts differ in effect (it takes one dropout_p; each row sees
-    only its own adapter's), adapter tensors of more than one dtype, and the per-call conditions of lora_linear."""
-    def fallback():
+    only its own adapter's mask), adapter tensors of more than one dtype, and the per-call conditions of lora_linear
+    (hooks, dtypes, devices, autocast over a 4-bit base)."""
+    plan = _mixed_batch_plan(self, x, adapter_names)
+    if isinstance(plan, str):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("peftkern: a mixed batch (adapter_names) runs on PEFT's forward: %s", plan)
         return peft_forward(x, adapter_names=adapter_names)
-
-    if self.disable_adapters or self.merged or x.dim() < 2 or not isinstance(adapter_names, (list, tuple)):
-        return fallback()
-    if len(adapter_names) != x.shape[0] or not all(isinstance(a, str) for a in adapter_names):
-        return fallback()
-    lora_keys = self.lora_A.keys()
-    used = [a for a in dict.fromkeys(adapter_names) if a != "__base__" and a in lora_keys]
-    if not used or any(self.use_dora.get(a, False) or _adapter_reason(self, a) is not None for a in used):
-        return fallback()
-    dropouts = {_effective_dropout(self, a) for a in used}
-    lora_as = [self.lora_A[a].weight for a in used]
-    lora_bs = [self.lora_B[a].weight for a in used]
-    if len(dropouts) > 1 or len({t.dtype for t in (*lora_as, *lora_bs)}) > 1:
-        return fallback()
-    fusable = _fusable_base(self, used, x)
-    if fusable is None:
-        return fallback()
-    weight, bias = fusable
+    weight, bias, used, p = plan
     index = {a: i for i, a in enumerate(used)}
     ids = torch.tensor([index.get(a, -1) for a in adapter_names], dtype=torch.int64, device=x.device)
-    p = dropouts.pop()
-    return multi_lora_linear(x, weight, lora_as, lora_bs, ids, scalings=[float(self.scaling[a]) for a in used],
-                             bias=bias, dropout_p=p, training=p > 0.0)
+    return multi_lora_linear(x, weight, [self.lora_A[a].weight for a in used], [self.lora_B[a].weight for a in used],
+                             ids, scalings=[float(self.scaling[a]) for a in used], bias=bias, dropout_p=p,
+                             training=p > 0.0)
+
+
+def _mixed_batch_plan(self, x: torch.Tensor, adapter_names):
+    """(weight, bias, adapters used in first-appearance order, dropout_p) for one multi_lora_linear call over this
+    mixed batch, or the reason (a str) it runs on PEFT's forward."""
+    if self.disable_adapters:
+        return "adapters are disabled"  # PEFT runs the base layer alone (after its argument checks)
+    if self.merged:
+        return "merged adapters (PEFT raises)"
+    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(a, str) for a in adapter_names):
+        return f"adapter_names is not a list of str ({type(adapter_names).__name__})"
+    if x.dim() < 2 or len(adapter_names) != x.shape[0]:
+        return f"{len(adapter_names)} adapter_names for an input of shape {tuple(x.shape)} (PEFT raises)"
+    unique = dict.fromkeys(adapter_names)  # first-appearance order
+    dora = [a for a in unique if a != "__base__" and self.use_dora.get(a, False)]  # PEFT's own test, on every name
+    if dora:
+        return f"adapter {dora[0]!r} uses DoRA (PEFT raises)"
+    lora_keys = self.lora_A.keys()
+    # names this layer does not hold and "__base__" select the base layer alone (id -1), as in PEFT
+    used = [a for a in unique if a != "__base__" and a in lora_keys]
+    if not used:
+        return "no adapter of this layer in the batch (the base layer alone)"
+    for a in used:
+        reason = _adapter_reason(self, a)
+        if reason is not None:
+            return reason
+    # multi_lora_linear takes one dropout_p (each row then sees only its own adapter's mask, as in PEFT's
+    # sub-batches): adapters whose dropouts differ in effect (training) cannot share it
+    dropouts = {a: _effective_dropout(self, a) for a in used}
+    if len(set(dropouts.values())) > 1:
+        return f"adapters with different dropout in effect ({dropouts})"
+    dtypes = {t.dtype for a in used for t in (self.lora_A[a].weight, self.lora_B[a].weight)}
+    if len(dtypes) > 1:
+        return f"adapter tensors of more than one dtype ({sorted(map(str, dtypes))})"
+    why = []
+    fusable = _fusable_base(self, used, x, why=why)
+    if fusable is None:
+        return why[0]
+    return (*fusable, used, dropouts[used[0]])
 
 
 def _further_adapters(self, names, x: torch.Tensor, result: torch.Tensor, first_dtype: torch.dtype) -> torch.Tensor:
