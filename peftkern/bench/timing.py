@@ -36,12 +36,12 @@ def measure_group(steps: dict[str, Callable[[], None]], device: torch.device, *,
             out[name] = {"median_ms": float(ms), "peak_mem_mb": peak}
         return out
     rounds = 5 if quick else 15
-    if not quick:  # short steps (a decode step is ~1 ms): more rounds, up to ~2 s per case, for a steadier median
+    if not quick:  # short steps (a decode step is ~1 ms): more rounds, up to ~4 s per case, for a steadier median
         t0 = time.perf_counter()
         for step in steps.values():
             step()
         round_s = time.perf_counter() - t0
-        rounds = max(rounds, min(400, int(2.0 / max(round_s, 1e-6))))
+        rounds = max(rounds, min(400, int(4.0 / max(round_s, 1e-6))))
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
