@@ -356,3 +356,40 @@ def test_quantized_ops_opcheck_and_bad_weight():
                            ids, s_down, [2.0], 0.0, None, True, [True], [True], False, "reference"))
     with pytest.raises(ValueError, match="the QuantizedWeight stands for"):
         peftkern.multi_lora_linear(torch.randn(5, 32), qw, lora_a, lora_b, ids, scalings=[1.0])
+
+
+def test_eager_inference_runs_the_op_body_directly_with_the_same_result(monkeypatch):
+    """Under no_grad with plain tensors the public function runs the forward op's body without the dispatcher (its
+    per-call cost on a Tensor[] argument matters at decode); the result is the op's bit for bit, and anything that
+    traces or intercepts (a dispatch mode here), or a call that needs gradients, goes through the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from peftkern.ops import multi_lora as ops
+
+    x, w, bias = torch.randn(6, K), torch.randn(N, K), torch.randn(N)
+    lora_a, lora_b = _adapters([3, 2], torch.float32)  # parameters that require grad, as in a served model
+    ids = torch.tensor([1, 0, -1, 1, 0, 0])
+    want, _ = torch.ops.peftkern.multi_lora_linear_fwd(x, w, lora_a, lora_b, ids, bias, [0.5, 2.0], 0.0, None)
+    decisions = []
+    original = ops._plain_eager_inference
+    monkeypatch.setattr(ops, "_plain_eager_inference", lambda *a: decisions.append(original(*a)) or decisions[-1])
+
+    def call():
+        return peftkern.multi_lora_linear(x, w, lora_a, lora_b, ids, scalings=[0.5, 2.0], bias=bias)
+
+    with torch.no_grad():
+        got = call()
+    assert decisions == [True] and torch.equal(got, want)
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Passthrough():
+        assert torch.equal(call(), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert call().dtype == torch.bfloat16  # the op's autocast rule ran
+    y = call()
+    y.sum().backward()
+    assert decisions == [True, False, False, False] and torch.equal(y.detach(), want)
+    assert lora_a[0].grad is not None
