@@ -25,6 +25,6 @@ def test_readme_results_table_is_generated_from_the_committed_json():
 
     from benchmarks import results_table
 
-    for name in ("cpu-2core.json", "cpu-2core-qlora.json", "cpu-2core-dora.json"):
+    for name in ("cpu-2core.json", "cpu-2core-qlora.json", "cpu-2core-dora.json", "cpu-2core-multi-lora.json"):
         results = json.loads((README.parent / "benchmarks/results" / name).read_text(encoding="utf-8"))
         assert results_table.table(results) in README.read_text(encoding="utf-8"), name
