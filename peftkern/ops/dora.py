@@ -26,7 +26,7 @@ from ..quant import QuantizedWeight
 from ..reference import lora as ref
 from . import _autograd, _checks, qdora, qlora
 from ._autocast import register_autocast
-from .lora import SEED_LIMIT, _check as _check_lora, _check_scalars
+from .lora import _check as _check_lora, _check_scalars, dropout_and_seed
 
 FAMILY = "dora_linear"
 
@@ -279,11 +279,7 @@ def dora_linear(x: Tensor, weight, lora_a: Tensor, lora_b: Tensor, magnitude: Te
     """
     _check(x, weight, lora_a, lora_b, magnitude, bias)
     _check_scalars(scaling, dropout_p, training, seed)
-    p = float(dropout_p) if training else 0.0
-    seed_t = None
-    if p > 0.0:
-        seed_t = (torch.randint(0, SEED_LIMIT // 2, (), dtype=torch.int64) if seed is None
-                  else torch.tensor(seed, dtype=torch.int64))
+    p, seed_t = dropout_and_seed(dropout_p, training, seed)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     keep_z = torch.is_grad_enabled() and magnitude.requires_grad

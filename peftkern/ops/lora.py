@@ -111,6 +111,18 @@ def _check_scalars(scaling, dropout_p, training, seed):
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
 
 
+def dropout_and_seed(dropout_p: float, training: bool, seed: Optional[int]) -> tuple[float, Optional[Tensor]]:
+    """(the dropout p in effect, the seed the ops take): p is 0 unless training; the seed is None without dropout,
+    else a CPU int64 tensor, drawn from torch's default generator when `seed` is None (so torch.manual_seed makes
+    runs reproducible; a tensor, so that a fresh seed per step does not recompile a compiled graph)."""
+    p = float(dropout_p) if training else 0.0
+    if p == 0.0:
+        return p, None
+    if seed is None:
+        return p, torch.randint(0, SEED_LIMIT // 2, (), dtype=torch.int64)
+    return p, torch.tensor(seed, dtype=torch.int64)
+
+
 def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, scaling: float = 1.0,
                 bias: Optional[Tensor] = None, dropout_p: float = 0.0, training: bool = True,
                 seed: Optional[int] = None) -> Tensor:
@@ -159,11 +171,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, sc
     else:
         _check(x, weight, lora_a, lora_b, bias)
     _check_scalars(scaling, dropout_p, training, seed)
-    p = float(dropout_p) if training else 0.0
-    seed_t = None
-    if p > 0.0:
-        seed_t = (torch.randint(0, SEED_LIMIT // 2, (), dtype=torch.int64) if seed is None
-                  else torch.tensor(seed, dtype=torch.int64))
+    p, seed_t = dropout_and_seed(dropout_p, training, seed)
     lead = x.shape[:-1]
     # an explicit row count: reshape(-1, 0) is ambiguous when in_features is 0 (which F.linear allows)
     x2 = x.reshape(math.prod(lead), x.shape[-1])

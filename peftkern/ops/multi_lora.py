@@ -20,7 +20,7 @@ from ..quant import QuantizedWeight
 from ..reference import lora as ref
 from . import _checks, multi_qlora
 from ._autocast import register_autocast
-from .lora import SEED_LIMIT, _check_scalars
+from .lora import _check_scalars, dropout_and_seed
 
 FAMILY = "multi_lora_linear"
 ID_DTYPES = (torch.int32, torch.int64)
@@ -249,11 +249,7 @@ def multi_lora_linear(x: Tensor, weight, lora_a: Sequence[Tensor], lora_b: Seque
     lora_a, lora_b = _adapter_list("lora_a", lora_a), _adapter_list("lora_b", lora_b)
     scalings = _check(x, weight, lora_a, lora_b, adapter_ids, bias, scalings)
     _check_scalars(1.0, dropout_p, training, seed)
-    p = float(dropout_p) if training else 0.0
-    seed_t = None
-    if p > 0.0:
-        seed_t = (torch.randint(0, SEED_LIMIT // 2, (), dtype=torch.int64) if seed is None
-                  else torch.tensor(seed, dtype=torch.int64))
+    p, seed_t = dropout_and_seed(dropout_p, training, seed)
     lead = x.shape[:-1]
     rows = math.prod(lead)
     # one id per row of the 2-D view: [batch] ids repeat over each sequence's tokens
