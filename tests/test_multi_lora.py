@@ -46,14 +46,17 @@ IDS = {
     "per_sequence": lambda n: torch.tensor([0, -1, n - 1, 0, 1 % n]),
     "per_token": lambda n: torch.randint(-1, n, (5, 7)),
     "one_for_all": lambda n: torch.tensor(n - 1),
+    "contiguous": lambda n: torch.tensor([-1, 0, 0, n - 1, -1]),  # each adapter's rows in one run, base rows between
 }
 
 
-@pytest.fixture(params=["grouped", "rows_kernel"])
+@pytest.fixture(params=["grouped", "rows_kernel", "segments"])
 def cpu_path(request, monkeypatch):
-    """The grouped BLAS path, or the compiled row kernel (taken for few rows per adapter when built)."""
-    if request.param == "grouped":
+    """The grouped BLAS path, the compiled row kernel (taken for few rows per adapter when built), or the
+    segment-by-segment forward (taken when every adapter's rows are contiguous and long)."""
+    if request.param in ("grouped", "segments"):
         monkeypatch.setattr(ref, "ROWS_KERNEL_MAX_ROWS_PER_ADAPTER", 0)
+        monkeypatch.setattr(ref, "SEGMENT_MIN_ROWS", 1 if request.param == "segments" else 10**9)
     else:
         ext = _backend.extension()
         if ext is None or not hasattr(ext, "multi_lora_rows"):
