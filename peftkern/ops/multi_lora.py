@@ -213,7 +213,7 @@ def _plain_eager_inference(x, weight, bias, lora_a, lora_b, row_ids) -> bool:
         return False
     plain = (torch.Tensor, torch.nn.Parameter)
     tensors = (x, weight, row_ids, *lora_a, *lora_b) if bias is None else (x, weight, bias, row_ids, *lora_a, *lora_b)
-    if any(type(t) not in plain for t in tensors):
+    if not all(type(t) in plain for t in tensors):
         return False
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 

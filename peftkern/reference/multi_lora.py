@@ -110,7 +110,11 @@ def multi_fwd(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p: flo
     acc, rank = _dtypes(x, lora_a, lora_b)
     ranks = _ranks(lora_a)
     s_down = x.new_zeros((x.shape[0], max(ranks, default=0)), dtype=acc)
-    if dropout_p == 0.0 and isinstance(weight, torch.Tensor) and rank == x.dtype and x.device.type == "cpu":
+    found = None
+    # the segment path needs long contiguous groups, the row kernel few rows per adapter: only one can apply, and the
+    # grouping (a host read) is made here only where segments are possible
+    if (dropout_p == 0.0 and isinstance(weight, torch.Tensor) and rank == x.dtype and x.device.type == "cpu"
+            and x.shape[0] >= SEGMENT_MIN_ROWS and x.shape[0] > ROWS_KERNEL_MAX_ROWS_PER_ADAPTER * n):
         found = groups(row_ids, n)
         if found and all(isinstance(rows, slice) and rows.stop - rows.start >= SEGMENT_MIN_ROWS for _, rows in found):
             return _by_segment(x, weight, lora_a, lora_b, bias, scalings, found, s_down), s_down
@@ -122,7 +126,7 @@ def multi_fwd(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p: flo
             xd = _mask(x, r0, r1, seed, dropout_p, rank).mul_(x[r0:r1])
             for i, rows in groups(row_ids[r0:r1], n):
                 _put(s_down[r0:r1, :ranks[i]], rows, _mm(_take(xd, rows), lora_a[i].t(), rank))
-    found = groups(row_ids, n)
+    found = groups(row_ids, n) if found is None else found
     for i, rows in found:
         if dropout_p == 0.0:
             s = _mm(_take(x, rows), lora_a[i].t(), rank)
