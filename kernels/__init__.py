@@ -1,103 +1,34 @@
 """Triton kernels of peftkern, installed as `peftkern.kernels`; one module per op family.
 
-With no CUDA device there is nothing to compile for, so peftkern runs its kernels in Triton's CPU
-interpreter (that is how the `triton` backend runs on CPU tensors, and how CI tests these kernels);
-TRITON_INTERPRET, when the user has set it, decides instead. The interpreter is switched on for
-peftkern's own kernels only, and the process environment is left as it was:
-- Triton decides when it is first imported whether its own language helpers are interpreted. If
-  peftkern imports it first, it does so with TRITON_INTERPRET=1 set for the duration of that import
-  and then restores the environment. (If triton was imported earlier without the interpreter,
-  interpreted kernels cannot run: INTERPRETER_ERROR says so, and the backend reports it.)
-- Our kernels are decorated, and launched, inside `interpreter_scope()`: Triton's interpret knob is
-  on there and back to what it was afterwards, so another library's Triton kernels in the same
-  process keep their own mode.
+_mode.py decides whether they are interpreted (no CUDA device: Triton's CPU interpreter) or compiled.
 """
-import contextlib
-import functools
-import os
-import sys
+if __name__ == "kernels":
+    # This folder is peftkern.kernels. Python finds it as a top-level `kernels` only when the repository root
+    # is on sys.path (a script, `python -c` or pytest run from the root), and that name belongs to another
+    # package (Hugging Face's `kernels`, which transformers imports). Step aside: import that package with
+    # the root left out of the search, or fail exactly as if this folder were not there.
+    import importlib as _importlib
+    import os as _os
+    import sys as _sys
 
-import torch
-
-_ENV = "TRITON_INTERPRET"
-_triton_was_imported = "triton" in sys.modules
-
-
-def _truthy(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "on", "yes")
-
-
-INTERPRET = _truthy(os.environ[_ENV]) if _ENV in os.environ else not torch.cuda.is_available()
-INTERPRETER_ERROR = None
-
-
-@contextlib.contextmanager
-def _env(value: str):
-    previous = os.environ.get(_ENV)
-    os.environ[_ENV] = value
+    _root = _os.path.realpath(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    _saved_path = list(_sys.path)
+    _sys.path[:] = [p for p in _saved_path if _os.path.realpath(p or _os.curdir) != _root]
+    del _sys.modules["kernels"]  # the import machinery hands out whatever sys.modules holds once we return
     try:
-        yield
+        _importlib.import_module("kernels")
     finally:
-        if previous is None:
-            os.environ.pop(_ENV, None)
-        else:
-            os.environ[_ENV] = previous
+        _sys.path[:] = _saved_path + [p for p in _sys.path if p not in _saved_path]
+else:
+    from ._mode import INTERPRET, INTERPRETER_ERROR, _scope_launches, interpreter_scope, triton  # noqa: F401
 
-
-@contextlib.contextmanager
-def interpreter_scope():
-    """Inside: Triton interprets what it decorates and launches, when INTERPRET (else a no-op)."""
-    if not INTERPRET:
-        yield
-        return
-    import triton
-    knobs = getattr(triton, "knobs", None)
-    if knobs is None:  # Triton before 3.4 reads the variable itself
-        with _env("1"):
-            yield
-        return
-    with knobs.runtime.scope():  # restores the knobs and the variables they set
-        knobs.runtime.interpret = True
-        yield
-
-
-def _scope_launches(module) -> None:
-    """Make every interpreted kernel of `module` launch inside interpreter_scope() (Triton's interpreter
-    consults the knob while it runs a kernel, not only when it decorates one)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    for value in vars(module).values():
-        if isinstance(value, InterpretedFunction):
-            run = value.run
-
-            def scoped_run(*args, _run=run, **kwargs):
-                with interpreter_scope():
-                    return _run(*args, **kwargs)
-            value.run = scoped_run
-
-
-try:
-    if INTERPRET and not _triton_was_imported:
-        with _env("1"):
-            import triton  # noqa: F401
-    else:
-        import triton  # noqa: F401
-except ImportError:  # no Triton: the triton backend reports it as unavailable
-    triton = None
-
-if triton is not None:
-    if INTERPRET and _triton_was_imported:
-        import triton.language as _tl
-
-        if type(_tl.interleave).__name__ == "JITFunction":  # decorated for the GPU, unusable by the interpreter
-            INTERPRETER_ERROR = ("triton was imported before peftkern without TRITON_INTERPRET=1; set it in the "
-                                 "environment (or import peftkern first) to run Triton kernels on CPU")
-    # every kernel module now, inside the scope: a kernel is interpreted or compiled as decided above,
-    # however and whenever its module is imported later
-    with interpreter_scope():
-        from . import (_launch, activations, adapter, dora, dropout, lora, lora_persistent, multi_lora,  # noqa: F401
-                       qlora, rank, sparse_diff, tf32)
-    if INTERPRET:
-        for _module in (activations, adapter, dora, dropout, lora, lora_persistent, multi_lora, qlora, rank,
-                        sparse_diff):
-            _scope_launches(_module)
+    if triton is not None:
+        # every kernel module now, inside the scope: a kernel is interpreted or compiled as decided in _mode,
+        # however and whenever its module is imported later
+        with interpreter_scope():
+            from . import (_launch, activations, adapter, dora, dropout, lora, lora_persistent,  # noqa: F401
+                           multi_lora, qlora, rank, sparse_diff, tf32)
+        if INTERPRET:
+            for _module in (activations, adapter, dora, dropout, lora, lora_persistent, multi_lora, qlora, rank,
+                            sparse_diff):
+                _scope_launches(_module)

@@ -1,5 +1,6 @@
-"""`import peftkern` leaves the process environment alone, and the Triton interpreter it needs on a
-machine without a GPU is switched on for peftkern's own kernels only (kernels/__init__.py)."""
+"""`import peftkern` leaves the process environment alone, the Triton interpreter it needs on a machine
+without a GPU is switched on for peftkern's own kernels only (kernels/_mode.py), and the top-level kernels/
+folder never shadows another package named `kernels` when Python runs from the repository root."""
 import subprocess
 import sys
 import textwrap
@@ -74,3 +75,55 @@ def test_an_explicit_triton_interpret_is_respected(tmp_path):
         print(peftkern.kernels.INTERPRET, os.environ["TRITON_INTERPRET"])
     """, tmp_path, {"TRITON_INTERPRET": "0"})
     assert out.strip() == "False 0"
+
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def run_in_repo_root(code: str) -> str:
+    """Run `python -c code` with the repository root as the working directory (and so first on sys.path), as a
+    user does who saves a README example there or runs the bench from a clone."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_top_level_kernels_folder_does_not_shadow_a_package_named_kernels():
+    # the folder is peftkern.kernels; run from the root, `import kernels` must find the package that owns the name
+    # (Hugging Face's `kernels`, a transformers dependency) or nothing at all, never this folder
+    out = run_in_repo_root("""
+        import importlib.util, os
+        installed = importlib.util.find_spec("kernels") is not None  # finds the folder itself when run here
+        try:
+            import kernels
+        except ModuleNotFoundError:
+            print("absent")
+        else:
+            print(os.path.realpath(kernels.__file__))
+        import peftkern.kernels
+        print(os.path.realpath(peftkern.kernels.__file__))
+    """).split("\n")
+    own = str(REPO_ROOT / "kernels" / "__init__.py")
+    assert out[0] != own, "`import kernels` from the repository root found peftkern's kernel folder"
+    assert out[1] == own
+
+
+def test_peft_imports_and_the_bench_sees_it_from_the_repository_root():
+    pytest.importorskip("peft", reason="peft is not installed: the bench's PEFT baseline cannot be checked")
+    out = run_in_repo_root("""
+        import peft
+        from peftkern.bench.providers import peft_available
+        print(peft_available())
+    """)
+    assert out.strip() == "True"
+
+
+def test_a_broken_peft_is_an_error_not_a_missing_baseline(tmp_path):
+    # an installed package that fails to import must not silently turn the PEFT baseline into the eager copy
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "__init__.py").write_text("raise ImportError('broken on purpose')\n")
+    out = subprocess.run([sys.executable, "-c", "from peftkern.bench.providers import peft_available\n"
+                          "peft_available()"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "peft is installed but does not import" in out.stderr and "broken on purpose" in out.stderr

@@ -50,6 +50,8 @@ variant, beside `peftkern` (measured dispatch).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from typing import Callable
 
 import torch
@@ -91,12 +93,22 @@ def with_variants(steps: dict[str, Callable[[], None]], device: torch.device, ca
     return {**steps, **{f"peftkern_{v}": forced(steps["peftkern"], v) for v in VARIANTS}}
 
 
-def peft_available() -> bool:
-    try:
-        import peft  # noqa: F401
-    except ImportError:
+def _importable(name: str) -> bool:
+    """False when the package is not installed; an installed package that fails to import is an error, not a
+    missing baseline (the bench would otherwise time its own eager copy and call it the baseline)."""
+    if importlib.util.find_spec(name) is None:
         return False
+    try:
+        importlib.import_module(name)
+    except ImportError as err:
+        raise RuntimeError(f"{name} is installed but does not import ({type(err).__name__}: {err}); the bench "
+                           f"compares against it, so fix the environment (or uninstall {name} to time the "
+                           f"built-in eager copy instead)") from err
     return True
+
+
+def peft_available() -> bool:
+    return _importable("peft")
 
 
 class _EagerLora(torch.nn.Module):
@@ -446,11 +458,7 @@ def sparse_providers(case, device: torch.device) -> tuple[dict[str, Callable[[],
 
 
 def bnb_available() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _importable("bitsandbytes")
 
 
 def qlora_providers(case: QLoraCase, device: torch.device) -> tuple[dict[str, Callable[[], None]], str]:
