@@ -53,3 +53,25 @@ def dropout_args(seed: int, p: float):
     if p > 0.0:
         return seed, keep_threshold(p), 1.0 / (1.0 - p)
     return 0, 0, 1.0
+
+
+def tuning_prune(prune):
+    """The early_config_prune given to triton.autotune: `prune`, and then, when PEFTKERN_AUTOTUNE=first, only
+    the first config it keeps. Triton benchmarks nothing when one config is left, so a correctness smoke on a
+    GPU compiles one kernel per specialization instead of the whole tile list (~0.7 CPU-s each); timings
+    keep the default (PEFTKERN_AUTOTUNE unset or "all"). Read at every tuning decision."""
+    @functools.wraps(prune)
+    def pruned(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs)
+        return kept[:1] if autotune_mode() == "first" else kept
+    return pruned
+
+
+def autotune_mode() -> str:
+    import os
+
+    mode = os.environ.get("PEFTKERN_AUTOTUNE", "all").strip().lower() or "all"
+    if mode not in ("all", "first"):
+        raise ValueError(f"PEFTKERN_AUTOTUNE must be 'all' (tune over every config) or 'first' (one config per "
+                         f"kernel, for smoke tests), got {mode!r}")
+    return mode

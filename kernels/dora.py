@@ -453,13 +453,13 @@ _dora_fwd_tuned = triton.autotune(
     configs=gemm_configs(),
     key=["M_BUCKET", "N", "L", "R", "HAS_BIAS", "HAS_DROPOUT", "WRITE_Z", "B_LAYOUT", "MAIN_PRECISION",
          "RANK_PRECISION"],
-    prune_configs_by={"early_config_prune": prune_fwd_configs},
+    prune_configs_by={"early_config_prune": _launch.tuning_prune(prune_fwd_configs)},
 )(_dora_fwd_kernel)
 
 _dora_dx_tuned = triton.autotune(
     configs=gemm_configs(),
     key=["M_BUCKET", "N", "L", "R", "B_LAYOUT", "MAIN_PRECISION", "RANK_PRECISION"],
-    prune_configs_by={"early_config_prune": prune_dx_configs},
+    prune_configs_by={"early_config_prune": _launch.tuning_prune(prune_dx_configs)},
 )(_dora_dx_kernel)
 
 

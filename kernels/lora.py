@@ -160,7 +160,7 @@ def _prune_configs(configs, named_args, **kwargs):
 _lora_gemm_tuned = triton.autotune(
     configs=_gemm_configs(),
     key=["M_BUCKET", "N", "L", "R", "HAS_DROPOUT", "B_LAYOUT", "MAIN_PRECISION", "RANK_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": _launch.tuning_prune(_prune_configs)},
 )(_lora_gemm_kernel)
 
 

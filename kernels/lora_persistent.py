@@ -207,7 +207,7 @@ def prune_configs(configs, named_args, **kwargs):
 _lora_gemm_persistent_tuned = triton.autotune(
     configs=_configs(),
     key=["M_BUCKET", "N", "L", "R", "HAS_DROPOUT", "B_TRANSPOSED", "RANK_PRECISION", "AB_DTYPE", "NUM_SMS"],
-    prune_configs_by={"early_config_prune": prune_configs},
+    prune_configs_by={"early_config_prune": _launch.tuning_prune(prune_configs)},
 )(_lora_gemm_persistent_kernel)
 
 

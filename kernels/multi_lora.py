@@ -443,7 +443,7 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
 _multi_lora_gemm_tuned = triton.autotune(
     configs=_gemm_configs(),
     key=["M_BUCKET", "N", "L", "HAS_BIAS", "MAIN_PRECISION", "RANK_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    prune_configs_by={"early_config_prune": _launch.tuning_prune(_prune_gemm_configs)},
 )(_multi_lora_gemm_kernel)
 
 

@@ -257,7 +257,7 @@ _qlora_gemm_tuned = triton.autotune(
     configs=gemm_configs(),
     key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "TRANSPOSE_W", "MAIN_PRECISION", "RANK_PRECISION", "W_DTYPE",
          "DOUBLE_QUANT", "BLOCKSIZE"],
-    prune_configs_by={"early_config_prune": prune_configs},
+    prune_configs_by={"early_config_prune": _launch.tuning_prune(prune_configs)},
 )(_qlora_gemm_kernel)
 
 
