@@ -202,6 +202,9 @@ class Groups:
         n = len(ranks)
         device = row_ids.device
         ids = row_ids.to(torch.int64)
+        # an id outside [-1, n) selects no adapter here, so no kernel (nor the scatter below) reads out of bounds
+        # whatever the caller checked: on a GPU the caller's check is an asynchronous assert, not an exception
+        ids = torch.where((ids >= -1) & (ids < n), ids, -1)
         self.order = torch.argsort(ids, stable=True)  # −1 rows first: segment i starts after them
         self.sorted_ids = ids[self.order]
         # a scatter-add, not torch.bincount: on CUDA bincount reads the ids' maximum back to the host to size its output

@@ -82,6 +82,45 @@ def test_a_tie_keeps_the_fused_variant(timer):
     assert {c["variant"] for c in dispatch.choices().values()} == {"fused"}
 
 
+@pytest.mark.parametrize("composite_ms, chosen", [(0.99, "fused"), (0.975, "fused"), (0.96, "composite")])
+def test_the_fused_variant_stays_unless_another_is_faster_by_the_margin(timer, composite_ms, chosen):
+    # near-ties do not flip between runs: composite must beat fused by more than 3%
+    timer({"fused": 1.0, "composite": composite_ms})
+    with peftkern.use_backend("triton"):
+        lora_step(*lora_inputs())
+    assert {c["variant"] for c in dispatch.choices().values()} == {chosen}
+
+
+def test_fastest_prefers_the_fastest_fused_kind_variant():
+    assert dispatch._fastest({"fused": 1.0, "fused_persistent": 0.9, "composite": 0.88}) == "fused_persistent"
+    assert dispatch._fastest({"fused": 1.0, "fused_persistent": 0.9, "composite": 0.8}) == "composite"
+    assert dispatch._fastest({"composite": 1.0}) == "composite"
+
+
+def test_a_decision_made_before_cuda_graph_capture_is_used_inside_it(timer, monkeypatch):
+    # warm-up call first (torch requires one before capture): measured, composite wins; during the capture the
+    # remembered choice runs, nothing is timed; a key never seen before runs the fused variant untimed
+    t = timer({"fused": 2.0, "composite": 1.0})
+    ran = []
+    for name, impl in dispatch.variants("lora_linear", "triton").items():
+        def spy(*args, _impl=impl, _name=name):
+            ran.append(_name)
+            return _impl.forward(*args)
+        monkeypatch.setitem(dispatch._registry["lora_linear"]["triton"], name,
+                            dispatch.dataclasses.replace(impl, forward=spy))
+    x, w, a, b = lora_inputs()
+    with peftkern.use_backend("triton"), torch.no_grad():
+        peftkern.lora_linear(x, w, a, b)
+        assert t.calls == ["fused", "composite"]
+        monkeypatch.setattr(dispatch, "_capturing", lambda device: True)
+        ran.clear()
+        peftkern.lora_linear(x, w, a, b)
+        assert ran == ["composite"] and len(t.calls) == 2
+        ran.clear()
+        peftkern.lora_linear(torch.cat([x, x, x]), w, a, b)  # a new token bucket: no decision yet
+        assert ran == ["fused"] and len(t.calls) == 2
+
+
 def test_measuring_returns_the_chosen_variants_result(timer):
     x, w, a, b = lora_inputs()
     with peftkern.use_backend("triton"):

@@ -304,3 +304,23 @@ def test_decode_shape_many_adapters_few_rows(variant, poisoned, monkeypatch):
     want = _run("reference", exact, ids, [0.5] * 12, 0.0)
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-5
+
+
+def test_ids_are_validated_without_a_host_read_off_the_cpu():
+    # on a GPU the id range check is an asynchronous device assert: nothing is read back. A meta tensor stands in
+    # for a device tensor here: any read of its values (item, tolist, a comparison's bool) raises
+    ids = torch.tensor([0, 1, -1, 2]).to("meta")
+    impl.validate_ids(ids, 3)
+    impl.validate_ids(ids[:0], 3)
+    with pytest.raises(IndexError, match="adapter_ids holds 3"):  # on CPU: the reference path's IndexError
+        impl.validate_ids(torch.tensor([0, 3]), 3)
+
+
+def test_grouping_gives_out_of_range_ids_no_adapter():
+    # the kernels never read an adapter through an id the (asynchronous) check has not stopped yet
+    from peftkern.kernels.multi_lora import Groups
+
+    groups = Groups(torch.tensor([0, 5, -3, 1, 1, 2]), [2, 3, 4], [1.0, 1.0, 1.0])
+    assert groups.seg_len.tolist() == [1, 2, 1]
+    assert groups.seg_start.tolist() == [2, 3, 5]  # the two bad rows sort with the −1 rows, before segment 0
+    assert sorted(groups.order[:2].tolist()) == [1, 2]

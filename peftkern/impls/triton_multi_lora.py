@@ -20,6 +20,19 @@ def _kernels():
     return _backend.kernels("multi_lora")
 
 
+def validate_ids(row_ids: torch.Tensor, n: int) -> None:
+    """Every id in [-1, n). On CPU (Triton's interpreter) an IndexError now, as the reference path raises. On a GPU
+    an asynchronous device-side assert instead: reading the ids back would make every call wait for the stream
+    (a decode step is a few hundred microseconds) and cannot happen at all inside CUDA-graph capture; a bad id
+    then fails the next synchronising call with "device-side assert triggered". Either way no kernel reads an
+    adapter through a bad id: kernels.multi_lora.Groups gives such rows no adapter."""
+    if row_ids.device.type == "cpu":
+        check_ids(row_ids, n)
+    elif row_ids.numel():
+        torch._assert_async(((row_ids >= -1) & (row_ids < n)).all(),
+                            f"multi_lora_linear: adapter_ids holds a value outside [-1, {n}) for {n} adapter(s)")
+
+
 def _exact(lora_a) -> bool:
     """fp32 adapters (or an fp32 input, whose adapters are fp32 too): the products keep fp32 precision."""
     return lora_a[0].dtype == torch.float32
@@ -27,7 +40,7 @@ def _exact(lora_a) -> bool:
 
 def _forward(fused: bool):
     def forward(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed):
-        check_ids(row_ids, len(lora_a))  # the one host synchronisation, before any kernel reads an adapter by id
+        validate_ids(row_ids, len(lora_a))  # before any kernel reads an adapter by id
         kern = _kernels()
         lora_a = [a.contiguous() for a in lora_a]
         lora_b = [b.contiguous() for b in lora_b]
