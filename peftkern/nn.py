@@ -13,6 +13,7 @@ from .ops.dora import dora_linear, row_norms
 from .ops.lora import lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .ops.sparse_diff import sparse_diff_linear
+from .reference.dora import column_scale as _dora_column_scale
 from .reference.activations import CODES as _ACTIVATIONS, NAMES as _ACTIVATION_NAMES
 
 
@@ -274,7 +275,7 @@ class DoRALinear(LoRALinear):
             return super().merge_()  # raises, saying why
         if not self.merged:
             n = row_norms(self.weight, self.lora_a, self.lora_b, self.scaling).to(torch.float32)
-            scale = (self.magnitude.to(torch.float32) / n).unsqueeze(1)
+            scale = _dora_column_scale(self.magnitude, n, torch.float32).unsqueeze(1)  # 0 on a zero row, not NaN
             self._merged_backup = self.weight.detach().clone()
             delta = (self.lora_b.to(torch.float32) @ self.lora_a.to(torch.float32)) * self.scaling
             self.weight.copy_(((self.weight.to(torch.float32) + delta) * scale).to(self.weight.dtype))

@@ -17,6 +17,7 @@ mask of its own (the 1/(1 − p) is applied to its fp32 result).
 import torch
 
 from .. import _backend, dispatch
+from ..reference import dora as ref_dora
 from . import triton_lora
 
 
@@ -47,7 +48,7 @@ def _down(x, lora_a, dropout_p, seed):
 def forward_fused(x, weight, lora_a, lora_b, magnitude, bias, weight_norm, scaling, dropout_p, seed, keep_z):
     dora, _ = _kernels()
     n = _norm(weight, lora_a, lora_b, weight_norm, scaling)
-    c = magnitude.float() / n
+    c = ref_dora.column_scale(magnitude, n, torch.float32)
     masked, s_down = _down(x, lora_a, dropout_p, seed)
     # Wᵀ and Bᵀ are strided views, never copies
     y, z = dora.dora_forward_gemm(x, weight.t(), s_down, lora_b.t(), bias, c, lora_scale=scaling, masked_x=masked,
@@ -58,7 +59,7 @@ def forward_fused(x, weight, lora_a, lora_b, magnitude, bias, weight_norm, scali
 def forward_composite(x, weight, lora_a, lora_b, magnitude, bias, weight_norm, scaling, dropout_p, seed, keep_z):
     dora, _ = _kernels()
     n = _norm(weight, lora_a, lora_b, weight_norm, scaling)
-    c = magnitude.float() / n
+    c = ref_dora.column_scale(magnitude, n, torch.float32)
     masked, s_down = _down(x, lora_a, dropout_p, seed)
     xw = torch.nn.functional.linear(x, weight)
     dw = torch.nn.functional.linear(masked, weight) if masked is not None else None
@@ -92,12 +93,12 @@ def _backward(dx_fn):
             raise RuntimeError("dora_linear_bwd: the magnitude's gradient needs z, which the forward did not keep "
                                "(keep_z=False)")
         n = weight_norm.float()
-        c = magnitude.float() / n
+        c = ref_dora.column_scale(magnitude, n, torch.float32)
         # gm = dy ⊙ (c − 1), the operand of dropout's base-path products (dx, dweight)
         need_gm = dropout_p > 0.0 and (need_x or need_weight)
         gc, colsum, gm = dora.dora_grad_scale(dy, c, z if need_magnitude else None, with_gm=need_gm)
         if need_magnitude:  # dmag = Σ_m dy ⊙ z / n
-            dmag = (colsum / n).to(magnitude.dtype)
+            dmag = ref_dora.magnitude_grad(colsum, n).to(magnitude.dtype)
         if need_bias:
             dbias = dy.sum(dim=0, dtype=torch.float32).to(x.dtype)
         if need_x or need_a or need_b:  # LoRA's rank-r backward on gc: dS = s·gc·B, dBᵀ = s·Sᵀ·gc, dA = dSᵀ·d

@@ -5,7 +5,9 @@ With c = magnitude / n, n_j = ‖W_j + s·(B·A)_j‖₂ (a constant in backward
     p = 0 (or eval):  z = x·Wᵀ + R                y = c ⊙ z + bias
     p > 0:            z = d·Wᵀ + R                y = x·Wᵀ + bias + (c − 1) ⊙ (d·Wᵀ) + c ⊙ R
 
-(PEFT's DoRA Linear; the second form is the first when d = x.) z is what the magnitude's gradient needs,
+(PEFT's DoRA Linear; the second form is the first when d = x.) A row with n_j = 0 (W_j + s·(B·A)_j is zero, as every
+row is when in_features = 0) has no direction: its DoRA row m_j·V_j/‖V_j‖ is taken as zero, F.normalize's
+convention, so c_j = 0 there (not 0/0) and that output column is its bias; see column_scale. z is what the magnitude's gradient needs,
 dmag = Σ_m dy ⊙ z / n; it is kept only when the magnitude requires grad. The rest of the backward is LoRA's on
 gc = dy ⊙ c (reference/lora.py's own code), plus, with dropout, the base path's two products:
 dx = dy·W + mask ⊙ ((gc − dy)·W + dS·A) / (1 − p).
@@ -47,6 +49,21 @@ def weight_norm(weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: flo
     return n
 
 
+def column_scale(magnitude: torch.Tensor, n: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """c = magnitude / n in `acc`, with c_j = 0 where n_j == 0: a zero row of W + ΔW (every row when in_features
+    is 0) has no direction, and its DoRA row m·V/‖V‖ is taken as zero (F.normalize's convention), so the column
+    is its bias and the base linear, not NaN from 0/0. A NaN or infinite magnitude still gives NaN there
+    (m·0), and a NaN n gives NaN, as before. Every backend computes c (and dmag's 1/n) through this."""
+    m = magnitude.to(acc)
+    return torch.where(n == 0, m * 0, m / n)
+
+
+def magnitude_grad(colsum: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """dmag = Σ_m dy ⊙ z / n, and 0 where n == 0 (there c is the constant 0: z is zero and y does not depend on
+    the magnitude); a NaN column sum stays NaN."""
+    return torch.where(n == 0, colsum * 0, colsum / n)
+
+
 def _row_steps(m: int, n: int, element_size: int, device):
     """Row blocks of an [m, n] epilogue: one on accelerators, 16 MiB blocks on CPU."""
     step = m if device.type != "cpu" else max(1, lora._BLOCK_BYTES // max(1, n * element_size))
@@ -81,7 +98,7 @@ def dora_fwd(x, weight, lora_a, lora_b, magnitude, bias, weight_norm_in, scaling
     acc = lora.acc_dtype(x.dtype)
     n = (weight_norm(weight, lora_a, lora_b, scaling, acc, x.device) if weight_norm_in is None
          else weight_norm_in.to(acc).clone())
-    c = magnitude.to(acc) / n
+    c = column_scale(magnitude, n, acc)
     if dropout_p == 0.0:
         z, s_down = lora.lora_fwd(x, weight, lora_a, lora_b, None, scaling, 0.0, 0)
         if not keep_z:  # y takes z's memory
@@ -133,13 +150,13 @@ def dora_bwd(dy, x, weight, lora_a, lora_b, magnitude, n, s_down, z, scaling: fl
              need_x: bool, need_weight: bool, need_a: bool, need_b: bool, need_magnitude: bool, need_bias: bool):
     """(dx, dweight, dA, dB, dmagnitude, dbias); entries not needed are distinct empty tensors."""
     acc = lora.acc_dtype(x.dtype)
-    c = magnitude.to(acc) / n
+    c = column_scale(magnitude, n, acc)
     dx, dw, da, db, dmag, dbias = (x.new_empty(0) for _ in range(6))
     if need_magnitude:
         if z.numel() != dy.numel():
             raise RuntimeError("dora_linear_bwd: the magnitude's gradient needs z, which the forward did not keep "
                                "(keep_z=False)")
-        dmag = (_column_dot(dy, z, acc) / n).to(magnitude.dtype)
+        dmag = magnitude_grad(_column_dot(dy, z, acc), n).to(magnitude.dtype)
     if need_bias:
         dbias = dy.sum(dim=0, dtype=acc).to(x.dtype)
     if not (need_x or need_weight or need_a or need_b):
