@@ -56,9 +56,46 @@ def interpreter_scope():
         with _env("1"):
             yield
         return
-    with knobs.runtime.scope():  # restores the knobs and the variables they set
+    with knobs.runtime.scope(), _numpy_scalar_index():  # restores the knobs and the variables they set
         knobs.runtime.interpret = True
         yield
+
+
+@contextlib.contextmanager
+def _numpy_scalar_index():
+    """Triton's interpreter (3.6 and earlier) turns a runtime scalar into a Python int with
+    `int(handle.data)`, its data a one-element 1-d array; numpy 2.4 made that a TypeError, so every `range()`
+    over a runtime bound fails (triton-lang/triton#9171, fixed upstream with `.squeeze()`). While our kernels
+    run, the interpreter's tensor patching also sets an `__index__` that takes the one element explicitly;
+    the interpreter itself is restored on the way out, so other libraries' kernels see it unchanged."""
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or not _NUMPY_REFUSES_ARRAY_TO_INT:
+        yield
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))  # restored with the rest
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    try:
+        yield
+    finally:
+        interpreter._patch_lang_tensor = original
+
+
+def _numpy_refuses_array_to_int() -> bool:
+    import numpy
+
+    try:
+        int(numpy.zeros(1))
+    except TypeError:
+        return True
+    return False
+
+
+_NUMPY_REFUSES_ARRAY_TO_INT = _numpy_refuses_array_to_int()
 
 
 def _scope_launches(module) -> None:

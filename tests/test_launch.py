@@ -42,3 +42,33 @@ def test_every_autotuned_kernel_honours_the_knob():
     for module, name in tuners:
         tuner = getattr(__import__(module, fromlist=[name]), name)
         assert getattr(tuner.early_config_prune, "__wrapped__", None) is not None, f"{module}.{name}"
+
+
+def test_runtime_loop_bounds_run_in_the_interpreter_with_the_installed_numpy():
+    # numpy >= 2.4 refuses int() of a one-element array, which Triton <= 3.6's interpreter does for every range()
+    # over a runtime value (triton-lang/triton#9171); kernels/_mode.py works around it while our kernels run
+    import torch
+
+    from peftkern.kernels import INTERPRET, rank
+
+    if not INTERPRET:
+        pytest.skip("kernels compile for a GPU here: the interpreter's numpy handling does not apply")
+    x, p = torch.randn(5, 200), torch.randn(3, 200)  # K = 200: the rank-down kernel loops over K at run time
+    torch.testing.assert_close(rank.rank_down(x, p, scale=1.0), x @ p.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_numpy_workaround_is_undone_outside_our_kernels():
+    from peftkern.kernels import INTERPRET, _mode, interpreter_scope
+
+    if not INTERPRET:
+        pytest.skip("kernels compile for a GPU here: the interpreter is not used")
+    import triton.runtime.interpreter as interpreter
+
+    before = interpreter._patch_lang_tensor
+    with interpreter_scope():
+        inside = interpreter._patch_lang_tensor
+        with interpreter_scope():  # nested scopes (a launch inside a decorated region) restore in order
+            pass
+        assert interpreter._patch_lang_tensor is inside
+    assert interpreter._patch_lang_tensor is before  # other libraries' interpreted kernels see Triton unchanged
+    assert (inside is not before) == _mode._NUMPY_REFUSES_ARRAY_TO_INT

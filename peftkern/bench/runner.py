@@ -32,14 +32,14 @@ PEAK_MEM_NOTES = {
 
 def run(ops: list[str], *, quick: bool, device: torch.device, background_load: dict | None = None) -> dict:
     """Time every case of `ops`; `background_load` (BackgroundLoad.describe()) is recorded as given."""
-    from tqdm.auto import tqdm
-
     import peftkern
+
+    from .progress import progress
 
     jobs = [(op, case) for op in ops for case in _OPS[op][0](device, quick)]
     rows = []
     seen_choices: set = set(peftkern.dispatch.choices())
-    for op, case in tqdm(jobs, desc="peftkern bench", unit="case"):
+    for op, case in progress(jobs, desc="peftkern bench", unit="case"):
         providers = _OPS[op][1]
         steps, eager_name = providers(case, device)
         result = measure_group(steps, device, quick=quick)
