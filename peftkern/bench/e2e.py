@@ -97,9 +97,9 @@ def train(variant: str, size: str, steps: int, batch: int, seq: int, dropout: fl
     losses = []
     iterator = range(steps)
     if progress:
-        from .progress import progress
+        from .progress import progress as progress_bar
 
-        iterator = progress(iterator, desc=f"{variant} ({size})", unit="step")
+        iterator = progress_bar(iterator, desc=f"{variant} ({size})", unit="step")
     t0 = time.perf_counter()
     for i in iterator:
         losses.append(one_step(i))
