@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import sys
+import tempfile
 import time
 
 
@@ -27,12 +30,77 @@ def _info(_args) -> int:
     return 0
 
 
+class OutputPathError(Exception):
+    """A --json/--plot destination the bench could not write: raised before any timing starts."""
+
+
+def _probe_writable(folder: str) -> None:
+    """Create and remove a file in `folder` (a real test: os.access says yes to root on a read-only mount)."""
+    fd, probe = tempfile.mkstemp(prefix=".peftkern-write-check-", dir=folder)
+    os.close(fd)
+    os.remove(probe)
+
+
+def prepare_output(flag: str, path: str, *, create: bool) -> str:
+    """Check, before the bench times anything, that `path` (the value of `flag`) can be written once it ends.
+
+    Missing parent folders are created when `create` (a real run) and only checked otherwise (--dry-run: the
+    nearest existing folder must take new entries). An existing file is opened for appending (so its contents
+    stay as they are until the results replace them); a path that is a folder, or under a file, fails. Returns
+    a line saying where the output goes; raises OutputPathError saying why it cannot."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target) or path.endswith((os.sep, "/")):
+        raise OutputPathError(f"{flag} {path}: that is a folder; give a file name (e.g. {os.path.join(path, 'bench')}"
+                              f"{'.json' if flag == '--json' else '.png'})")
+    parent = os.path.dirname(target)
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputPathError(f"{flag} {path}: {existing} is a file, so no folder can be made under it")
+    try:
+        if parent != existing and create:
+            os.makedirs(parent, exist_ok=True)
+            existing = parent
+        if os.path.exists(target):
+            with open(target, "a", encoding="utf-8"):
+                pass
+        else:
+            _probe_writable(existing)
+    except OSError as exc:
+        raise OutputPathError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+    if parent != existing:
+        return f"{flag}: would create {parent} and write {target}"
+    return f"{flag}: {'would write' if not create else 'writes'} {target}"
+
+
+def _prepare_outputs(args, *, create: bool) -> list[str]:
+    return [prepare_output(flag, path, create=create)
+            for flag, path in (("--json", args.json), ("--plot", args.plot)) if path]
+
+
+def _fallback_json(results: dict) -> str:
+    """Write the results to a fresh file in the temp folder, or, failing that, to stderr; say where."""
+    from .bench import report
+
+    try:
+        fd, path = tempfile.mkstemp(prefix="peftkern-bench-", suffix=".json")
+        os.close(fd)
+        report.write_json(results, path)
+        return path
+    except OSError:
+        print(json.dumps(results, indent=1), file=sys.stderr)
+        return "the JSON printed above on stderr"
+
+
 def _dry_run(ops: list[str], args, device) -> int:
     """Print what the bench would time, without building tensors or timing anything."""
     from .bench import e2e, runner
 
     print(f"peftkern bench --dry-run on {device.type}{' (--quick)' if args.quick else ''}, "
           f"background load: {args.background_load} busy process(es)")
+    for line in _prepare_outputs(args, create=False):
+        print(line)
     for op in ops:
         if op == "e2e":
             s = e2e.bench_settings(device.type, args.quick)
@@ -52,8 +120,16 @@ def _bench(args) -> int:
 
     ops = list(bench_ops()) if args.op == "all" else [args.op]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.dry_run:
-        return _dry_run(ops, args, device)
+    try:  # where the results go, checked (and missing folders made) before minutes of timing
+        if args.dry_run:
+            return _dry_run(ops, args, device)
+        _prepare_outputs(args, create=True)
+    except OutputPathError as exc:
+        print(f"python -m peftkern bench: error: {exc}; nothing was timed", file=sys.stderr)
+        return 2
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print("--plot needs matplotlib (pip install matplotlib, or the bench extra); no chart will be written",
+              flush=True)
     started = time.perf_counter()
     with BackgroundLoad(args.background_load) as load:
         if load.n:
@@ -77,16 +153,25 @@ def _bench(args) -> int:
         print(f"background load: {load.n} process(es) stopped")
     results["wall_s"] = round(time.perf_counter() - started, 1)
     print(f"bench took {results['wall_s']:.0f} s")
+    status = 0
     if args.json:
-        report.write_json(results, args.json)
-        print(f"wrote {args.json}")
+        try:
+            report.write_json(results, args.json)
+            print(f"wrote {args.json}")
+        except OSError as exc:  # e.g. the folder went away during the run: the results are kept all the same
+            print(f"could not write {args.json} ({exc.strerror or exc}); the results are in {_fallback_json(results)}",
+                  file=sys.stderr)
+            status = 1
     if args.plot and (results["rows"] or results.get("e2e")):
         try:
             report.plot(results, args.plot)
             print(f"wrote {args.plot}")
         except ImportError:
             print("--plot needs matplotlib (pip install matplotlib, or the bench extra); no chart written")
-    return 0
+        except OSError as exc:
+            print(f"could not write {args.plot} ({exc.strerror or exc})", file=sys.stderr)
+            status = 1
+    return status
 
 
 def _non_negative_int(text: str) -> int:
@@ -124,9 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "table header and JSON; stopped when the bench ends, Ctrl-C included")
     bench.add_argument("--dry-run", action="store_true",
                        help="list the cases each op would time and exit, timing nothing")
-    bench.add_argument("--json", metavar="PATH", help="write all medians and metadata as JSON")
+    bench.add_argument("--json", metavar="PATH", help="write all medians and metadata as JSON (missing folders "
+                       "are created, and a path that cannot be written fails before anything is timed)")
     bench.add_argument("--plot", metavar="PATH",
-                       help="write a PNG chart: one panel per op family, speedup and share of the floor")
+                       help="write a PNG chart: one panel per op family, speedup and share of the floor "
+                            "(missing folders created, checked before timing, as --json)")
     return parser
 
 

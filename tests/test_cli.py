@@ -407,3 +407,131 @@ def test_finetune_help_states_the_model_size_it_builds():
             model = peft.get_peft_model(model, peft.LoraConfig(r=e2e.LORA_R, target_modules=e2e.TARGETS))
             total = sum(p.numel() for p in model.parameters())
         assert e2e.parameter_counts(size) == {"base": base, "lora": total - base}
+
+
+# ---- --json / --plot destinations: checked (missing folders made) before anything is timed (issue 22 item 7) ----
+
+def _canned_results(op: str = "sparse") -> dict:
+    """Results as runner.run returns them (the committed CPU run's rows of one op), to stand in for the timing."""
+    results = json.loads((ROOT / "benchmarks/results/cpu-2core.json").read_text())
+    results["rows"] = [row for row in results["rows"] if row["op"] == op]
+    results.pop("e2e", None)
+    assert results["rows"]
+    return results
+
+
+def test_bench_creates_missing_folders_for_json_and_plot_before_timing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    canned = _canned_results()
+    seen = {}
+
+    def fake_run(ops, **kwargs):  # the folders exist by the time timing would start
+        seen["ops"] = ops
+        seen["folders"] = [(tmp_path / "out/a").is_dir(), (tmp_path / "figs/b/c").is_dir()]
+        return json.loads(json.dumps(canned))
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    have_mpl = importlib.util.find_spec("matplotlib") is not None
+    assert main(["bench", "--op", "sparse", "--quick", "--json", "out/a/r.json", "--plot", "figs/b/c/r.png"]) == 0
+    out = capsys.readouterr().out
+    assert seen == {"ops": ["sparse"], "folders": [True, True]}
+    written = json.loads((tmp_path / "out/a/r.json").read_text())
+    assert written["rows"] == canned["rows"] and written["wall_s"] >= 0
+    assert "wrote out/a/r.json" in out
+    if have_mpl:
+        assert (tmp_path / "figs/b/c/r.png").stat().st_size > 1000 and "wrote figs/b/c/r.png" in out
+    else:
+        assert out.index("no chart will be written") < out.index("bench took")  # said before the run
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+@pytest.mark.parametrize("where", ["under a file", "a folder", "a folder, trailing slash", "deep under a file"])
+def test_bench_unwritable_destination_fails_before_timing(flag, where, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("keep me")
+    (tmp_path / "results").mkdir()
+    path = {"under a file": "notes.txt/r.out", "a folder": "results", "a folder, trailing slash": "new/",
+            "deep under a file": "notes.txt/x/y/r.out"}[where]
+
+    def fake_run(ops, **kwargs):
+        raise AssertionError("the bench started timing before checking its output path")
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    assert main(["bench", "--op", "sparse", "--quick", flag, path]) == 2
+    captured = capsys.readouterr()
+    assert f"error: {flag} {path}:" in captured.err and "nothing was timed" in captured.err
+    assert "bench took" not in captured.out
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results"]  # no folder left behind
+    assert list((tmp_path / "results").iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder: the check cannot fail")
+def test_bench_read_only_folder_fails_before_timing(tmp_path, monkeypatch, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        monkeypatch.setattr(runner, "run", lambda ops, **kw: pytest.fail("timed before checking the path"))
+        assert main(["bench", "--op", "sparse", "--quick", "--json", str(locked / "sub/r.json")]) == 2
+        assert "cannot write there" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_bench_existing_json_is_kept_until_the_results_replace_it(tmp_path, monkeypatch):
+    """The up-front check opens an existing file for appending: its contents stay while the bench runs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.json").write_text('{"old": true}')
+    canned = _canned_results()
+
+    def fake_run(ops, **kwargs):
+        assert (tmp_path / "r.json").read_text() == '{"old": true}'
+        return json.loads(json.dumps(canned))
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    assert main(["bench", "--op", "sparse", "--quick", "--json", "r.json"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == canned["rows"]
+
+
+def test_bench_dry_run_checks_destinations_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--op", "sparse", "--quick", "--dry-run", "--json", "new/deep/r.json"]) == 0
+    out = capsys.readouterr().out
+    assert f"--json: would create {tmp_path / 'new/deep'} and write {tmp_path / 'new/deep/r.json'}" in out
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "f").write_text("")
+    assert main(["bench", "--op", "sparse", "--quick", "--dry-run", "--plot", "f/r.png"]) == 2
+    assert "--plot f/r.png: " in capsys.readouterr().err
+
+
+def test_bench_results_survive_a_destination_that_fails_at_the_end(tmp_path, monkeypatch, capsys):
+    """The folder is replaced by a file while the bench runs: the write fails, the results go to a temp file
+    named on stderr, exit status 1."""
+    monkeypatch.chdir(tmp_path)
+    canned = _canned_results()
+
+    def fake_run(ops, **kwargs):
+        (tmp_path / "out").rmdir()
+        (tmp_path / "out").write_text("")
+        return json.loads(json.dumps(canned))
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    assert main(["bench", "--op", "sparse", "--quick", "--json", "out/r.json"]) == 1
+    err = capsys.readouterr().err
+    kept = re.search(r"the results are in (\S+\.json)", err)
+    assert "could not write out/r.json" in err and kept
+    assert json.loads(pathlib.Path(kept.group(1)).read_text())["rows"] == canned["rows"]
+    os.remove(kept.group(1))
+
+
+def test_bench_cli_bad_destination_exits_at_once(tmp_path):
+    """As a user runs it: `bench --op all` (minutes of timing) with a --json under a file stops in the time it
+    takes to start Python, with the reason, and times nothing."""
+    (tmp_path / "notes.txt").write_text("")
+    started = time.monotonic()
+    out = run_cli("bench", "--op", "all", "--json", "notes.txt/r.json", tmp_path=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--json notes.txt/r.json: " in out.stderr and "nothing was timed" in out.stderr
+    assert "%|" not in out.stderr and out.stdout == ""  # no progress bar, no table
+    assert time.monotonic() - started < 60
