@@ -53,9 +53,9 @@ class LoRALinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  bias: bool = True, device=None, dtype=None):
         super().__init__()
-        _checks.integer("in_features", in_features, low=0)
-        _checks.integer("out_features", out_features, low=0)
-        _checks.integer("r", r, low=1)
+        in_features = _checks.integer("in_features", in_features, low=0)  # numpy integers become ints
+        out_features = _checks.integer("out_features", out_features, low=0)
+        r = _checks.integer("r", r, low=1)
         alpha = _checks.real_number("alpha", alpha)
         dropout = _checks.real_number("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
         factory = {"device": device, "dtype": dtype}
@@ -333,8 +333,8 @@ class MultiLoRALinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, ranks, alphas=16, dropout: float = 0.0,
                  bias: bool = True, device=None, dtype=None):
         super().__init__()
-        _checks.integer("in_features", in_features, low=0)
-        _checks.integer("out_features", out_features, low=0)
+        in_features = _checks.integer("in_features", in_features, low=0)
+        out_features = _checks.integer("out_features", out_features, low=0)
         ranks, alphas = self._check_adapters(ranks, alphas)
         dropout = _checks.real_number("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
         factory = {"device": device, "dtype": dtype}
@@ -356,7 +356,7 @@ class MultiLoRALinear(nn.Module):
         if len(ranks) == 0:
             raise ValueError("ranks must hold at least one adapter's rank, got an empty sequence")
         ranks = [_checks.integer(f"ranks[{i}]", r, low=1) for i, r in enumerate(ranks)]
-        if isinstance(alphas, (int, float)) and not isinstance(alphas, bool):
+        if _checks.is_real(alphas):  # one alpha for every adapter (a numpy scalar too)
             alphas = [alphas] * len(ranks)
         if isinstance(alphas, (str, torch.Tensor)) or not isinstance(alphas, (list, tuple)):
             raise TypeError(f"alphas must be a real number or a list or tuple of them, got {type(alphas).__name__}")
@@ -439,8 +439,8 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, d_model: int, bottleneck: int, activation: str = "relu", scaling: float = 1.0,
                  bias: bool = True, device=None, dtype=None, init_weights: str = "bert"):
         super().__init__()
-        _checks.integer("d_model", d_model, low=0)
-        _checks.integer("bottleneck", bottleneck, low=1)
+        d_model = _checks.integer("d_model", d_model, low=0)
+        bottleneck = _checks.integer("bottleneck", bottleneck, low=1)
         scaling = _checks.real_number("scaling", scaling)
         if not isinstance(activation, str) or activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(repr(n) for n in _ACTIVATION_NAMES)}; "

@@ -138,9 +138,21 @@ def _quantize_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.reshape(-1)[:n], absmax2
 
 
-def _check_blocksize(blocksize) -> None:
-    if type(blocksize) is not int or blocksize not in BLOCKSIZES:  # 64.0 or True would compare equal
+def _is_real(value) -> bool:
+    from .ops._checks import is_real  # numbers.Real but bool (numpy scalars too); imported late, as ops import us
+    return is_real(value)
+
+
+def _as_int(value):
+    from .ops._checks import as_int  # operator.index but bool or tensor: ints and numpy integers, never 3.0
+    return as_int(value)
+
+
+def _check_blocksize(blocksize) -> int:
+    value = _as_int(blocksize)  # an int or a numpy integer; 64.0 or True would compare equal: refused
+    if value is None or value not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    return value
 
 
 def _check_tensor(name: str, t, dtype: torch.dtype, numel: int, what: str) -> torch.Tensor:
@@ -177,7 +189,7 @@ class QuantizedWeight:
             raise ValueError(f"shape must have no zero dimension, got {tuple(shape)}")
         if quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-        _check_blocksize(blocksize)
+        blocksize = _check_blocksize(blocksize)
         if dtype not in DENSE_DTYPES:
             raise TypeError(f"dtype must be one of {DENSE_DTYPES}, got {dtype}")
         n = shape.numel()
@@ -202,7 +214,7 @@ class QuantizedWeight:
             code2 = _check_tensor("code2", code2, torch.float32, 256, "the 8-bit dynamic map")
             if isinstance(offset, torch.Tensor):
                 offset = _check_tensor("offset", offset, torch.float32, 1, "the mean of absmax").reshape(())
-            elif isinstance(offset, (int, float)) and not isinstance(offset, bool):
+            elif _is_real(offset):  # int, float or a numpy scalar
                 offset = torch.tensor(float(offset), dtype=torch.float32, device=device)
             else:
                 raise TypeError(f"offset must be a float or a float32 tensor, got {type(offset).__name__}")
@@ -237,7 +249,7 @@ class QuantizedWeight:
             raise TypeError(f"weight must be one of {DENSE_DTYPES}, got {weight.dtype}")
         if quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-        _check_blocksize(blocksize)
+        blocksize = _check_blocksize(blocksize)
         if not isinstance(double_quant, bool):
             raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
         w32 = weight.detach().reshape(-1).to(torch.float32)
@@ -326,8 +338,9 @@ class QuantizedWeight:
         equal to dequantize()'s, without dequantizing the other rows."""
         out, in_ = self.shape
         for name, v in (("start", start), ("stop", stop)):
-            if isinstance(v, bool) or not isinstance(v, int):
+            if _as_int(v) is None:  # ints and numpy integers
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        start, stop = _as_int(start), _as_int(stop)
         if not 0 <= start <= stop <= out:
             raise ValueError(f"need 0 <= start <= stop <= out_features ({out}), got start={start}, stop={stop}")
         dtype = self.dtype if dtype is None else dtype

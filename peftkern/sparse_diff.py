@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from .ops import _checks
 from .ops.sparse_diff import INT32_LIMIT, _ensure_unique, sparse_diff_apply_, sparse_diff_restore_
 from .reference.sparse_diff import check_range
 
@@ -27,10 +28,10 @@ def _check_shape(shape) -> torch.Size:
         raise TypeError(f"shape must be a sequence of ints such as (out_features, in_features), got "
                         f"{type(shape).__name__} {shape!r}")
     dims = list(shape)
-    for d in dims:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-            raise TypeError(f"shape must be a sequence of non-negative ints, got {tuple(dims)!r}")
-    return torch.Size(dims)
+    ints = [_checks.as_int(d) for d in dims]  # ints and numpy integers; never a float, a bool or a tensor
+    if any(d is None or d < 0 for d in ints):
+        raise TypeError(f"shape must be a sequence of non-negative ints, got {tuple(dims)!r}")
+    return torch.Size(ints)
 
 
 class SparseDiff:
@@ -93,11 +94,13 @@ class SparseDiff:
             raise ValueError("give exactly one of k (number of entries) or density (fraction in (0, 1])")
         n = delta.numel()
         if density is not None:
-            if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+            if not _checks.is_real(density) or not 0.0 < float(density) <= 1.0:
                 raise ValueError(f"density must be in (0, 1], got {density!r}")
-            k = max(1, round(density * n)) if n else 0
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+            k = max(1, round(float(density) * n)) if n else 0
+        k_int = _checks.as_int(k)  # an int or a numpy integer
+        if k_int is None or not 0 <= k_int <= n:
             raise ValueError(f"k must be an int in [0, {n}], got {k!r}")
+        k = k_int
         flat = delta.detach().reshape(-1)
         bad = int((~torch.isfinite(flat)).sum())
         if bad:

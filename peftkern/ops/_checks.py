@@ -3,6 +3,10 @@ ValueError for shapes and values, TypeError for dtypes, RuntimeError for device 
 always naming the argument and the expected versus the received value."""
 from __future__ import annotations
 
+import numbers
+import operator
+import sys
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -76,9 +80,37 @@ def input_dtypes(x_name: str, x: torch.Tensor, *, frozen: dict, adapters: dict) 
             adapter_dtype(name, value, x_name, x)
 
 
+def is_bool(value) -> bool:
+    """Python's bool or numpy's bool_: never taken as a number here (bool is an int subclass, np.bool_ has no
+    numbers.Real registration but converts with float())."""
+    if isinstance(value, bool):
+        return True
+    np = sys.modules.get("numpy")  # a numpy scalar exists only once numpy is imported
+    return np is not None and isinstance(value, np.bool_)
+
+
+def is_real(value) -> bool:
+    """A real number as Python's numeric tower says: int, float, fractions.Fraction and numpy's integer and
+    floating scalars (np.float32(2), np.int64(3)); not a bool, not a tensor, not a string."""
+    return isinstance(value, numbers.Real) and not is_bool(value)
+
+
+def as_int(value):
+    """value as a Python int when it is an integer (int, numpy integer scalars: anything with __index__ but a
+    bool or a tensor), else None. 3.0 and np.float32(3) are not integers here: they are never truncated."""
+    if is_bool(value) or isinstance(value, torch.Tensor):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def real_number(name: str, value, *, low=None, high=None, high_inclusive=True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    """A finite real number (int, float or a numpy scalar; see is_real), returned as a Python float."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a real number (an int, a float or a numpy scalar), got "
+                        f"{type(value).__name__}")
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -90,11 +122,13 @@ def real_number(name: str, value, *, low=None, high=None, high_inclusive=True) -
 
 
 def integer(name: str, value, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer >= low (int or a numpy integer scalar; see as_int), returned as a Python int."""
+    result = as_int(value)
+    if result is None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
+    if result < low:
+        raise ValueError(f"{name} must be >= {low}, got {result}")
+    return result
 
 
 def autocast_active(device: torch.device) -> bool:

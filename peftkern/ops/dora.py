@@ -278,7 +278,7 @@ def dora_linear(x: Tensor, weight, lora_a: Tensor, lora_b: Tensor, magnitude: Te
     that cannot run the call.
     """
     _check(x, weight, lora_a, lora_b, magnitude, bias)
-    _check_scalars(scaling, dropout_p, training, seed)
+    scaling, dropout_p, seed = _check_scalars(scaling, dropout_p, training, seed)
     p, seed_t = dropout_and_seed(dropout_p, training, seed)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])

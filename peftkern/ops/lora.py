@@ -99,16 +99,20 @@ def _check(x, weight, lora_a, lora_b, bias):
     _checks.input_dtypes("x", x, frozen=dict(weight=weight, bias=bias), adapters=dict(lora_a=lora_a, lora_b=lora_b))
 
 
-def _check_scalars(scaling, dropout_p, training, seed):
-    _checks.real_number("scaling", scaling)
-    _checks.real_number("dropout_p", dropout_p, low=0.0, high=1.0, high_inclusive=False)
+def _check_scalars(scaling, dropout_p, training, seed) -> tuple[float, float, Optional[int]]:
+    """(scaling, dropout_p, seed) as Python numbers: numpy scalars are taken as the numbers they are."""
+    scaling = _checks.real_number("scaling", scaling)
+    dropout_p = _checks.real_number("dropout_p", dropout_p, low=0.0, high=1.0, high_inclusive=False)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        if not 0 <= seed < SEED_LIMIT:
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        seed_int = _checks.as_int(seed)
+        if seed_int is None:
+            raise TypeError(f"seed must be an int (or a numpy integer) or None, got {type(seed).__name__}")
+        if not 0 <= seed_int < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed_int}")
+        seed = seed_int
+    return scaling, dropout_p, seed
 
 
 def dropout_and_seed(dropout_p: float, training: bool, seed: Optional[int]) -> tuple[float, Optional[Tensor]]:
@@ -170,7 +174,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, *, sc
         qlora.check(x, weight, lora_a, lora_b, bias)
     else:
         _check(x, weight, lora_a, lora_b, bias)
-    _check_scalars(scaling, dropout_p, training, seed)
+    scaling, dropout_p, seed = _check_scalars(scaling, dropout_p, training, seed)
     p, seed_t = dropout_and_seed(dropout_p, training, seed)
     lead = x.shape[:-1]
     # an explicit row count: reshape(-1, 0) is ambiguous when in_features is 0 (which F.linear allows)

@@ -248,7 +248,7 @@ def multi_lora_linear(x: Tensor, weight, lora_a: Sequence[Tensor], lora_b: Seque
     quantized = isinstance(weight, QuantizedWeight)
     lora_a, lora_b = _adapter_list("lora_a", lora_a), _adapter_list("lora_b", lora_b)
     scalings = _check(x, weight, lora_a, lora_b, adapter_ids, bias, scalings)
-    _check_scalars(1.0, dropout_p, training, seed)
+    _, dropout_p, seed = _check_scalars(1.0, dropout_p, training, seed)
     p, seed_t = dropout_and_seed(dropout_p, training, seed)
     lead = x.shape[:-1]
     rows = math.prod(lead)
