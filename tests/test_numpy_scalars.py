@@ -43,8 +43,8 @@ def test_lora_and_dora_take_numpy_scalars(op, real, integer):
 
 
 def test_numpy_scalars_reach_the_ops_as_python_numbers_and_grads_match():
-    """The custom ops see Python floats/ints (their schema takes float/int), so a compiled graph and the eager
-    call agree; the gradients equal the Python-number call's."""
+    """Forward and every gradient of a numpy-scalar call (dropout on) equal the Python-number call's, bit for bit:
+    the numbers are converted once, before the custom ops (whose schema takes float/int)."""
     x, w, a, b, mag, bias = _lora_inputs(2)
     grads = []
     for scaling, p, seed in ((1.5, 0.125, 9), (np.float32(1.5), np.float32(0.125), np.int64(9))):
