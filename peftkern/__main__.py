@@ -135,8 +135,14 @@ def _bench(args) -> int:
         if load.n:
             print(f"background load: {load.n} busy process(es) running (pids {' '.join(map(str, load.pids))}), "
                   f"each a {load.describe()['kind']}; stopped when the bench ends", flush=True)
+        def write_partial(partial: dict) -> None:  # after every case: a run cut short keeps what it measured
+            try:
+                report.write_json(partial, args.json)
+            except OSError:
+                pass  # reported when the final results are written
+
         results = runner.run([op for op in ops if op != "e2e"], quick=args.quick, device=device,
-                             background_load=load.describe())
+                             background_load=load.describe(), on_row=write_partial if args.json else None)
         if results["rows"]:
             report.print_table(results)
         from .bench.providers import peft_available

@@ -535,3 +535,40 @@ def test_bench_cli_bad_destination_exits_at_once(tmp_path):
     assert "--json notes.txt/r.json: " in out.stderr and "nothing was timed" in out.stderr
     assert "%|" not in out.stderr and out.stdout == ""  # no progress bar, no table
     assert time.monotonic() - started < 60
+
+
+def test_bench_json_is_rewritten_after_every_case(tmp_path, monkeypatch):
+    """A run stopped part-way (a GPU visit's timeout) keeps every case it finished, marked incomplete."""
+    monkeypatch.chdir(tmp_path)
+    canned = _canned_results()
+    assert len(canned["rows"]) > 1
+
+    def fake_run(ops, **kwargs):
+        for i in range(1, len(canned["rows"]) + 1):
+            kwargs["on_row"]({**canned, "complete": False, "rows": canned["rows"][:i]})
+            on_disk = json.loads((tmp_path / "r.json").read_text())
+            assert on_disk["complete"] is False and on_disk["rows"] == canned["rows"][:i]
+        return {**json.loads(json.dumps(canned)), "complete": True}
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    assert main(["bench", "--op", "sparse", "--quick", "--json", "r.json"]) == 0
+    final = json.loads((tmp_path / "r.json").read_text())
+    assert final["complete"] is True and final["rows"] == canned["rows"]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left from the atomic writes
+
+
+def test_runner_reports_each_case_as_it_finishes(monkeypatch):
+    import torch
+
+    from peftkern.bench import cases
+
+    monkeypatch.setitem(runner._OPS, "lora", (lambda device, quick: [cases.LoraCase(m, 8, 8, 2, torch.float32, 0.0)
+                                                                      for m in (3, 5, 7)],
+                                              lambda case, device: ({"peftkern": None}, "eager")))
+    monkeypatch.setattr(runner, "measure_group",
+                        lambda steps, device, quick: {"peftkern": {"median_ms": 1.0, "peak_mem_mb": None}})
+    seen = []
+    results = runner.run(["lora"], quick=True, device=torch.device("cpu"),
+                         on_row=lambda partial: seen.append((partial["complete"], [r["case"]["m"] for r in partial["rows"]])))
+    assert seen == [(False, [3]), (False, [3, 5]), (False, [3, 5, 7])]
+    assert results["complete"] is True and [r["case"]["m"] for r in results["rows"]] == [3, 5, 7]

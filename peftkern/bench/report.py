@@ -205,8 +205,21 @@ def print_table(results: dict) -> None:
 
 
 def write_json(results: dict, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
+    """Written whole or not at all (a temp file renamed over `path`): the bench rewrites it after every case,
+    and a run killed mid-write (a GPU visit's timeout) must leave the previous complete file."""
+    import os
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".peftkern-bench-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def plot_panels(results: dict) -> list[tuple[str, list[tuple[str, list[tuple[str, float]]]]]]:

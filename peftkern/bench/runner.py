@@ -30,8 +30,11 @@ PEAK_MEM_NOTES = {
 }
 
 
-def run(ops: list[str], *, quick: bool, device: torch.device, background_load: dict | None = None) -> dict:
-    """Time every case of `ops`; `background_load` (BackgroundLoad.describe()) is recorded as given."""
+def run(ops: list[str], *, quick: bool, device: torch.device, background_load: dict | None = None,
+        on_row=None) -> dict:
+    """Time every case of `ops`; `background_load` (BackgroundLoad.describe()) is recorded as given.
+    `on_row(partial)`, when given, is called after every case with the results so far ("complete": False, no
+    ceilings or rooflines yet), so a run stopped part-way (a GPU visit's timeout) keeps what it measured."""
     import peftkern
 
     from .progress import progress
@@ -56,9 +59,25 @@ def run(ops: list[str], *, quick: bool, device: torch.device, background_load: d
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if on_row is not None:
+            on_row({**_header(device, quick, background_load), "complete": False, "peak_mem_note": None,
+                    "ceilings": None, "rows": rows})
     ceilings = measure_ceilings(device)
     for row in rows:
         row["roofline"] = roofline(row, ceilings)
+    return {
+        **_header(device, quick, background_load),
+        "complete": True,
+        "peak_mem_note": _peak_mem_note(rows, quick, device),
+        "ceilings": ceilings,
+        "rows": rows,
+    }
+
+
+def _header(device: torch.device, quick: bool, background_load: dict | None) -> dict:
+    """What a results file says about the run: device, versions, date, command."""
+    import peftkern
+
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type,
@@ -69,9 +88,6 @@ def run(ops: list[str], *, quick: bool, device: torch.device, background_load: d
         "command": " ".join(["python -m peftkern"] + sys.argv[1:]),
         "quick": quick,
         "background_load": background_load or {"processes": 0, "kind": None},
-        "peak_mem_note": _peak_mem_note(rows, quick, device),
-        "ceilings": ceilings,
-        "rows": rows,
     }
 
 
