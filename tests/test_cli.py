@@ -243,7 +243,7 @@ def test_sparse_apply_has_an_in_place_baseline():
 
 def test_bench_quick_dora_times_peft_peftkern_its_lora_and_the_floor(tmp_path):
     """--op dora for real (--quick): every row times PEFT's DoRA layer, dora_linear, peftkern's own lora_linear on
-    the same adapters and the floor, and the output gives issue 13's DoRA / LoRA ratio for each row."""
+    the same adapters and the floor, and the output gives the DoRA / LoRA ratio for each row."""
     out = run_cli("bench", "--op", "dora", "--quick", "--json", "d.json", tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr
     results = json.loads((tmp_path / "d.json").read_text())
@@ -264,7 +264,7 @@ def test_bench_quick_dora_times_peft_peftkern_its_lora_and_the_floor(tmp_path):
 
 def test_bench_quick_multi_lora_times_peft_mixed_batch_peftkern_one_adapter_and_the_floor(tmp_path):
     """--op multi_lora for real (--quick): a prefill and a decode row, each timing PEFT's mixed-batch forward,
-    multi_lora_linear, lora_linear with one adapter and the floor, with issue 14's verdicts printed under the table."""
+    multi_lora_linear, lora_linear with one adapter and the floor, with the verdicts against its targets printed under the table."""
     out = run_cli("bench", "--op", "multi_lora", "--quick", "--json", "m.json", tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr
     results = json.loads((tmp_path / "m.json").read_text())
@@ -282,7 +282,7 @@ def test_bench_quick_multi_lora_times_peft_mixed_batch_peftkern_one_adapter_and_
     assert "forward (eval) median ms" in out.stdout
 
 
-def test_multi_lora_notes_judge_issue_14s_targets():
+def test_multi_lora_notes_judge_the_targets():
     def row(kind, ms):
         return {"op": "multi_lora", "family": "multi_lora_linear", "label": f"{kind} case", "case": {"kind": kind},
                 "results": {k: {"median_ms": v, "peak_mem_mb": None} for k, v in ms.items()}}
@@ -322,7 +322,7 @@ def test_multi_lora_eager_fallback_equals_pefts_mixed_batch_forward():
 
 def test_dora_rows_keep_the_table_columns_and_add_a_lora_ratio_note():
     """A dora row has the table line every op has (eager, peftkern, floor), and a note under the table with its
-    ratio to peftkern's LoRA, judged against issue 13's 1.10x; rows of other ops get no such note."""
+    ratio to peftkern's LoRA, judged against the 1.10x target; rows of other ops get no such note."""
     def row(op, ms):
         return {"op": op, "family": op, "label": f"{op} case", "backend": "reference", "eager_provider": "x",
                 "results": {k: {"median_ms": v, "peak_mem_mb": 7.0} for k, v in ms.items()}}
@@ -334,8 +334,8 @@ def test_dora_rows_keep_the_table_columns_and_add_a_lora_ratio_note():
     assert [len(line) for line in lines] == [len(report.COLUMNS)] * 3
     assert lines[1] == ("dora", "dora case", "reference", "4.000", "2.100", "1.000", "1.90x", "+110.0%", "7/7/7")
     assert report.dora_notes(results) == [
-        "dora dora case: peftkern DoRA / peftkern LoRA = 1.05x (2.100 / 2.000 ms, peak 7 MB; within issue 13's 1.10x)",
-        "dora dora case: peftkern DoRA / peftkern LoRA = 1.20x (2.400 / 2.000 ms, peak 7 MB; above issue 13's 1.10x)"]
+        "dora dora case: peftkern DoRA / peftkern LoRA = 1.05x (2.100 / 2.000 ms, peak 7 MB; within the 1.10x target)",
+        "dora dora case: peftkern DoRA / peftkern LoRA = 1.20x (2.400 / 2.000 ms, peak 7 MB; above the 1.10x target)"]
     panels = dict(report.plot_panels(results))
     assert dict(panels["dora"][0][1])["peftkern LoRA time / peftkern DoRA time"] == pytest.approx(2.0 / 2.1)
     assert "peftkern LoRA time / peftkern DoRA time" not in dict(panels["lora"][0][1])
@@ -409,7 +409,7 @@ def test_finetune_help_states_the_model_size_it_builds():
         assert e2e.parameter_counts(size) == {"base": base, "lora": total - base}
 
 
-# ---- --json / --plot destinations: checked (missing folders made) before anything is timed (issue 22 item 7) ----
+# ---- --json / --plot destinations: checked (missing folders made) before anything is timed ----
 
 def _canned_results(op: str = "sparse") -> dict:
     """Results as runner.run returns them (the committed CPU run's rows of one op), to stand in for the timing."""

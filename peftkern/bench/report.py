@@ -15,7 +15,7 @@ FLOORS = {"lora": "bare F.linear of the frozen base, fwd+bwd",
           "adapter": "one elementwise pass over h (fwd) and dy (bwd)",
           "sparse": "apply: in-place index_put_(accumulate=True); linear: bare F.linear fwd+bwd"}
 BAR_NAMES = {"eager": "speedup vs eager", "eager_inplace": "speedup vs in-place eager written by hand"}
-# issue 13: a DoRA step (dora_linear) costs at most this many times peftkern's own LoRA step (lora_linear) on the
+# a DoRA step (dora_linear) costs at most this many times peftkern's own LoRA step (lora_linear) on the
 # same shapes, dropout and adapters; rows of --op dora time both ("peftkern" and "peftkern_lora")
 DORA_VS_LORA_TARGET = 1.10
 SECOND_EAGER = ("sparse apply, second row: the in-place update written by hand with sparse_diff_apply_'s "
@@ -44,7 +44,7 @@ def dora_vs_lora(row: dict) -> float | None:
     return r["peftkern"]["median_ms"] / r["peftkern_lora"]["median_ms"]
 
 
-# issue 14's targets for --op multi_lora rows: (device type, case kind) -> [(what, ratio, bound, "<=" or ">=")]
+# the targets for --op multi_lora rows: (device type, case kind) -> [(what, ratio, bound, "<=" or ">=")]
 def multi_lora_checks(row: dict, device_type: str) -> list[tuple[str, float, float, str]]:
     r = row["results"]
     if row["op"] != "multi_lora" or "peftkern_single" not in r:
@@ -65,7 +65,7 @@ def multi_lora_checks(row: dict, device_type: str) -> list[tuple[str, float, flo
 
 def multi_lora_notes(results: dict) -> list[str]:
     """One line per --op multi_lora row: speedup over PEFT's mixed-batch forward, time over the floor and over one
-    adapter on all rows, each against issue 14's target where it sets one."""
+    adapter on all rows, each against its target where there is one."""
     lines = []
     for row in results["rows"]:
         checks = multi_lora_checks(row, results.get("device_type", "cpu"))
@@ -83,7 +83,7 @@ def multi_lora_notes(results: dict) -> list[str]:
 
 
 def dora_notes(results: dict) -> list[str]:
-    """One line per --op dora row: the ratio to peftkern's own LoRA (issue 13's target) and that step's
+    """One line per --op dora row: the ratio to peftkern's own LoRA (against its target) and that step's
     time and peak memory. The table's columns stay those of every op; this is printed under it."""
     lines = []
     for row in results["rows"]:
@@ -95,7 +95,7 @@ def dora_notes(results: dict) -> list[str]:
         verdict = "within" if ratio <= DORA_VS_LORA_TARGET else "above"
         lines.append(f"dora {row['label']}: peftkern DoRA / peftkern LoRA = {ratio:.2f}x "
                      f"({row['results']['peftkern']['median_ms']:.3f} / {lora['median_ms']:.3f} ms{mem}; "
-                     f"{verdict} issue 13's {DORA_VS_LORA_TARGET:.2f}x)")
+                     f"{verdict} the {DORA_VS_LORA_TARGET:.2f}x target)")
     return lines
 
 
