@@ -53,9 +53,9 @@ def table(results: dict) -> str:
         lines += ["", "DoRA against peftkern's own `lora_linear` on the same shapes and adapters:", ""]
         lines += [f"- {line}" for line in dora]
         lines.append("")
-    multi = report.multi_lora_notes(results)  # --op multi_lora: issue 14's targets
+    multi = report.multi_lora_notes(results)  # --op multi_lora: its targets
     if multi:
-        lines += ["", "Many adapters (`multi_lora_linear`, forward, eval) against issue 14's targets:", ""]
+        lines += ["", "Many adapters (`multi_lora_linear`, forward, eval) against their targets:", ""]
         lines += [f"- {line}" for line in multi]
         lines.append("")
     note = report.peak_memory_note(results)
