@@ -23,6 +23,39 @@ def _is_linear4bit(module) -> bool:
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
+def _is_linear8bit(module) -> bool:
+    """A bitsandbytes 8-bit linear (LLM.int8's Linear8bitLt), recognised without importing bitsandbytes."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, getattr(bnb.nn, "Linear8bitLt", ()))
+
+
+def _check_dense_linear(cls_name: str, linear, takes_4bit: bool) -> None:
+    """The refusals every from_linear shares, before anything is built: not an nn.Linear, a bitsandbytes 8-bit
+    layer (an nn.Linear subclass whose int8 weight and matmul peftkern does not reproduce), or any other nn.Linear
+    subclass whose weight is not floating. `takes_4bit`: whether the class also takes a Linear4bit (the message
+    then offers it)."""
+    accepted = "a torch.nn.Linear or a bitsandbytes Linear4bit" if takes_4bit else "a torch.nn.Linear"
+    if _is_linear8bit(linear):
+        instead = ("load the base in 4-bit (bitsandbytes Linear4bit, BitsAndBytesConfig(load_in_4bit=True)) or "
+                   "unquantized" if takes_4bit else "load the base unquantized (or in 4-bit and call "
+                   "peftkern.multi_lora_linear over peftkern.QuantizedWeight.from_bnb(layer))")
+        raise TypeError(f"{cls_name}.from_linear: linear is a bitsandbytes {type(linear).__name__} (8-bit, LLM.int8), "
+                        f"and 8-bit bases are not supported (their int8 weight and outlier matmul have no peftkern "
+                        f"path); linear must be {accepted}: {instead}")
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be {accepted}, got {type(linear).__name__}")
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"{cls_name}.from_linear: linear ({type(linear).__name__}) has a weight of dtype "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)}, not a floating dtype (a quantized or "
+                        f"packed layer peftkern cannot read); linear must be {accepted} with a floating weight")
+
+
+# the quantization state bitsandbytes' Linear4bit writes beside its packed "weight" (QuantState.as_dict(packed=True)):
+# "weight.absmax", "weight.quant_map", "weight.nested_*", "weight.quant_state.bitsandbytes__<quant_type>"
+_QUANT_STATE_PREFIX = "weight."
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable rank-r update (LoRA):
 
@@ -106,9 +139,7 @@ class LoRALinear(nn.Module):
         """
         if _is_linear4bit(linear):
             return cls._from_linear4bit(linear, r, alpha, dropout)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear or a bitsandbytes Linear4bit, got "
-                            f"{type(linear).__name__}")
+        _check_dense_linear(cls.__name__, linear, takes_4bit=True)
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, r=r, alpha=alpha, dropout=dropout,
                     bias=linear.bias is not None, device="meta", dtype=w.dtype)
@@ -142,6 +173,101 @@ class LoRALinear(nn.Module):
         layer.lora_b = nn.Parameter(torch.empty(out_features, r, device=device, dtype=torch.float32))
         layer.reset_lora_parameters()
         return layer
+
+    # ------------------------------------------------------------------ state dict of a 4-bit base
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A 4-bit base saves its whole quantization state beside the packed `weight`, under the names bitsandbytes'
+        Linear4bit uses ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+        "weight.quant_state.bitsandbytes__<quant_type>"): the packed bytes alone cannot be dequantized."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        qw = self.quantized_weight
+        if qw is None:
+            return
+        if self.weight.data_ptr() != qw.packed.data_ptr():
+            # the shared Linear4bit has rewritten its Params4bit since (bitsandbytes' CPU-repacked layout): this layer
+            # computes with the bytes it took, so those are what it saves
+            destination[prefix + "weight"] = qw.packed.view(-1, 1) if keep_vars else qw.packed.detach().view(-1, 1)
+        for key, value in qw.quant_state_dict().items():
+            destination[prefix + _QUANT_STATE_PREFIX + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A 4-bit base loads the packed `weight` together with its quantization state (bitsandbytes' names, as
+        saved above or by a Linear4bit), all checked before anything changes: packed bytes without that state, state
+        without the bytes, an inconsistent state (lengths, tables, non-finite scales, ...) or another [out, in]
+        shape are reported as load errors (load_state_dict raises RuntimeError listing them) and leave this layer
+        (weight, bias, adapters) as it was. A loaded weight is copied onto this layer's device (assign=True keeps the given tensors) and
+        replaces the bytes and quant_state of the Params4bit this layer shares with its Linear4bit, so both compute
+        with it."""
+        if self.quantized_weight is None:
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        key = prefix + "weight"
+        state_prefix = key + "."
+        quant = {k[len(state_prefix):]: v for k, v in state_dict.items() if k.startswith(state_prefix)}
+        packed = state_dict.get(key)
+        rest = {k: v for k, v in state_dict.items() if k != key and not k.startswith(state_prefix)}
+        loaded = None
+        if packed is not None or quant:
+            try:
+                loaded = self._check_quantized_state(packed, quant)
+            except (TypeError, ValueError, RuntimeError) as err:
+                error_msgs.append(f"While loading the 4-bit weight {key!r} (this layer's stands for a "
+                                  f"{tuple(self.quantized_weight.shape)} weight): {err}")
+                return  # load_state_dict raises; none of this layer's parameters is touched
+        missing_before = len(missing_keys)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if packed is not None or quant:  # handled here (loaded or reported), not missing
+            missing_keys[missing_before:] = [k for k in missing_keys[missing_before:] if k != key]
+        if loaded is not None:
+            self._set_quantized(loaded, assign=bool(local_metadata.get("assign_to_params_buffers", False)))
+
+    def _check_quantized_state(self, packed, quant: dict):
+        from .quant import QuantizedWeight
+        if packed is None:
+            raise ValueError(f"the state dict holds its quantization state ({', '.join(sorted(quant))}) but not the "
+                             "packed weight itself")
+        if not quant:
+            raise ValueError("the state dict holds the packed 4-bit weight but none of its quantization state "
+                             "(weight.absmax, weight.quant_map, weight.quant_state.bitsandbytes__<quant_type>, as "
+                             "bitsandbytes' Linear4bit and peftkern save it): the bytes cannot be dequantized without "
+                             "it (a dense weight, or a checkpoint saved without it?)")
+        loaded = QuantizedWeight.from_quant_state_dict(packed, quant)
+        if loaded.shape != self.quantized_weight.shape:
+            raise ValueError(f"size mismatch: the checkpoint's 4-bit weight stands for a {tuple(loaded.shape)} "
+                             f"weight, this layer's for {tuple(self.quantized_weight.shape)}")
+        return loaded
+
+    @torch.no_grad()
+    def _set_quantized(self, loaded, assign: bool) -> None:
+        """Make `loaded` this layer's 4-bit weight: its bytes and a bitsandbytes QuantState of its tensors go into
+        the Params4bit (shared with the source Linear4bit, which then computes with them too), and
+        `quantized_weight` is rebuilt over that storage."""
+        from .quant import QuantizedWeight
+        param = self.weight
+        loaded = loaded.to(self.quantized_weight.device, copy=not assign)
+        bnb = sys.modules["bitsandbytes"]
+        old_state = param.__dict__.get("quant_state")
+        state_cls = type(old_state) if old_state is not None else bnb.functional.QuantState
+        state2 = (state_cls(absmax=loaded.absmax2, blocksize=loaded.blocksize2, code=loaded.code2, dtype=torch.float32)
+                  if loaded.double_quant else None)
+        state = state_cls(absmax=loaded.absmax, shape=loaded.shape, code=loaded.code, blocksize=loaded.blocksize,
+                          quant_type=loaded.quant_type, dtype=loaded.dtype, offset=loaded.offset, state2=state2)
+        packed = loaded.packed.view(-1, 1)
+        storage = param.dtype
+        if storage != torch.uint8 and packed.numel() % storage.itemsize == 0:  # bitsandbytes' quant_storage
+            packed = packed.view(storage)
+        param.data = packed
+        param.quant_state = state
+        for attr, value in (("blocksize", loaded.blocksize), ("quant_type", loaded.quant_type),
+                            ("compress_statistics", loaded.double_quant)):
+            if attr in param.__dict__:
+                setattr(param, attr, value)
+        module = param.__dict__.get("module")
+        if module is not None and hasattr(module, "quant_state"):  # bitsandbytes' copy for its FSDP recovery
+            module.quant_state = state
+        self.quantized_weight = QuantizedWeight.from_bnb(param)
 
     @property
     def merged(self) -> bool:
@@ -375,8 +501,12 @@ class MultiLoRALinear(nn.Module):
         """A MultiLoRALinear over an existing nn.Linear: its weight and bias are shared (not copied) and frozen; the
         adapters are new, on its device and in its dtype, with PEFT's default initialisation. Raises TypeError when
         `linear` is not an nn.Linear, and the constructor's errors for ranks, alphas and dropout."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        if _is_linear4bit(linear):
+            raise TypeError("MultiLoRALinear.from_linear: linear is a bitsandbytes Linear4bit (4-bit), which "
+                            "MultiLoRALinear does not take: call peftkern.multi_lora_linear(x, "
+                            "peftkern.QuantizedWeight.from_bnb(linear), ...) directly (the op runs over a 4-bit base), "
+                            "or use LoRALinear.from_linear / DoRALinear.from_linear (4-bit aware) for one adapter")
+        _check_dense_linear("MultiLoRALinear", linear, takes_4bit=False)
         ranks, alphas = cls._check_adapters(ranks, alphas)
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, ranks, alphas, dropout=dropout,

@@ -18,6 +18,9 @@ nearest-entry search) for the double quantization, mirrored here op for op. bits
 `from_bnb`. Weights with a zero dimension are refused (bitsandbytes cannot dequantize them either).
 """
 import functools
+import json
+import math
+import operator
 
 import torch
 
@@ -155,6 +158,27 @@ def _check_blocksize(blocksize) -> int:
     return value
 
 
+def _check_shape(shape) -> torch.Size:
+    """[out, in] as a torch.Size: a sequence of two ints (a float, a bool or None is refused, never truncated)."""
+    if isinstance(shape, (str, bytes, torch.Tensor)) or not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"shape must be a tuple of two ints [out, in], got {type(shape).__name__} ({shape!r})")
+    dims = []
+    for i, d in enumerate(shape):
+        if isinstance(d, bool):
+            raise TypeError(f"shape[{i}] must be an int, got bool ({d!r}) in shape {tuple(shape)!r}")
+        try:
+            dims.append(operator.index(d))  # int and integer scalars; 96.0 has no __index__
+        except TypeError:
+            raise TypeError(f"shape[{i}] must be an int, got {type(d).__name__} ({d!r}) in shape "
+                            f"{tuple(shape)!r}") from None
+    shape = torch.Size(dims)
+    if len(shape) != 2:
+        raise ValueError(f"shape must be 2-D [out, in], got {tuple(shape)}")
+    if shape[0] < 1 or shape[1] < 1:
+        raise ValueError(f"shape must have no zero dimension, got {tuple(shape)}")
+    return shape
+
+
 def _check_tensor(name: str, t, dtype: torch.dtype, numel: int, what: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -162,7 +186,83 @@ def _check_tensor(name: str, t, dtype: torch.dtype, numel: int, what: str) -> to
         raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
     if t.numel() != numel:
         raise ValueError(f"{name} must have {numel} elements ({what}), got {t.numel()} (shape {tuple(t.shape)})")
+    if t.requires_grad:
+        raise ValueError(f"{name} requires grad, but a QuantizedWeight is frozen (nothing can flow back into its "
+                         f"state); pass {name}.detach()")
     return t.reshape(-1)
+
+
+def _check_values(name: str, t: torch.Tensor, *, nonnegative: bool) -> None:
+    """Finite (and >= 0 for a block scale) in every element; a meta tensor has no values to check."""
+    if t.device.type == "meta":
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, but it holds {'nan' if bool(t.isnan().any()) else 'inf'}")
+    if nonnegative and bool((t < 0).any()):
+        raise ValueError(f"{name} must be >= 0 (a block's max |w|), but it holds {t.min().item()}")
+
+
+def _check_table(name: str, t: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    if t.device.type != "meta" and not torch.equal(t.cpu(), want):
+        raise ValueError(f"{name} must be {what} {want.tolist()[:16]}{' ...' if want.numel() > 16 else ''}, got "
+                         f"{t.tolist()[:16]}{' ...' if t.numel() > 16 else ''}")
+
+
+def _parse_to(args, kwargs):
+    """(device or None, dtype or None, non_blocking, copy) from Tensor.to's forms: to(device), to(dtype),
+    to(device, dtype), to(tensor) (its device and dtype), and the keywords device=, dtype=, non_blocking=, copy=."""
+    unknown = set(kwargs) - {"device", "dtype", "non_blocking", "copy"}
+    if unknown:
+        raise TypeError(f"to() got unexpected keyword argument(s) {sorted(unknown)}")
+    if len(args) > 2:
+        raise TypeError(f"to() takes at most 2 positional arguments (device, dtype), got {len(args)}")
+    device, dtype = kwargs.get("device"), kwargs.get("dtype")
+    for a in args:
+        if isinstance(a, torch.dtype):
+            if dtype is not None:
+                raise TypeError("to() got two dtypes")
+            dtype = a
+        elif isinstance(a, torch.Tensor):
+            if device is not None or dtype is not None:
+                raise TypeError("to(tensor) takes the tensor's device and dtype: give no other device or dtype")
+            device, dtype = a.device, a.dtype
+        elif isinstance(a, (str, int, torch.device)) and not isinstance(a, bool):
+            if device is not None:
+                raise TypeError("to() got two devices")
+            device = a
+        else:
+            raise TypeError(f"to() takes a device, a dtype or a tensor, got {type(a).__name__} ({a!r})")
+    if device is not None:
+        if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+            raise TypeError(f"device must be a torch.device, str or int, got {type(device).__name__}")
+        device = torch.device(device)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+    for flag in ("non_blocking", "copy"):
+        if not isinstance(kwargs.get(flag, False), bool):
+            raise TypeError(f"{flag} must be a bool, got {type(kwargs[flag]).__name__}")
+    return device, dtype, kwargs.get("non_blocking", False), kwargs.get("copy", False)
+
+
+# bitsandbytes' QuantState.as_dict(packed=True) entries, the names a Linear4bit's state dict holds under "weight."
+_STATE_TENSORS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_STATE_VALUES = ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset")
+_STATE_BLOB = "quant_state.bitsandbytes__"
+_NESTED = ("nested_absmax", "nested_quant_map", "nested_blocksize", "nested_dtype", "nested_offset")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """torch.device("cuda") names the current CUDA device: it is the same as cuda:<current>."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else None
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class QuantizedWeight:
@@ -177,28 +277,34 @@ class QuantizedWeight:
     code     float32 [16]: the quant_type's table (checked against bitsandbytes' values); None uses it
     offset, absmax2, code2   all three for a double-quantized absmax (else none): offset a float or a one-element
              float32 tensor, absmax2 float32 [ceil(nblocks/256)], code2 float32 [256] (bitsandbytes' dynamic map)
-    All tensors must be on one device (RuntimeError). Shapes and values raise ValueError, dtypes TypeError.
+    All tensors must be on one device (RuntimeError). Shapes and values raise ValueError, dtypes and argument types
+    TypeError: shape must be two ints (not floats or None); absmax (float32), absmax2 and offset must be finite and
+    absmax, absmax2 >= 0; code and code2 must be bitsandbytes' tables; no tensor may require grad (the weight is
+    frozen). Tensors on the meta device are accepted (shape inference, deferred loading): their values are not
+    checked and dequantize() gives a meta tensor.
     """
 
     def __init__(self, packed, absmax, *, shape, quant_type, blocksize, dtype, code=None, offset=None,
                  absmax2=None, code2=None):
-        shape = torch.Size(shape)
-        if len(shape) != 2:
-            raise ValueError(f"shape must be 2-D [out, in], got {tuple(shape)}")
-        if shape[0] < 1 or shape[1] < 1:
-            raise ValueError(f"shape must have no zero dimension, got {tuple(shape)}")
+        shape = _check_shape(shape)
         if quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
         blocksize = _check_blocksize(blocksize)
-        if dtype not in DENSE_DTYPES:
+        if not isinstance(dtype, torch.dtype) or dtype not in DENSE_DTYPES:
             raise TypeError(f"dtype must be one of {DENSE_DTYPES}, got {dtype}")
         n = shape.numel()
         nblocks = -(-n // blocksize)
-        double_quant = absmax2 is not None
-        if (offset is None, code2 is None) != (not double_quant, not double_quant):
-            raise ValueError("offset, absmax2 and code2 describe a double-quantized absmax: give all three or "
-                             f"none (got offset={'set' if offset is not None else None}, absmax2="
-                             f"{'set' if absmax2 is not None else None}, code2={'set' if code2 is not None else None})")
+        nested = {"offset": offset, "absmax2": absmax2, "code2": code2}
+        given = [k for k, v in nested.items() if v is not None]
+        missing = [k for k, v in nested.items() if v is None]
+        if given and missing:
+            raise ValueError(f"double quantization is incomplete: offset, absmax2 and code2 describe a "
+                             f"double-quantized absmax and go together, but {'/'.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} missing (got {'/'.join(given)})")
+        if not given and isinstance(absmax, torch.Tensor) and absmax.dtype == torch.uint8:
+            raise ValueError("double quantization is incomplete: absmax is uint8 (codes of a double-quantized "
+                             "absmax) but offset/absmax2/code2 are missing; give all three, or a float32 absmax")
+        double_quant = bool(given)
         packed = _check_tensor("packed", packed, torch.uint8, (n + 1) // 2,
                                f"two 4-bit codes per byte for a {tuple(shape)} weight")
         absmax = _check_tensor("absmax", absmax, torch.uint8 if double_quant else torch.float32, nblocks,
@@ -215,6 +321,8 @@ class QuantizedWeight:
             if isinstance(offset, torch.Tensor):
                 offset = _check_tensor("offset", offset, torch.float32, 1, "the mean of absmax").reshape(())
             elif _is_real(offset):  # int, float or a numpy scalar
+                if not math.isfinite(offset):
+                    raise ValueError(f"offset must be finite, got {offset}")
                 offset = torch.tensor(float(offset), dtype=torch.float32, device=device)
             else:
                 raise TypeError(f"offset must be a float or a float32 tensor, got {type(offset).__name__}")
@@ -223,14 +331,27 @@ class QuantizedWeight:
             if t.device != device:
                 raise RuntimeError(f"{name} is on {t.device} but packed is on {device}; all of a "
                                    "QuantizedWeight's tensors must be on one device")
-        if not torch.equal(code.cpu(), _code_cpu(quant_type)):
-            raise ValueError(f"code must be bitsandbytes' {quant_type} table {_code_cpu(quant_type).tolist()}, "
-                             f"got {code.tolist()}")
+        _check_table("code", code, _code_cpu(quant_type), f"bitsandbytes' {quant_type} table")
+        if double_quant:
+            _check_table("code2", code2, _dynamic_map_cpu(), "bitsandbytes' 8-bit dynamic map (create_dynamic_map)")
+            _check_values("absmax2", absmax2, nonnegative=True)
+            _check_values("offset", offset, nonnegative=False)
+        else:
+            _check_values("absmax", absmax, nonnegative=True)
         self.shape, self.quant_type, self.blocksize, self.dtype = shape, quant_type, blocksize, dtype
         self.packed, self.absmax, self.code = packed, absmax, code
         self.double_quant = double_quant
         self.offset, self.absmax2, self.code2 = offset, absmax2, code2
         self.blocksize2 = BLOCKSIZE2 if double_quant else None
+
+    def _with(self, tensors: dict, dtype: torch.dtype) -> "QuantizedWeight":
+        """A copy of this (already validated) weight over other tensors with the same values (moved or cloned) and
+        the dense dtype `dtype`: no check is repeated (it would read every value back to the host)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(tensors)
+        new.dtype = dtype
+        return new
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -269,7 +390,12 @@ class QuantizedWeight:
     def from_bnb(cls, param) -> "QuantizedWeight":
         """Wrap a quantized bitsandbytes Params4bit (or a Linear4bit, whose weight is used) without copying: packed,
         absmax and the double-quantization state are bitsandbytes' own tensors. Refuses (RuntimeError) the
-        CPU-specific layout bitsandbytes repacks a Linear4bit into on AVX512-BF16 CPUs (see below)."""
+        CPU-specific layout bitsandbytes repacks a Linear4bit into on AVX512-BF16 CPUs (see below).
+
+        Also takes what a Params4bit becomes after `pickle` or `torch.save`/`torch.load` (of it, or of a model
+        holding it): torch's Parameter pickling drops the subclass, so it comes back as a plain nn.Parameter that
+        still carries the packed bytes and the bitsandbytes `quant_state` (bitsandbytes' own forward keeps working
+        on it, reading that quant_state)."""
         try:
             import bitsandbytes as bnb
         except ImportError as e:
@@ -277,8 +403,12 @@ class QuantizedWeight:
         module = None
         if isinstance(param, torch.nn.Module):
             module, param = param, getattr(param, "weight", None)
-        if not isinstance(param, bnb.nn.Params4bit):
-            raise TypeError(f"param must be a bitsandbytes Params4bit (or a Linear4bit), got {type(param).__name__}")
+        unpickled = (isinstance(param, torch.Tensor) and not isinstance(param, bnb.nn.Params4bit)
+                     and isinstance(param.__dict__.get("quant_state"), bnb.functional.QuantState))
+        if not isinstance(param, bnb.nn.Params4bit) and not unpickled:
+            raise TypeError(f"param must be a bitsandbytes Params4bit (or a Linear4bit, or a Parameter carrying a "
+                            f"bitsandbytes quant_state, as a Params4bit comes back from pickle), got "
+                            f"{type(param).__name__}")
         qs = param.quant_state
         if qs is None and module is not None:  # bitsandbytes keeps a copy on the module (its FSDP recovery)
             qs = getattr(module, "quant_state", None)
@@ -361,12 +491,129 @@ class QuantizedWeight:
             t.update(offset=self.offset, absmax2=self.absmax2, code2=self.code2)
         return t
 
-    def to(self, device) -> "QuantizedWeight":
-        """A QuantizedWeight on `device` (its tensors moved; shared when already there)."""
-        device = torch.device(device)
-        moved = {k: v.to(device) for k, v in self._tensors().items()}
-        return type(self)(moved.pop("packed"), moved.pop("absmax"), shape=self.shape, quant_type=self.quant_type,
-                          blocksize=self.blocksize, dtype=self.dtype, **moved)
+    def to(self, *args, **kwargs) -> "QuantizedWeight":
+        """As Tensor.to: `to(device)`, `to(dtype)`, `to(device, dtype)`, `to(tensor)` (its device and dtype), keywords
+        device=, dtype=, non_blocking=, copy=. The device moves every tensor; the dtype is the *dense* dtype, what
+        dequantize() returns and lora_linear rounds deq(W) to (the packed codes and block scales are bitsandbytes'
+        format and never change: casting them would destroy the weight). Returns self when nothing changes (and
+        copy is False), else a new QuantizedWeight; self is never modified.
+
+        Raises TypeError for a dtype other than float16/bfloat16/float32/float64 or a malformed argument, and
+        NotImplementedError (a RuntimeError) when moving off the meta device: a meta weight holds no values
+        (build it on a real device, or load it from a checkpoint)."""
+        device, dtype, non_blocking, copy = _parse_to(args, kwargs)
+        if dtype is not None and dtype not in DENSE_DTYPES:
+            raise TypeError(f"dtype must be one of {DENSE_DTYPES} (the dense dtype dequantize() returns; the 4-bit "
+                            f"codes themselves keep bitsandbytes' format), got {dtype}")
+        device = self.device if device is None else device
+        dtype = self.dtype if dtype is None else dtype
+        if self.device.type == "meta" and device.type != "meta":
+            raise NotImplementedError(f"this QuantizedWeight is on the meta device and holds no data, so it cannot "
+                                      f"be moved to {device}; build it on a real device (quantize, from_bnb) or "
+                                      "load its tensors from a checkpoint")
+        if _same_device(self.device, device) and dtype == self.dtype and not copy:
+            return self
+        moved = {k: v.to(device, non_blocking=non_blocking, copy=copy) for k, v in self._tensors().items()}
+        return self._with(moved, dtype)
+
+    # ---------------------------------------------------------------- state dict (bitsandbytes' names)
+    def quant_state_dict(self) -> dict:
+        """The quantization state beside the packed bytes, under the names bitsandbytes' Linear4bit writes after
+        "weight." in its state dict (QuantState.as_dict(packed=True)): `absmax`, `quant_map` (code) and, when
+        double-quantized, `nested_absmax` (absmax2) and `nested_quant_map` (code2), plus one uint8 tensor
+        `quant_state.bitsandbytes__<quant_type>` holding the rest as JSON (quant_type, blocksize, dtype, shape and
+        nested_blocksize, nested_dtype, nested_offset). All tensors (safetensors can save them); the tables are
+        copies, never this weight's own."""
+        state = {"absmax": self.absmax, "quant_map": self.code.clone()}
+        values = {"quant_type": self.quant_type, "blocksize": self.blocksize, "dtype": _dtype_name(self.dtype),
+                  "shape": list(self.shape)}
+        if self.double_quant:
+            state.update(nested_absmax=self.absmax2, nested_quant_map=self.code2.clone())
+            offset = float("nan") if self.offset.device.type == "meta" else self.offset.item()
+            values.update(nested_blocksize=BLOCKSIZE2, nested_dtype="float32", nested_offset=offset)
+        blob = torch.tensor(list(json.dumps(values).encode("utf-8")), dtype=torch.uint8)
+        state[_STATE_BLOB + self.quant_type] = blob
+        return state
+
+    @classmethod
+    def from_quant_state_dict(cls, packed: torch.Tensor, state: dict) -> "QuantizedWeight":
+        """The inverse of quant_state_dict(): a QuantizedWeight over `packed` (a state dict's "weight": uint8, or
+        bitsandbytes' other quant_storage dtypes holding the same bytes) and `state` (its "weight.*" entries with
+        the prefix removed; bitsandbytes' unpacked form, plain values instead of the JSON tensor, is read too).
+        The tensors are used as given (not copied). Raises ValueError naming the entry when one is missing,
+        unknown, contradictory or malformed (e.g. "double quantization is incomplete"), and the constructor's
+        errors for the tensors themselves."""
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+        if isinstance(packed, torch.nn.Parameter):  # state_dict(keep_vars=True): the Params4bit itself
+            packed = packed.data
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict of the quantization state's entries, got {type(state).__name__}")
+        entries = dict(state)
+        blobs = [k for k in entries if k.startswith("quant_state.")]
+        unknown = [k for k in entries if k not in _STATE_TENSORS + _STATE_VALUES and k not in blobs]
+        if unknown:
+            raise ValueError(f"unknown quantization state entries {sorted(unknown)}; bitsandbytes' names are "
+                             f"{list(_STATE_TENSORS + _STATE_VALUES)} and {_STATE_BLOB}<quant_type>")
+        if len(blobs) > 1:
+            raise ValueError(f"the quantization state holds {len(blobs)} quant_state entries {sorted(blobs)}; "
+                             "bitsandbytes writes exactly one")
+        if blobs:
+            key = blobs[0]
+            blob_type = key.removeprefix(_STATE_BLOB) if key.startswith(_STATE_BLOB) else None
+            if blob_type not in QUANT_TYPES:
+                raise ValueError(f"{key!r} is not one of bitsandbytes' quant_state entries "
+                                 f"({', '.join(_STATE_BLOB + q for q in QUANT_TYPES)})")
+            blob = entries.pop(key)
+            if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
+                raise ValueError(f"{key!r} must be a 1-D uint8 tensor (JSON bytes), got "
+                                 f"{getattr(blob, 'dtype', type(blob).__name__)}")
+            try:
+                values = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise ValueError(f"{key!r} does not hold bitsandbytes' JSON quantization state: {e}") from None
+            if not isinstance(values, dict):
+                raise ValueError(f"{key!r} must hold a JSON object, got {type(values).__name__}")
+            unknown = [k for k in values if k not in _STATE_VALUES]
+            if unknown:
+                raise ValueError(f"{key!r} holds unknown entries {sorted(unknown)}")
+            clash = [k for k in values if k in entries
+                     and (isinstance(entries[k], torch.Tensor) or entries[k] != values[k])]
+            if clash:
+                raise ValueError(f"{key!r} contradicts the state's own entries {sorted(clash)}")
+            entries.update(values)
+            if entries.get("quant_type") != blob_type:
+                raise ValueError(f"{key!r} names quant_type {blob_type!r} but holds quant_type "
+                                 f"{entries.get('quant_type')!r}")
+        missing = [k for k in ("absmax", "quant_map", "quant_type", "blocksize", "dtype", "shape") if k not in entries]
+        if missing:
+            raise ValueError(f"the quantization state is missing {missing} (bitsandbytes' Linear4bit writes them "
+                             f"beside the packed weight as weight.absmax, weight.quant_map and "
+                             f"weight.{_STATE_BLOB}<quant_type>)")
+        nested = [k for k in _NESTED if k in entries]
+        if nested and len(nested) != len(_NESTED):
+            raise ValueError(f"double quantization is incomplete: the state has {nested} but not "
+                             f"{[k for k in _NESTED if k not in entries]}")
+        dtype = getattr(torch, entries["dtype"], None) if isinstance(entries["dtype"], str) else None
+        if dtype not in DENSE_DTYPES:
+            raise ValueError(f"dtype must name one of {[_dtype_name(d) for d in DENSE_DTYPES]}, got {entries['dtype']!r}")
+        shape = entries["shape"]
+        if not isinstance(shape, (list, tuple)):
+            raise ValueError(f"shape must be a list of two ints, got {shape!r}")
+        kwargs = dict(shape=shape, quant_type=entries["quant_type"], blocksize=entries["blocksize"], dtype=dtype,
+                      code=entries["quant_map"])
+        if nested:
+            if entries["nested_blocksize"] != BLOCKSIZE2 or isinstance(entries["nested_blocksize"], bool):
+                raise ValueError(f"nested_blocksize must be {BLOCKSIZE2}, got {entries['nested_blocksize']!r}")
+            if entries["nested_dtype"] != "float32":
+                raise ValueError(f"nested_dtype must be 'float32', got {entries['nested_dtype']!r}")
+            offset = entries["nested_offset"]
+            if isinstance(offset, bool) or not isinstance(offset, (int, float, torch.Tensor)):
+                raise ValueError(f"nested_offset must be a float, got {type(offset).__name__}")
+            kwargs.update(offset=offset, absmax2=entries["nested_absmax"], code2=entries["nested_quant_map"])
+        if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage other than uint8: the same bytes, viewed
+            packed = packed.reshape(-1).view(torch.uint8)
+        return cls(packed, entries["absmax"], **kwargs)
 
     @property
     def nbytes(self) -> int:

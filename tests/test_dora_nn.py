@@ -131,3 +131,20 @@ def test_over_a_linear4bit():
     assert layer.magnitude.grad is not None and layer.lora_a.grad is not None
     with pytest.raises(RuntimeError, match="4-bit"):
         layer.merge_()
+
+
+def test_4bit_state_dict_round_trips_the_whole_quantization_state():
+    from .test_nn import check_4bit_state_dict_round_trip
+    check_4bit_state_dict_round_trip(DoRALinear)
+
+
+def test_4bit_state_dict_with_missing_or_inconsistent_state_raises_and_changes_nothing():
+    from .test_nn import check_4bit_state_dict_refusals
+    check_4bit_state_dict_refusals(DoRALinear)
+
+
+def test_from_linear_refuses_an_8bit_base():
+    bnb = pytest.importorskip("bitsandbytes", reason="an 8-bit base is a bitsandbytes Linear8bitLt (in the test extras)")
+    int8 = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False).to("cpu")
+    with pytest.raises(TypeError, match=r"DoRALinear.from_linear: linear is a bitsandbytes Linear8bitLt .8-bit"):
+        DoRALinear.from_linear(int8)

@@ -87,3 +87,22 @@ def test_bad_constructor_arguments(kwargs, error, match):
 def test_from_linear_refuses_other_modules():
     with pytest.raises(TypeError, match="linear must be a torch.nn.Linear"):
         MultiLoRALinear.from_linear(nn.Conv1d(3, 3, 1), ranks=[2])
+
+
+def test_from_linear_refuses_4bit_and_8bit_bases_naming_what_to_do():
+    """A Linear4bit or Linear8bitLt subclasses nn.Linear: a TypeError saying what to use instead, not torch's
+    "Only Tensors of floating point ... can require gradients"."""
+    bnb = pytest.importorskip("bitsandbytes", reason="the quantized bases are bitsandbytes layers (in the test extras)")
+    q4 = bnb.nn.Linear4bit(64, 32, quant_type="nf4").to("cpu")
+    with pytest.raises(TypeError) as info:
+        MultiLoRALinear.from_linear(q4, ranks=[2, 3])
+    for word in ("MultiLoRALinear.from_linear", "linear", "Linear4bit", "peftkern.multi_lora_linear",
+                 "QuantizedWeight.from_bnb", "LoRALinear.from_linear"):
+        assert word in str(info.value), word
+    q8 = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False).to("cpu")
+    with pytest.raises(TypeError, match=r"Linear8bitLt \(8-bit, LLM.int8\), and 8-bit bases are not supported"):
+        MultiLoRALinear.from_linear(q8, ranks=[2])
+    packed = nn.Linear(8, 4)
+    packed.weight = nn.Parameter(torch.zeros(4, 8, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(TypeError, match="not a floating dtype"):
+        MultiLoRALinear.from_linear(packed, ranks=[2])

@@ -201,3 +201,158 @@ def test_adapter_trains_and_matches_functional():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+# ------------------------------------------------------------------ a bitsandbytes 4-bit base: state dict, refusals
+NO_BNB = "a 4-bit base is a bitsandbytes Linear4bit (in the test extras)"
+
+
+def linear4bit(in_features=128, out_features=40, seed=0, quant_type="nf4", blocksize=64, double_quant=True):
+    """A quantized bitsandbytes Linear4bit (CPU) of a random nn.Linear; in_features a multiple of the block size so
+    bitsandbytes' own CPU forward is right (SPEC section 7), and more than one block per row."""
+    bnb = pytest.importorskip("bitsandbytes", reason=NO_BNB)
+    torch.manual_seed(seed)
+    dense = torch.nn.Linear(in_features, out_features)
+    q = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.float32, quant_type=quant_type,
+                          compress_statistics=double_quant)
+    q.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type=quant_type,
+                                 compress_statistics=double_quant, blocksize=blocksize, module=q)
+    q.bias = torch.nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    return q.to("cpu")  # quantizes
+
+
+def trained(layer):
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.5)  # a trained adapter (and a DoRA magnitude not equal to the norms)
+    return layer
+
+
+def check_4bit_state_dict_round_trip(cls):
+    """cls.from_linear over one Linear4bit -> state_dict -> load_state_dict into a layer over another Linear4bit
+    of a different format (fp4, blocksize 128, no double quantization): the loaded layer computes exactly what the
+    saved one computes, with the saved format, and so does the Linear4bit it shares its weight with."""
+    source = linear4bit(seed=0)
+    saved = trained(cls.from_linear(source, r=4, alpha=8))
+    target_linear = linear4bit(seed=1, quant_type="fp4", blocksize=128, double_quant=False)
+    loaded = trained(cls.from_linear(target_linear, r=4, alpha=8))
+    x = torch.randn(6, 128)
+    assert not torch.equal(loaded(x), saved(x))
+    state = saved.state_dict()
+    # bitsandbytes' own names for the quantization state beside the packed weight
+    assert set(state) == set(source.state_dict()) | {n for n, p in saved.named_parameters() if p.requires_grad}
+    result = loaded.load_state_dict(state)
+    assert not result.missing_keys and not result.unexpected_keys
+    qa, qb = saved.quantized_weight, loaded.quantized_weight
+    assert (qb.quant_type, qb.blocksize, qb.double_quant, qb.dtype) == ("nf4", 64, True, torch.float32)
+    for name, t in qa._tensors().items():
+        assert torch.equal(getattr(qb, name), t), name
+        assert getattr(qb, name).data_ptr() != t.data_ptr(), f"{name} is copied, not aliased"
+    assert torch.equal(loaded(x), saved(x))
+    # the shared Params4bit took the bytes and quant_state: the Linear4bit itself computes with the loaded weight
+    assert loaded.weight is target_linear.weight and qb.packed.data_ptr() == target_linear.weight.data_ptr()
+    torch.testing.assert_close(target_linear(x), F.linear(x, qa.dequantize(), saved.bias))
+
+
+def check_4bit_state_dict_refusals(cls):
+    """Packed bytes without their quantization state (an older checkpoint, or a dense one), a partial or
+    inconsistent state, or another shape: load_state_dict raises naming the problem and the layer is unchanged."""
+    saved = trained(cls.from_linear(linear4bit(seed=0), r=4, alpha=8))
+    layer = trained(cls.from_linear(linear4bit(seed=1), r=4, alpha=8))
+    other_shape = cls.from_linear(linear4bit(in_features=64, seed=2), r=4, alpha=8).state_dict()
+    good = saved.state_dict()
+    x = torch.randn(5, 128)
+    before_y = layer(x)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    blob = next(k for k in good if k.startswith("weight.quant_state"))
+    bad_absmax = good["weight.absmax"].clone()
+    cases = [
+        ({k: v for k, v in good.items() if not k.startswith("weight.")}, "none of its quantization state"),
+        ({k: v for k, v in good.items() if k != "weight.absmax"}, "missing ['absmax']"),
+        ({k: v for k, v in good.items() if k != "weight.nested_absmax"}, "double quantization is incomplete"),
+        ({k: v for k, v in good.items() if k != "weight"}, "not the packed weight"),
+        ({**good, blob: other_shape[blob]}, "packed must have"),
+        ({**good, "weight.nested_quant_map": torch.linspace(-1, 1, 256)}, "code2 must be"),
+        ({**good, "weight.absmax": bad_absmax[:-1]}, "absmax must have"),
+        ({**{k: v for k, v in good.items() if k.startswith("weight")}, **{k: v for k, v in other_shape.items()
+                                                                         if k.startswith("weight")}},
+         "size mismatch: the checkpoint's 4-bit weight stands for a (40, 64) weight"),
+    ]
+    for state, words in cases:
+        with pytest.raises(RuntimeError, match="Error.s. in loading state_dict") as info:
+            layer.load_state_dict(state)
+        assert words in str(info.value), (words, str(info.value))
+        after = layer.state_dict()
+        assert after.keys() == before.keys()
+        for k in before:
+            assert torch.equal(after[k], before[k]), (words, k)
+        assert torch.equal(layer(x), before_y), words
+    # a dense layer's state dict: a size mismatch, as torch reports one
+    dense_state = cls.from_linear(torch.nn.Linear(128, 40), r=4, alpha=8).state_dict()
+    with pytest.raises(RuntimeError, match="none of its quantization state"):
+        layer.load_state_dict(dense_state)
+    assert torch.equal(layer(x), before_y)
+
+
+def test_4bit_state_dict_round_trips_the_whole_quantization_state():
+    check_4bit_state_dict_round_trip(LoRALinear)
+
+
+def test_4bit_state_dict_with_missing_or_inconsistent_state_raises_and_changes_nothing():
+    check_4bit_state_dict_refusals(LoRALinear)
+
+
+def test_4bit_layer_loads_a_linear4bit_state_dict_and_a_saved_file(tmp_path):
+    """A Linear4bit's own state dict loads (strict=False: it has no adapters), and a state dict that went through
+    torch.save / torch.load (weights_only) still round-trips."""
+    source = linear4bit(seed=3)
+    layer = LoRALinear.from_linear(linear4bit(seed=4, blocksize=32), r=4, alpha=8)
+    result = layer.load_state_dict(source.state_dict(), strict=False)
+    assert sorted(result.missing_keys) == ["lora_a", "lora_b"] and not result.unexpected_keys
+    x = torch.randn(4, 128)
+    assert layer.quantized_weight.blocksize == 64
+    assert torch.equal(layer.quantized_weight.dequantize(), LoRALinear.from_linear(source).quantized_weight.dequantize())
+    torch.testing.assert_close(layer(x), source(x))
+    saved = trained(LoRALinear.from_linear(linear4bit(seed=5), r=4, alpha=8))
+    torch.save(saved.state_dict(), tmp_path / "layer.pt")
+    layer.load_state_dict(torch.load(tmp_path / "layer.pt", weights_only=True))
+    assert torch.equal(layer(x), saved(x))
+
+
+def test_4bit_layer_over_an_unpickled_linear4bit():
+    """A pickled Linear4bit comes back with a plain Parameter weight carrying its quant_state: from_linear still
+    builds the 4-bit layer (not a refusal or torch's requires-grad error), computing what the original computes,
+    and a pickled LoRALinear keeps computing and saving its 4-bit state."""
+    import pickle
+
+    q = linear4bit(seed=6)
+    back = pickle.loads(pickle.dumps(q))
+    assert type(back.weight) is torch.nn.Parameter
+    x = torch.randn(4, 128)
+    layer = trained(LoRALinear.from_linear(back, r=4, alpha=8))
+    assert layer.weight is back.weight and layer.quantized_weight.packed.data_ptr() == back.weight.data_ptr()
+    assert torch.equal(layer.quantized_weight.dequantize(), LoRALinear.from_linear(q).quantized_weight.dequantize())
+    again = pickle.loads(pickle.dumps(layer))
+    assert torch.equal(again(x), layer(x))
+    fresh = LoRALinear.from_linear(linear4bit(seed=7), r=4, alpha=8)
+    fresh.load_state_dict(again.state_dict())
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_from_linear_refuses_8bit_and_other_non_float_bases():
+    """Linear8bitLt and any nn.Linear subclass with a non-floating weight: a TypeError naming `linear` and what to
+    do, not torch's "Only Tensors of floating point ... can require gradients"; the layer is left as it was."""
+    bnb = pytest.importorskip("bitsandbytes", reason=NO_BNB)
+    for has_fp16_weights in (False, True):
+        int8 = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=has_fp16_weights).to("cpu")
+        before = int8.weight.detach().clone()
+        with pytest.raises(TypeError) as info:
+            LoRALinear.from_linear(int8)
+        for word in ("LoRALinear.from_linear", "linear", "Linear8bitLt", "8-bit", "not supported", "Linear4bit"):
+            assert word in str(info.value), word
+        assert torch.equal(int8.weight, before) and int8.weight.dtype == before.dtype
+    packed = torch.nn.Linear(8, 4)
+    packed.weight = torch.nn.Parameter(torch.zeros(4, 8, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"linear \(Linear\) has a weight of dtype torch.int8, not a floating dtype"):
+        LoRALinear.from_linear(packed)

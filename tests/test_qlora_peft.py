@@ -140,3 +140,35 @@ def test_lora_linear_module_from_a_linear4bit():
     assert layer.lora_a.grad is not None and layer.lora_b.grad is not None
     with pytest.raises(RuntimeError, match="4-bit"):
         layer.merge_()
+
+
+@pytest.mark.parametrize("round_trip", ["torch.save", "pickle"])
+def test_patched_qlora_model_runs_fused_after_torch_save_and_pickle(round_trip, tmp_path):
+    """The README's promise: a patched model pickles and torch.saves as a patched model. bitsandbytes' Params4bit
+    comes back from either as a plain Parameter carrying its quant_state; the layers must run peftkern's 4-bit op
+    again (not PEFT's forward, which they would otherwise fall back to, logging at INFO only) and compute what the
+    model computed before the round trip, outputs and gradients."""
+    import pickle
+
+    model = tiny_qlora_llama()
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    ids = torch.randint(0, 128, (2, 24))
+    assert patch(model) == 2 * len(TARGETS)
+    before = step(model, ids)
+    if round_trip == "torch.save":
+        torch.save(model, tmp_path / "model.pt")
+        back = torch.load(tmp_path / "model.pt", weights_only=False)
+    else:
+        back = pickle.loads(pickle.dumps(model))
+    back_layers = [m for m in back.modules() if hasattr(m, "lora_A")]
+    assert len(back_layers) == len(layers) and all(type(m) is FusedLoraLinear for m in back_layers)
+    assert all(type(m.base_layer) is bnb.nn.Linear4bit for m in back_layers)
+    calls = []
+    original = peftkern.ops.qlora.forward
+    try:
+        peftkern.ops.qlora.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+        after = step(back, ids)
+    finally:
+        peftkern.ops.qlora.forward = original
+    assert len(calls) == 2 * len(TARGETS), "every 4-bit layer runs peftkern's op after the round trip"
+    assert_same(after, before, tol=0)

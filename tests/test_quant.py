@@ -459,6 +459,28 @@ CONSTRUCT_BAD = [
     (True, dict(dtype=torch.int8), TypeError, ["dtype", "torch.int8"]),
     (True, dict(absmax2=torch.ones(1, device="meta")), RuntimeError, ["absmax2", "meta", "cpu"]),
     (False, dict(absmax=torch.ones(3, device="meta")), RuntimeError, ["absmax", "meta", "cpu"]),
+    # shapes that are not two ints: named, never truncated or left to torch.Size
+    (True, dict(shape=None), TypeError, ["shape", "NoneType"]),
+    (True, dict(shape=(5.0, 33)), TypeError, ["shape[0]", "float", "5.0"]),
+    (True, dict(shape=(5, 33.0)), TypeError, ["shape[1]", "float", "33.0"]),
+    (True, dict(shape=(5, True)), TypeError, ["shape[1]", "bool"]),
+    (True, dict(shape="5x33"), TypeError, ["shape", "str"]),
+    # a uint8 absmax alone, or part of the double-quantization state
+    (True, dict(offset=None, absmax2=None, code2=None), ValueError,
+     ["double quantization is incomplete", "absmax is uint8", "offset/absmax2/code2 are missing"]),
+    (True, dict(code2=None), ValueError, ["double quantization is incomplete", "code2 is missing"]),
+    # values the format cannot hold
+    (False, dict(absmax=torch.tensor([1.0, float("nan"), 1.0])), ValueError, ["absmax", "finite", "nan"]),
+    (False, dict(absmax=torch.tensor([1.0, float("inf"), 1.0])), ValueError, ["absmax", "finite", "inf"]),
+    (False, dict(absmax=torch.tensor([1.0, -0.5, 1.0])), ValueError, ["absmax", ">= 0", "-0.5"]),
+    (True, dict(offset=float("nan")), ValueError, ["offset", "finite"]),
+    (True, dict(offset=torch.tensor(float("-inf"))), ValueError, ["offset", "finite", "inf"]),
+    (True, dict(absmax2=torch.tensor([float("inf")])), ValueError, ["absmax2", "finite"]),
+    (True, dict(code2=torch.linspace(-1, 1, 256)), ValueError, ["code2", "dynamic map"]),
+    # a frozen weight: nothing may require grad
+    (False, dict(absmax=torch.ones(3, requires_grad=True)), ValueError, ["absmax", "requires grad", "detach"]),
+    (True, dict(absmax2=torch.ones(1, requires_grad=True)), ValueError, ["absmax2", "requires grad"]),
+    (True, dict(offset=torch.tensor(0.5, requires_grad=True)), ValueError, ["offset", "requires grad"]),
 ]
 
 
@@ -482,3 +504,204 @@ def test_constructor_accepts_a_checkpoint():
         qw = QuantizedWeight(as_column, absmax, **kw)
         assert qw.packed.data_ptr() == as_column.data_ptr() and qw.packed.shape == (83,)
         assert torch.equal(qw.dequantize(), QuantizedWeight(packed, absmax, **kw).dequantize())
+
+
+def test_constructor_changes_none_of_its_inputs():
+    """A refused construction leaves every tensor it was given as it was (no in-place cast, reshape or detach)."""
+    packed, absmax, kw = good_parts(True)
+    before = {k: v.clone() for k, v in dict(packed=packed, absmax=absmax, offset=kw["offset"],
+                                              absmax2=kw["absmax2"], code2=kw["code2"]).items()}
+    bad_code2 = kw["code2"].clone().requires_grad_()
+    with pytest.raises(ValueError, match="code2 requires grad"):
+        QuantizedWeight(packed, absmax, **{**kw, "code2": bad_code2})
+    assert bad_code2.requires_grad
+    with pytest.raises(TypeError, match="shape"):
+        QuantizedWeight(packed, absmax, **{**kw, "shape": (5.0, 33)})
+    for name, t in dict(packed=packed, absmax=absmax, offset=kw["offset"], absmax2=kw["absmax2"],
+                        code2=kw["code2"]).items():
+        assert torch.equal(t, before[name]) and t.dtype == before[name].dtype, name
+
+
+def test_shape_accepts_any_sequence_of_ints():
+    packed, absmax, kw = good_parts(False)
+    want = QuantizedWeight(packed, absmax, **kw).dequantize()
+    for shape in ([5, 33], torch.Size([5, 33]), (torch.tensor(5), 33)):
+        qw = QuantizedWeight(packed, absmax, **{**kw, "shape": shape})
+        assert qw.shape == torch.Size([5, 33]) and type(qw.shape[0]) is int
+        assert torch.equal(qw.dequantize(), want)
+
+
+# ------------------------------------------------------------------ .to(), meta
+def test_to_dtype_changes_the_dense_dtype_only():
+    """to(dtype) is the dtype dequantize() returns; the packed codes and scales stay bitsandbytes' bytes, shared."""
+    qw = QuantizedWeight.quantize(weight((7, 96)), double_quant=True)
+    half = qw.to(torch.float16)
+    assert half.dtype == torch.float16 and qw.dtype == torch.float32  # self unchanged
+    assert half.packed is qw.packed and half.absmax is qw.absmax and half.absmax2 is qw.absmax2
+    assert torch.equal(half.dequantize(), qw.dequantize().to(torch.float16))
+    assert torch.equal(half.dequantize_rows(2, 5), qw.dequantize()[2:5].to(torch.float16))
+    both = qw.to("cpu", torch.bfloat16)
+    assert both.dtype == torch.bfloat16 and torch.equal(both.dequantize(), qw.dequantize().to(torch.bfloat16))
+    assert qw.to(dtype=torch.float64).dequantize().dtype == torch.float64
+    assert qw.to(torch.empty(1, dtype=torch.float16)).dtype == torch.float16  # to(tensor): its device and dtype
+    assert qw.to("cpu") is qw and qw.to(torch.float32) is qw  # nothing to change: self, as Tensor.to
+    copied = qw.to("cpu", copy=True)
+    assert copied is not qw and copied.packed.data_ptr() != qw.packed.data_ptr()
+    assert torch.equal(copied.packed, qw.packed) and torch.equal(copied.dequantize(), qw.dequantize())
+
+
+@pytest.mark.parametrize("args,kwargs,exc,words", [
+    ((torch.int8,), {}, TypeError, ["dtype", "torch.int8"]),
+    ((torch.uint8,), {}, TypeError, ["dtype", "torch.uint8"]),
+    ((torch.float16, torch.float32), {}, TypeError, ["two dtypes"]),
+    ((1.5,), {}, TypeError, ["float"]),
+    ((), {"dtype": "float16"}, TypeError, ["dtype", "str"]),
+    ((), {"memory_format": torch.contiguous_format}, TypeError, ["memory_format"]),
+    (("cpu",), {"copy": 1}, TypeError, ["copy", "bool"]),
+], ids=lambda v: None)
+def test_to_bad_arguments_change_nothing(args, kwargs, exc, words):
+    qw = QuantizedWeight.quantize(weight((5, 33)))
+    before = (qw.dtype, qw.device, qw.packed.clone(), qw.absmax.clone())
+    with pytest.raises(exc) as info:
+        qw.to(*args, **kwargs)
+    for word in words:
+        assert word in str(info.value)
+    assert (qw.dtype, qw.device) == before[:2]
+    assert torch.equal(qw.packed, before[2]) and torch.equal(qw.absmax, before[3])
+
+
+def test_meta_weight_infers_shapes_and_refuses_to_leave_meta():
+    qw = QuantizedWeight.quantize(weight((7, 96)), double_quant=True)
+    meta = qw.to("meta")
+    assert meta.device.type == "meta" and meta.shape == qw.shape and meta.double_quant
+    assert qw.device.type == "cpu"
+    deq = meta.dequantize()
+    assert deq.device.type == "meta" and deq.shape == (7, 96) and deq.dtype == torch.float32
+    rows = meta.to(torch.bfloat16).dequantize_rows(2, 5)
+    assert rows.device.type == "meta" and rows.shape == (3, 96) and rows.dtype == torch.bfloat16
+    with pytest.raises(NotImplementedError, match="meta device and holds no data"):
+        meta.to("cpu")
+    # built from meta tensors (a checkpoint's skeleton): no values to check, the sizes still are
+    n = 7 * 96
+    built = QuantizedWeight(torch.empty(n // 2, dtype=torch.uint8, device="meta"),
+                            torch.empty(-(-n // 64), device="meta"), shape=(7, 96), quant_type="fp4", blocksize=64,
+                            dtype=torch.float16)
+    assert built.device.type == "meta" and built.code.device.type == "meta"
+    assert built.dequantize().shape == (7, 96) and built.dequantize().dtype == torch.float16
+    with pytest.raises(ValueError, match="absmax must have 11 elements"):
+        QuantizedWeight(torch.empty(n // 2, dtype=torch.uint8, device="meta"), torch.empty(10, device="meta"),
+                        shape=(7, 96), quant_type="fp4", blocksize=64, dtype=torch.float16)
+
+
+# ------------------------------------------------------------------ state dict entries (bitsandbytes' names)
+@pytest.mark.parametrize("quant_type,double_quant,blocksize,dtype", [
+    ("nf4", True, 64, torch.float32), ("fp4", False, 128, torch.bfloat16), ("nf4", True, 32, torch.float16)])
+def test_quant_state_dict_round_trips(quant_type, double_quant, blocksize, dtype):
+    qw = QuantizedWeight.quantize(weight((13, 257), dtype), quant_type=quant_type, blocksize=blocksize,
+                                  double_quant=double_quant)
+    state = qw.quant_state_dict()
+    keys = {"absmax", "quant_map", f"quant_state.bitsandbytes__{quant_type}"}
+    if double_quant:
+        keys |= {"nested_absmax", "nested_quant_map"}
+    assert set(state) == keys and all(isinstance(v, torch.Tensor) for v in state.values())
+    back = QuantizedWeight.from_quant_state_dict(qw.packed.view(-1, 1), state)
+    assert (back.shape, back.quant_type, back.blocksize, back.dtype, back.double_quant) == \
+        (qw.shape, quant_type, blocksize, dtype, double_quant)
+    for name, t in qw._tensors().items():
+        assert torch.equal(getattr(back, name), t), name
+    assert torch.equal(back.dequantize(), qw.dequantize())
+
+
+def test_quant_state_dict_is_bitsandbytes_own():
+    """Both ways: bitsandbytes' QuantState.from_dict reads what quant_state_dict() writes, and from_quant_state_dict
+    reads bitsandbytes' as_dict (packed=True, its state-dict form, and packed=False)."""
+    pytest.importorskip("bitsandbytes", reason=NO_BNB)
+    import bitsandbytes as bnb
+    dense = weight((64, 128))
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                     module=layer)
+    layer = layer.to("cpu")
+    qw = QuantizedWeight.from_bnb(layer)
+    theirs = {k.removeprefix("weight."): v for k, v in layer.state_dict().items() if k.startswith("weight.")}
+    ours = qw.quant_state_dict()
+    assert set(ours) == set(theirs)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]) or key.startswith("quant_state"), key
+    qs = bnb.functional.QuantState.from_dict(dict(ours), device="cpu")
+    assert (tuple(qs.shape), qs.quant_type, qs.blocksize, qs.dtype) == ((64, 128), "nf4", 64, torch.float32)
+    assert torch.equal(qs.absmax, qw.absmax) and torch.equal(qs.state2.absmax, qw.absmax2)
+    assert qs.offset.item() == qw.offset.item() and qs.state2.blocksize == 256
+    for packed_form in (True, False):
+        state = layer.weight.quant_state.as_dict(packed=packed_form)
+        back = QuantizedWeight.from_quant_state_dict(layer.weight.data, state)
+        assert torch.equal(back.dequantize(), qw.dequantize()) and back.offset.item() == qw.offset.item()
+
+
+def _blob(state):
+    key = next(k for k in state if k.startswith("quant_state."))
+    import json
+    return key, json.loads(bytes(state[key].tolist()).decode())
+
+
+def _with_blob(state, **change):
+    import json
+    key, values = _blob(state)
+    values.update(change)
+    return {**state, key: torch.tensor(list(json.dumps(values).encode()), dtype=torch.uint8)}
+
+
+STATE_BAD = [
+    # (how the good state is broken, exception, words the message must hold)
+    (lambda s: {k: v for k, v in s.items() if k != "absmax"}, ValueError, ["missing", "absmax"]),
+    (lambda s: {k: v for k, v in s.items() if not k.startswith("quant_state")}, ValueError,
+     ["missing", "quant_type", "blocksize", "shape"]),
+    (lambda s: {k: v for k, v in s.items() if k != "nested_absmax"}, ValueError,
+     ["double quantization is incomplete", "nested_absmax"]),
+    (lambda s: {**s, "bias": torch.ones(3)}, ValueError, ["unknown", "bias"]),
+    (lambda s: {("quant_state.bitsandbytes__fp4" if k.startswith("quant_state") else k): v for k, v in s.items()},
+     ValueError, ["fp4", "nf4"]),
+    (lambda s: {**s, "quant_state.bitsandbytes__nf4": torch.tensor([1, 2, 3], dtype=torch.uint8)}, ValueError,
+     ["JSON"]),
+    (lambda s: _with_blob(s, blocksize=128), ValueError, ["absmax", "elements"]),
+    (lambda s: _with_blob(s, shape=[5, 34]), ValueError, ["packed", "elements"]),
+    (lambda s: _with_blob(s, shape=[5.0, 33]), TypeError, ["shape[0]", "float"]),
+    (lambda s: _with_blob(s, dtype="int8"), ValueError, ["dtype", "'int8'"]),
+    (lambda s: _with_blob(s, nested_blocksize=128), ValueError, ["nested_blocksize", "256", "128"]),
+    (lambda s: _with_blob(s, nested_offset=float("nan")), ValueError, ["offset", "finite"]),
+    (lambda s: {**s, "absmax": s["absmax"].float()}, TypeError, ["absmax", "torch.uint8"]),
+    (lambda s: {**s, "nested_quant_map": s["nested_quant_map"] * 2}, ValueError, ["code2", "dynamic map"]),
+    (lambda s: {**s, "quant_map": s["quant_map"].flip(0)}, ValueError, ["code", "nf4 table"]),
+]
+
+
+@pytest.mark.parametrize("breaks,exc,words", STATE_BAD, ids=lambda v: None)
+def test_from_quant_state_dict_refuses_missing_or_inconsistent_state(breaks, exc, words):
+    qw = QuantizedWeight.quantize(weight((5, 33)), double_quant=True)
+    with pytest.raises(exc) as info:
+        QuantizedWeight.from_quant_state_dict(qw.packed, breaks(qw.quant_state_dict()))
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_from_bnb_takes_a_params4bit_back_from_pickle_and_torch_save(tmp_path):
+    """torch's Parameter pickling drops the Params4bit subclass: the weight comes back as a plain Parameter
+    carrying bitsandbytes' quant_state, which from_bnb reads (a tensor without one is still refused)."""
+    pytest.importorskip("bitsandbytes", reason=NO_BNB)
+    import pickle
+
+    import bitsandbytes as bnb
+    layer = bnb.nn.Linear4bit(128, 48, quant_type="nf4", compress_statistics=True).to("cpu")
+    want = QuantizedWeight.from_bnb(layer)
+    torch.save(layer, tmp_path / "layer.pt")
+    for back in (pickle.loads(pickle.dumps(layer)), torch.load(tmp_path / "layer.pt", weights_only=False)):
+        param = back.weight
+        assert isinstance(param.__dict__.get("quant_state"), bnb.functional.QuantState)
+        for source in (param, back):
+            qw = QuantizedWeight.from_bnb(source)
+            assert qw.packed.data_ptr() == param.data_ptr()  # its own storage, not a copy
+            assert (qw.shape, qw.quant_type, qw.blocksize, qw.double_quant) == ((48, 128), "nf4", 64, True)
+            assert torch.equal(qw.dequantize(), want.dequantize())
+    plain = torch.nn.Parameter(torch.zeros(64, 1, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(TypeError, match="param must be a bitsandbytes Params4bit"):
+        QuantizedWeight.from_bnb(plain)

@@ -43,6 +43,9 @@ Why a class swap (and not a bound method stored on each instance)
     A class defined at module level pickles by reference (`peftkern.integrations.peft.FusedLoraLinear`), so
     a patched model round-trips through `pickle`, `torch.save`/`torch.load` (whole model) and
     `copy.deepcopy` and comes back patched; a bound method in the instance `__dict__` does not unpickle.
+    A bitsandbytes `Linear4bit` base comes back from pickle with a plain `nn.Parameter` weight (torch's Parameter
+    pickling drops the `Params4bit` subclass) that still carries its bitsandbytes `quant_state`;
+    `QuantizedWeight.from_bnb` reads that form too, so such a layer runs fused again after the round trip.
     Module hooks on the patched layer itself keep working because `nn.Module.__call__` runs them around
     whichever `forward` the class has. (torch's own parametrize and FSDP2 patch modules the same way.)
 
