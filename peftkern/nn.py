@@ -128,14 +128,17 @@ class LoRALinear(nn.Module):
         False, also as seen from `linear`). `lora_a` [r, in_features] and `lora_b` [out_features, r] are new,
         on the linear's device and in its dtype, with PEFT's default initialisation, so the result computes
         exactly what `linear` computes until `lora_b` is trained. r, alpha and dropout are as in the
-        constructor. Raises TypeError when `linear` is not an nn.Linear, and the constructor's errors for
-        r, alpha and dropout.
+        constructor. Raises TypeError when `linear` is not an nn.Linear, is a bitsandbytes 8-bit Linear8bitLt
+        (not supported) or has a non-floating weight, and the constructor's errors for r, alpha and dropout.
 
         A `Linear4bit` keeps its packed 4-bit weight (`weight` is its Params4bit; `quantized_weight` is a
         peftkern.QuantizedWeight sharing that storage): the base product is dequantized a block at a time
         inside lora_linear, in the layer's compute dtype as bitsandbytes computes it (x is cast to
         `compute_dtype` when the Linear4bit has one, and the result back to x's dtype). The adapters are
-        float32 (PEFT's choice for 4-bit bases). `merge_()` refuses such a layer.
+        float32 (PEFT's choice for 4-bit bases). `merge_()` refuses such a layer. Its state dict holds the
+        whole quantization state beside the packed `weight`, under bitsandbytes' names (`weight.absmax`,
+        `weight.quant_map`, `weight.nested_*`, `weight.quant_state.bitsandbytes__<quant_type>`), and
+        `load_state_dict` reads it back (a Linear4bit's own state dict too), refusing packed bytes without it.
         """
         if _is_linear4bit(linear):
             return cls._from_linear4bit(linear, r, alpha, dropout)
@@ -500,7 +503,9 @@ class MultiLoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, ranks, alphas=16, dropout: float = 0.0) -> "MultiLoRALinear":
         """A MultiLoRALinear over an existing nn.Linear: its weight and bias are shared (not copied) and frozen; the
         adapters are new, on its device and in its dtype, with PEFT's default initialisation. Raises TypeError when
-        `linear` is not an nn.Linear, and the constructor's errors for ranks, alphas and dropout."""
+        `linear` is not an nn.Linear or is a bitsandbytes Linear4bit / Linear8bitLt (for a 4-bit base call
+        peftkern.multi_lora_linear over QuantizedWeight.from_bnb(linear)), and the constructor's errors for ranks,
+        alphas and dropout."""
         if _is_linear4bit(linear):
             raise TypeError("MultiLoRALinear.from_linear: linear is a bitsandbytes Linear4bit (4-bit), which "
                             "MultiLoRALinear does not take: call peftkern.multi_lora_linear(x, "
