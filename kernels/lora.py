@@ -150,6 +150,12 @@ def _prune_configs(configs, named_args, **kwargs):
         kept = [c for c in kept if _acc_per_thread(c) <= _MAX_ACC_PER_THREAD_HEAVY] or kept
     if dropout and exact:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] // c.num_warps <= _MAX_T_ROWS_PER_WARP_DROPOUT_AND_EXACT] or kept
+    # Triton 3.6's ptxas (12.8, sm_80): an fp32 GEMM under 3xTF32 with a bias spilled 4 B at 128x64 on 4 warps (32 rows
+    # of T per warp) and a 16-bit GEMM beside a 3xTF32 rank product spilled 4 B at 64x128x64 on 4 warps, 4 stages
+    if arg("MAIN_PRECISION") == "tf32x3" and arg("HAS_BIAS"):
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] // c.num_warps <= _MAX_T_ROWS_PER_WARP_DROPOUT_AND_EXACT] or kept
+    if exact and not wide:
+        kept = [c for c in kept if _tile(c) != (64, 128, 64, 4, 4)] or kept
     return kept
 
 

@@ -207,7 +207,11 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, exact: bool, se
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), part.stride(0), part.stride(1), part.stride(2),
         seed_v, threshold, scale * drop_scale,
         HAS_DROPOUT=dropout_p > 0.0, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        # a 16-bit x on 8 warps: on 4, Triton 3.6's ptxas (12.8, sm_80) spilled 8 B at 64 columns (R=16, fp32 g, fp16
+        # x, dropout) and at 128 (R=32, bf16 x, 3xTF32), on 8 they hold 79 and 146 registers; an fp32 x stays on 4
+        # (on 8 it spilled 8 B at 128 registers: R=16, 128 columns, 3xTF32)
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=8 if not INTERPRET and x.dtype != torch.float32 else 4,
     )
     return part[0] if splits == 1 else part.sum(dim=0)
 

@@ -216,7 +216,7 @@ def _tokens_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous()
 
 
-def _spmm_blocks():
+def _spmm_blocks(src_dtype: torch.dtype):
     """(BLOCK_M, BLOCK_J, BLOCK_Z, num_warps).
     GPU: 128 tokens = 256 B rows in bf16 (512 B in fp32) per gathered nonzero; 16 outputs = a 32 B sector per
     row of out in bf16. Registers per thread at 4 warps (128 threads): the [BLOCK_Z, BLOCK_M] = [16, 128]
@@ -224,7 +224,10 @@ def _spmm_blocks():
     plus addresses and indices: well under 128, no spills (the AOT check verifies).
     Interpreter: small tiles (it runs every program in numpy), BLOCK_Z < a typical test segment so that
     segments span several chunks."""
-    return (16, 8, 4, 4) if INTERPRET else (128, 16, 16, 4)
+    if INTERPRET:
+        return (16, 8, 4, 4)
+    # an fp32 source at 16 outputs spilled 4 B at 64 registers under Triton 3.6's ptxas (12.8, sm_80); 8 fit
+    return (128, 8, 16, 4) if src_dtype == torch.float32 else (128, 16, 16, 4)
 
 
 def _sddmm_blocks():
@@ -258,7 +261,7 @@ def spmm_add_(out: torch.Tensor, src: torch.Tensor, seg: torch.Tensor, cols: tor
     # the kernel reads seg, cols and vals with unit stride
     seg, cols, vals = seg.contiguous(), cols.contiguous(), vals.contiguous()
     src_t = _tokens_contiguous(src)
-    block_m, block_j, block_z, warps = _spmm_blocks()
+    block_m, block_j, block_z, warps = _spmm_blocks(src.dtype)
     j_tiles = triton.cdiv(J, block_j)
     _spmm_tiles_kernel[_grid(triton.cdiv(M, block_m) * j_tiles)](
         src_t, seg, cols, vals, out, M, J, src.shape[1], nnz, j_tiles,
