@@ -848,6 +848,9 @@ def plan(records: list[dict], archs: list[int], entries: dict, tuners: dict) -> 
                     tiles = {n: a["v"] for n, a in zip(param_names, args) if n in tile_names and a["k"] == "constexpr"}
                     spec = _spec_label(fn, args, sig, consts, tile_names)
                     tasks.append({"id": len(tasks), "module": kid[0], "kernel": kid[1], "args": args,
+                                  # what the compiled code depends on: the kernel's source and everything it calls
+                                  # (Triton's own cache key) and this exact specialization
+                                  "cache_key": f"{fn.cache_key}|{key!r}",
                                   "options": options, "arch": arch, "autotuned": bool(rec["autotuner"]),
                                   "config_index": index,
                                   "config": config_label(tiles, {"num_warps": opt.num_warps,
@@ -994,6 +997,58 @@ def run_pool(tasks: list[dict], jobs: int, cache_dir: str, log) -> dict:
 
 
 # =====================================================================================================
+# result cache: a compile's verdict depends only on its inputs, so an unchanged kernel is not recompiled
+# =====================================================================================================
+
+RESULT_FIELDS = ("regs", "stack", "spill_st", "spill_ld", "smem")
+
+
+def default_cache_dir() -> str:
+    """Outside the clone, so a fresh checkout (CI) on the same machine reuses it."""
+    return os.environ.get("PEFTKERN_AOT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "peftkern", "aot")
+
+
+def cache_file(cache_dir: str, toolchain: str, task: dict) -> str:
+    """One JSON file per compile, named by a hash of the toolchain (Triton and ptxas versions) and the task's key."""
+    import hashlib
+    digest = hashlib.sha256(f"{toolchain}|{task['cache_key']}".encode()).hexdigest()
+    return os.path.join(cache_dir, digest[:2], digest + ".json")
+
+
+def cache_load(cache_dir: str, toolchain: str, tasks: list[dict]) -> dict:
+    """{task id: result} for the tasks compiled before with this toolchain (an unreadable entry is ignored)."""
+    found = {}
+    for t in tasks:
+        try:
+            with open(cache_file(cache_dir, toolchain, t)) as f:
+                cached = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if all(isinstance(cached.get(k), int) for k in RESULT_FIELDS):
+            found[t["id"]] = {"id": t["id"], "error": None, **{k: cached[k] for k in RESULT_FIELDS},
+                              "seconds": 0.0, "cpu_seconds": 0.0, "cached": True}
+    return found
+
+
+def cache_store(cache_dir: str, toolchain: str, tasks: list[dict], results: dict) -> None:
+    """Keep every compile that succeeded (errors are compiled again next time: they may be transient)."""
+    for t in tasks:
+        r = results.get(t["id"])
+        if r is None or r.get("error") or r.get("cached") or not all(isinstance(r.get(k), int) for k in RESULT_FIELDS):
+            continue
+        path = cache_file(cache_dir, toolchain, t)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({k: r[k] for k in RESULT_FIELDS} | {"kernel": t["kernel"], "arch": t["arch"]}, f)
+            os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
+        except OSError:
+            return  # a read-only or full disk: the check itself is unaffected
+
+
+# =====================================================================================================
 # command line
 # =====================================================================================================
 
@@ -1044,6 +1099,10 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true",
                     help="drive the cross product of every factor, not the covering set (many more compiles)")
     ap.add_argument("--dry-run", action="store_true", help="record and plan, print the compile count, compile nothing")
+    ap.add_argument("--cache", metavar="DIR", default=default_cache_dir(),
+                    help="reuse the results of compiles made before with the same kernel source, specialization, "
+                         "Triton and ptxas (default: $PEFTKERN_AOT_CACHE or ~/.cache/peftkern/aot)")
+    ap.add_argument("--no-cache", action="store_true", help="compile everything; read and write no cache")
     ap.add_argument("--_record", metavar="PATH", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
@@ -1107,9 +1166,16 @@ def main(argv=None) -> int:
                   f"{len(problems)} problems; {time.time() - t0:.0f} s")
             return 1 if problems else 0
 
-        # 4. compile
+        # 4. compile (what an earlier run with the same inputs compiled comes from the result cache)
         t1 = time.time()
-        results = run_pool(tasks, a.jobs, cache_dir, say)
+        toolchain = f"triton {triton.__version__}; {_ptxas_versions(a.arch)}"
+        results = {} if a.no_cache else cache_load(a.cache, toolchain, tasks)
+        if results:
+            say(f"# {len(results)} of {len(tasks)} compiles reused from {a.cache} (same kernel source, "
+                f"specialization and toolchain; --no-cache compiles them again)")
+        results.update(run_pool([t for t in tasks if t["id"] not in results], a.jobs, cache_dir, say))
+        if not a.no_cache:
+            cache_store(a.cache, toolchain, tasks, results)
         t_compile = time.time() - t1
         rows = []
         for t in tasks:

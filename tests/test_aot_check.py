@@ -274,3 +274,49 @@ def test_dry_run_records_every_kernel_and_plans_without_problems(tmp_path):
     counts = dict(line.split(": ") for line in out.stdout.splitlines() if line.startswith("_"))
     assert counts and all(int(n) > 0 for n in counts.values())
     assert not (tmp_path / "unused.json").exists()  # --dry-run compiles nothing and writes nothing
+
+
+# ---- the result cache: an unchanged compile is not done again ------------------------------------------------
+
+def _task(i, key, kernel="_k"):
+    return {"id": i, "cache_key": key, "kernel": kernel, "arch": 90}
+
+
+def _result(i, **over):
+    r = {"id": i, "error": None, "regs": 96, "stack": 0, "spill_st": 0, "spill_ld": 0, "smem": 4096, "seconds": 1.5,
+         "cpu_seconds": 1.2}
+    r.update(over)
+    return r
+
+
+def test_result_cache_round_trips_successful_compiles_only(tmp_path):
+    tasks = [_task(0, "a"), _task(1, "b"), _task(2, "c")]
+    results = {0: _result(0, spill_st=4, spill_ld=4, regs=255), 1: _result(1, error="CompileError: boom",
+                                                                           regs=None), 2: _result(2)}
+    aot.cache_store(str(tmp_path), "triton 3.6.0; ptxas 12.8", tasks, results)
+    found = aot.cache_load(str(tmp_path), "triton 3.6.0; ptxas 12.8", tasks)
+    assert sorted(found) == [0, 2]  # a compile error is compiled again next time
+    assert found[0]["spill_st"] == 4 and found[0]["regs"] == 255 and found[0]["cached"] is True
+    assert found[2]["error"] is None and found[2]["cpu_seconds"] == 0.0
+    # another toolchain or another kernel source / specialization misses
+    assert aot.cache_load(str(tmp_path), "triton 3.9.0; ptxas 13.0", tasks) == {}
+    assert aot.cache_load(str(tmp_path), "triton 3.6.0; ptxas 12.8", [_task(0, "a2")]) == {}
+
+
+def test_result_cache_ignores_damaged_entries_and_unwritable_folders(tmp_path):
+    task = _task(0, "a")
+    aot.cache_store(str(tmp_path), "t", [task], {0: _result(0)})
+    path = aot.cache_file(str(tmp_path), "t", task)
+    pathlib.Path(path).write_text("{not json")
+    assert aot.cache_load(str(tmp_path), "t", [task]) == {}
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    aot.cache_store(str(blocker), "t", [task], {0: _result(0)})  # cannot make a folder under a file: no error
+
+
+def test_result_cache_default_folder_is_outside_the_clone(monkeypatch, tmp_path):
+    monkeypatch.delenv("PEFTKERN_AOT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert aot.default_cache_dir() == str(tmp_path / "peftkern" / "aot")
+    monkeypatch.setenv("PEFTKERN_AOT_CACHE", "/somewhere/else")
+    assert aot.default_cache_dir() == "/somewhere/else"
