@@ -572,3 +572,20 @@ def test_runner_reports_each_case_as_it_finishes(monkeypatch):
                          on_row=lambda partial: seen.append((partial["complete"], [r["case"]["m"] for r in partial["rows"]])))
     assert seen == [(False, [3]), (False, [3, 5]), (False, [3, 5, 7])]
     assert results["complete"] is True and [r["case"]["m"] for r in results["rows"]] == [3, 5, 7]
+
+
+def test_bench_output_and_help_name_no_internal_issue(capsys):
+    """What users read (the CLI's help, the notes under the tables, the bench's docstrings that --help and the
+    README draw on) speaks of targets and behaviour, not of the project's internal issue numbers."""
+    internal = re.compile(r"\bissue\s+\d+|\bissue \d+'s|\bSPEC\b|ENGINEERING\.md", re.IGNORECASE)
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    texts = {"bench --help": capsys.readouterr().out}
+    from peftkern.bench import background, cases, e2e, providers, report as report_module
+
+    for module in (background, cases, e2e, providers, report_module, runner):
+        texts[module.__name__] = pathlib.Path(module.__file__).read_text(encoding="utf-8")
+    canned = _canned_results()
+    texts["notes"] = "\n".join(report_module.dora_notes(canned) + report_module.multi_lora_notes(canned))
+    found = {name: internal.findall(text) for name, text in texts.items() if internal.search(text)}
+    assert not found, found

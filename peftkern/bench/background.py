@@ -1,6 +1,6 @@
 """Busy background processes for `python -m peftkern bench --background-load N`.
 
-The CPU rows must hold up on a machine where something else is running (issue 10: a second OpenMP
+The CPU rows must hold up on a machine where something else is running (a second OpenMP
 runtime beside torch's collapsed under load). This module starts N processes that each keep one core
 busy with a single-threaded fp32 matmul loop, the kind of work another training or data job does,
 for as long as the bench runs, and stops them however the bench ends:

@@ -30,7 +30,8 @@ class LoraCase:
 
 
 def lora_cases(device: torch.device, quick: bool = False) -> list[LoraCase]:
-    """GPU: the headline shapes of ENGINEERING.md (bf16). CPU: the acceptance shape, float32."""
+    """GPU: the headline shapes (tokens 2048-16384, hidden 4096 and 8192, ranks 8-64, bf16). CPU: one mid-size
+    shape, float32."""
     if device.type == "cuda":
         if quick:
             return [LoraCase(8192, 4096, 4096, 16, torch.bfloat16, p) for p in (0.0, 0.1)]
@@ -145,7 +146,7 @@ class QLoraCase:
 
 
 def qlora_cases(device: torch.device, quick: bool = False) -> list[QLoraCase]:
-    """GPU: issue 12's acceptance shape (M=8192, K=N=4096, r=16, NF4 double-quantized, bf16). CPU: float32,
+    """GPU: the headline QLoRA shape (M=8192, K=N=4096, r=16, NF4 double-quantized, bf16). CPU: float32,
     smaller (bitsandbytes' CPU 4-bit matmul is slow)."""
     if device.type == "cuda":
         return [QLoraCase(8192, 4096, 4096, 16, torch.bfloat16, p) for p in ((0.0,) if quick else (0.0, 0.1))]
@@ -185,7 +186,7 @@ class MultiLoraCase:
 
 
 def multi_lora_cases(device: torch.device, quick: bool = False) -> list[MultiLoraCase]:
-    """Issue 14's shapes: prefill (4096 rows = 8 sequences of 512 tokens, 8 adapters) and decode (64 sequences of one
+    """The serving shapes: prefill (4096 rows = 8 sequences of 512 tokens, 8 adapters) and decode (64 sequences of one
     token, 32 adapters), rank 16; K=N=1024 float32 on CPU, K=N=4096 bf16 on GPU."""
     if device.type == "cuda":
         h, dtype = 4096, torch.bfloat16

@@ -12,7 +12,7 @@ DoRA (weight-decomposed LoRA, the same shapes as LoRA)
             recomputed from dropout(x) with it)
 - peftkern: peftkern.dora_linear on the backend `auto` picks, over the same parameters
 - peftkern_lora: peftkern.lora_linear over the same x, weight and adapters: what DoRA costs on top of
-            peftkern's own LoRA (issue 13 asks for at most 1.10x)
+            peftkern's own LoRA (the target is at most 1.10x)
 - floor:    the bare frozen base F.linear, forward and backward
 Many LoRA adapters over one base (forward only, eval mode, no grad: serving a mixed batch)
 - eager:    Hugging Face PEFT's own LoRA `Linear` holding every adapter, called with `adapter_names=[...]` (its
