@@ -850,7 +850,7 @@ def plan(records: list[dict], archs: list[int], entries: dict, tuners: dict) -> 
                     tasks.append({"id": len(tasks), "module": kid[0], "kernel": kid[1], "args": args,
                                   # what the compiled code depends on: the kernel's source and everything it calls
                                   # (Triton's own cache key) and this exact specialization
-                                  "cache_key": f"{fn.cache_key}|{key!r}",
+                                  "cache_key": f"{fn.cache_key}|{portable_key(key, opt.__dict__)!r}",
                                   "options": options, "arch": arch, "autotuned": bool(rec["autotuner"]),
                                   "config_index": index,
                                   "config": config_label(tiles, {"num_warps": opt.num_warps,
@@ -862,6 +862,14 @@ def plan(records: list[dict], archs: list[int], entries: dict, tuners: dict) -> 
                                                                     sort_keys=True),
                                   "cost": _cost(tiles, opt.num_warps)})
     return tasks, list(dict.fromkeys(problems)), notes
+
+
+def portable_key(key: tuple, options: dict) -> tuple:
+    """A compile's key for the result cache, the same in every checkout and venv: the options' library paths
+    (libdevice inside the venv Triton is installed in) by file name; the rest of `key` as the plan dedupes."""
+    portable = tuple((k, tuple((name, os.path.basename(path)) for name, path in v) if k == "extern_libs" and v else v)
+                     for k, v in sorted(options.items()))
+    return key[:-1] + (repr(portable),)
 
 
 def _cost(tiles: dict, warps: int) -> float:

@@ -320,3 +320,12 @@ def test_result_cache_default_folder_is_outside_the_clone(monkeypatch, tmp_path)
     assert aot.default_cache_dir() == str(tmp_path / "peftkern" / "aot")
     monkeypatch.setenv("PEFTKERN_AOT_CACHE", "/somewhere/else")
     assert aot.default_cache_dir() == "/somewhere/else"
+
+
+def test_cache_key_is_the_same_in_every_venv():
+    # libdevice's path names the venv Triton lives in (CI makes a fresh one per run): the key keeps only its name
+    key = ("mod", 90, "sig", "consts", "attrs", "opts")
+    a = aot.portable_key(key, {"num_warps": 4, "extern_libs": (("libdevice", "/tmp/a/venv/x/libdevice.10.bc"),)})
+    b = aot.portable_key(key, {"num_warps": 4, "extern_libs": (("libdevice", "/tmp/b/venv/x/libdevice.10.bc"),)})
+    c = aot.portable_key(key, {"num_warps": 8, "extern_libs": (("libdevice", "/tmp/a/venv/x/libdevice.10.bc"),)})
+    assert a == b and a != c and a[:5] == key[:5] and "libdevice.10.bc" in a[5] and "/tmp/" not in a[5]
