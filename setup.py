@@ -136,7 +136,7 @@ setup(
     extras_require={
         "bench": ["tqdm", "rich", "matplotlib", "peft", "pytest-benchmark", "bitsandbytes"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "peft", "accelerate",
-                 "tqdm", "rich", "matplotlib", "bitsandbytes"],
+                 "tqdm", "rich", "matplotlib", "bitsandbytes", "ruff"],
     },
     entry_points={"console_scripts": ["peftkern=peftkern.__main__:main"]},
     ext_modules=ext_modules,

@@ -183,8 +183,8 @@ def smoke_family(family: str, out_dir: str) -> int:
                     ok = all(c["ok"] for c in checks.values())
                     record({**entry, "status": "PASS" if ok else "FAIL", "checks": checks,
                             "seconds": round(time.perf_counter() - t0, 1),
-                            "worst": f"{worst}: err {checks[worst]['err']:.2e} <= {checks[worst]['bound']:.2e}"
-                                     if ok else f"{worst}: err {checks[worst]['err']:.2e} > {checks[worst]['bound']:.2e}"})
+                            "worst": f"{worst}: err {checks[worst]['err']:.2e} {'<=' if ok else '>'} "
+                                     f"{checks[worst]['bound']:.2e}"})
     return failures
 
 

@@ -64,8 +64,8 @@ def table(results: dict) -> str:
     if results.get("e2e"):
         e = results["e2e"]
         lines.append("")
-        lines.append(f"End to end (`--op e2e`): random-init Llama, {e[0]['parameters'] / 1e6:.1f}M parameters, PEFT LoRA "
-                     f"r=16 on q/k/v/o/gate/up/down, dropout {e[0]['dropout']}, batch {e[0]['batch']} x seq "
+        lines.append(f"End to end (`--op e2e`): random-init Llama, {e[0]['parameters'] / 1e6:.1f}M parameters, "
+                     f"PEFT LoRA r=16 on q/k/v/o/gate/up/down, dropout {e[0]['dropout']}, batch {e[0]['batch']} x seq "
                      f"{e[0]['seq']}, {e[0]['dtype']}, {e[0]['steps']} timed steps:")
         lines.append("")
         lines.append("| variant | tokens/s | peak MB | layers on peftkern |")

@@ -26,8 +26,20 @@ else:
         # every kernel module now, inside the scope: a kernel is interpreted or compiled as decided in _mode,
         # however and whenever its module is imported later
         with interpreter_scope():
-            from . import (_launch, activations, adapter, dora, dropout, lora, lora_persistent,  # noqa: F401
-                           multi_lora, qlora, rank, sparse_diff, tf32)
+            from . import (  # noqa: F401
+                _launch,
+                activations,
+                adapter,
+                dora,
+                dropout,
+                lora,
+                lora_persistent,
+                multi_lora,
+                qlora,
+                rank,
+                sparse_diff,
+                tf32,
+            )
         if INTERPRET:
             for _module in (activations, adapter, dora, dropout, lora, lora_persistent, multi_lora, qlora, rank,
                             sparse_diff):

@@ -13,7 +13,6 @@ peftkern's own kernels only, and the process environment is left as it was:
   process keep their own mode.
 """
 import contextlib
-import functools
 import os
 import sys
 

@@ -15,7 +15,8 @@ dy: the dz loop, the dh loop's residual add (when h is the residual) and rank_gr
 
 Each product runs in its weight's dtype, accumulating in fp32: h's dtype on the tensor cores for
 same-dtype adapters; fp32-accurate 3xTF32 on the tensor cores (plain TF32 if the user allows it) for fp32
-adapter weights beside fp16/bf16 activations, within the error of an eager fp32 adapter. Bottleneck widths up to MAX_K fit the register budget.
+adapter weights beside fp16/bf16 activations, within the error of an eager fp32 adapter. Bottleneck widths up
+to MAX_K fit the register budget.
 """
 import torch
 import triton

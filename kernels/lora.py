@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
-from . import _launch
+from . import INTERPRET, _launch
 from ._launch import dot_precision, dropout_args
 from .dropout import keep_tile
 from .tf32 import dot_prec

@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
-from . import _launch
+from . import INTERPRET, _launch
 from ._launch import dot_precision, dropout_args, pow2_at_least_16, target_programs
 from .dropout import keep_tile
 from .tf32 import dot_prec

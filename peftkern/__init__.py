@@ -14,7 +14,7 @@ Every op is a torch.library custom op with autograd; see each function's docstri
 dtypes and errors.
 """
 # first: peftkern.kernels picks Triton's interpreter or GPU mode, which must happen before triton loads
-from . import kernels as _kernels  # noqa: F401
+from . import kernels as _kernels  # noqa: F401, I001  (first; the rest follows in isort's order)
 from ._backend import backend_info, use_backend
 from .ops.adapter import bottleneck_adapter
 from .ops.dora import dora_linear
@@ -27,5 +27,6 @@ from . import nn
 from . import impls as _impls  # noqa: F401  (registers every implementation with peftkern.dispatch)
 
 __version__ = "0.1.0"
-__all__ = ["lora_linear", "dora_linear", "multi_lora_linear", "QuantizedWeight", "bottleneck_adapter", "SparseDiff", "sparse_diff_apply_", "sparse_diff_restore_",
-           "sparse_diff_linear", "apply_sparse_diffs_", "restore_sparse_diffs_", "sparse_diffs_applied", "nn", "use_backend", "backend_info", "__version__"]
+__all__ = ["lora_linear", "dora_linear", "multi_lora_linear", "QuantizedWeight", "bottleneck_adapter", "SparseDiff",
+           "sparse_diff_apply_", "sparse_diff_restore_", "sparse_diff_linear", "apply_sparse_diffs_",
+           "restore_sparse_diffs_", "sparse_diffs_applied", "nn", "use_backend", "backend_info", "__version__"]

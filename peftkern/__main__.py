@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--op", choices=[*bench_ops(), "all"], default="all",
                        help="lora: lora_linear; qlora: lora_linear over a 4-bit QuantizedWeight (vs PEFT + "
                             "bitsandbytes); dora: dora_linear (vs PEFT's LoRA layer with use_dora=True, and "
-                            "against peftkern's own lora_linear on the same shapes); multi_lora: multi_lora_linear serving a "
-                            "mixed batch (vs PEFT's adapter_names forward; prefill and decode); adapter: "
+                            "against peftkern's own lora_linear on the same shapes); multi_lora: multi_lora_linear "
+                            "serving a mixed batch (vs PEFT's adapter_names forward; prefill and decode); adapter: "
                             "bottleneck_adapter; sparse: sparse_diff_apply_ and "
                             "sparse_diff_linear; e2e: fine-tune a random-init Llama with PEFT LoRA, unpatched "
                             "vs patched; all (default): every one of them")

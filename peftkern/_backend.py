@@ -7,8 +7,8 @@ device has: the Triton kernels on CUDA, the reference path (with the C++ helpers
 from __future__ import annotations
 
 import contextlib
-import functools
 import contextvars
+import functools
 import importlib
 import os
 import platform
@@ -20,7 +20,8 @@ ENV_VAR = "PEFTKERN_BACKEND"
 
 # the op families; which backends implement each is registered in peftkern/impls/ (peftkern.dispatch).
 # "cuda" is the compiled extension: its CUDA kernels on GPU tensors, its C++ ones on CPU tensors
-FAMILIES = ("lora_linear", "qlora_linear", "dora_linear", "qdora_linear", "multi_lora_linear", "multi_qlora_linear", "bottleneck_adapter", "sparse_diff_apply", "sparse_diff_linear")
+FAMILIES = ("lora_linear", "qlora_linear", "dora_linear", "qdora_linear", "multi_lora_linear", "multi_qlora_linear",
+            "bottleneck_adapter", "sparse_diff_apply", "sparse_diff_linear")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftkern_backend", default=None)

@@ -13,8 +13,8 @@ from .ops.dora import dora_linear, row_norms
 from .ops.lora import lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .ops.sparse_diff import sparse_diff_linear
-from .reference.dora import column_scale as _dora_column_scale
 from .reference.activations import CODES as _ACTIVATIONS, NAMES as _ACTIVATION_NAMES
+from .reference.dora import column_scale as _dora_column_scale
 
 
 def _is_linear4bit(module) -> bool:
@@ -199,7 +199,8 @@ class LoRALinear(nn.Module):
         saved above or by a Linear4bit), all checked before anything changes: packed bytes without that state, state
         without the bytes, an inconsistent state (lengths, tables, non-finite scales, ...) or another [out, in]
         shape are reported as load errors (load_state_dict raises RuntimeError listing them) and leave this layer
-        (weight, bias, adapters) as it was. A loaded weight is copied onto this layer's device (assign=True keeps the given tensors) and
+        (weight, bias, adapters) as it was. A loaded weight is copied onto this layer's device (assign=True keeps
+        the given tensors) and
         replaces the bytes and quant_state of the Params4bit this layer shares with its Linear4bit, so both compute
         with it."""
         if self.quantized_weight is None:
@@ -645,7 +646,8 @@ class SparseDiffLinear(nn.Module):
         super().__init__()
         from .reference.sparse_diff import validate
 
-        if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
+        if (not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64)
+                or indices.dim() != 1):
             raise TypeError("indices must be a 1-D int32 or int64 tensor of flat positions in the weight")
         validate(indices, weight.numel())
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)

@@ -596,7 +596,8 @@ class QuantizedWeight:
                              f"{[k for k in _NESTED if k not in entries]}")
         dtype = getattr(torch, entries["dtype"], None) if isinstance(entries["dtype"], str) else None
         if dtype not in DENSE_DTYPES:
-            raise ValueError(f"dtype must name one of {[_dtype_name(d) for d in DENSE_DTYPES]}, got {entries['dtype']!r}")
+            names = [_dtype_name(d) for d in DENSE_DTYPES]
+            raise ValueError(f"dtype must name one of {names}, got {entries['dtype']!r}")
         shape = entries["shape"]
         if not isinstance(shape, (list, tuple)):
             raise ValueError(f"shape must be a list of two ints, got {shape!r}")

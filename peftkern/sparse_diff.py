@@ -168,7 +168,8 @@ class SparseDiff:
         try:
             return cls(indices, values, shape)
         except (IndexError, ValueError, TypeError) as err:
-            raise ValueError(f"{name}: field 'indices' does not fit metadata field 'shape' {list(shape)}: {err}") from err
+            raise ValueError(f"{name}: field 'indices' does not fit metadata field 'shape' {list(shape)}: "
+                             f"{err}") from err
 
     def apply_(self, weight: torch.Tensor, *, alpha: float = 1.0) -> torch.Tensor:
         """Add `alpha`·values into `weight` (of this diff's shape) in place; returns the backup for restore_.

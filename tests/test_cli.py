@@ -76,8 +76,8 @@ def test_bench_quick_all_ops_under_background_load(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert [r["variant"] for r in results["e2e"]] == ["peft", "peftkern"]
     assert results["e2e"][1]["layers_patched"] > 0 and all(r["tokens_per_s"] > 0 for r in results["e2e"])
-    assert results["torch"] and {row["op"] for row in results["rows"]} == {"lora", "qlora", "dora", "multi_lora", "adapter",
-                                                                           "sparse"}
+    assert results["torch"] and {row["op"] for row in results["rows"]} == {"lora", "qlora", "dora", "multi_lora",
+                                                                           "adapter", "sparse"}
     for row in results["rows"]:
         assert {"eager", "peftkern", "floor"} <= set(row["results"])
         assert all(r["median_ms"] > 0 for r in row["results"].values())
@@ -264,7 +264,8 @@ def test_bench_quick_dora_times_peft_peftkern_its_lora_and_the_floor(tmp_path):
 
 def test_bench_quick_multi_lora_times_peft_mixed_batch_peftkern_one_adapter_and_the_floor(tmp_path):
     """--op multi_lora for real (--quick): a prefill and a decode row, each timing PEFT's mixed-batch forward,
-    multi_lora_linear, lora_linear with one adapter and the floor, with the verdicts against its targets printed under the table."""
+    multi_lora_linear, lora_linear with one adapter and the floor, with the verdicts against its targets printed
+    under the table."""
     out = run_cli("bench", "--op", "multi_lora", "--quick", "--json", "m.json", tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr
     results = json.loads((tmp_path / "m.json").read_text())
@@ -569,7 +570,8 @@ def test_runner_reports_each_case_as_it_finishes(monkeypatch):
                         lambda steps, device, quick: {"peftkern": {"median_ms": 1.0, "peak_mem_mb": None}})
     seen = []
     results = runner.run(["lora"], quick=True, device=torch.device("cpu"),
-                         on_row=lambda partial: seen.append((partial["complete"], [r["case"]["m"] for r in partial["rows"]])))
+                         on_row=lambda partial: seen.append((partial["complete"],
+                                                             [r["case"]["m"] for r in partial["rows"]])))
     assert seen == [(False, [3]), (False, [3, 5]), (False, [3, 5, 7])]
     assert results["complete"] is True and [r["case"]["m"] for r in results["rows"]] == [3, 5, 7]
 

@@ -10,6 +10,7 @@ import torch
 
 import peftkern
 from peftkern import dispatch
+
 from .conftest import DEVICE, ERROR_FLOOR, available_backends, rel_err
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends("lora_linear", torch.float32),

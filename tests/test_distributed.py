@@ -1,6 +1,5 @@
 """A patched PEFT model trained under torch.distributed on CPU (gloo, 2 processes): the LoRA gradients
 equal the single-process ones. DDP always; FSDP2 (fully_shard) as well where this torch supports it on CPU."""
-import os
 
 import pytest
 import torch

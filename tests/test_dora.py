@@ -19,8 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import peftkern
 from peftkern import QuantizedWeight
 from peftkern.ops import dora as ops_dora
-from peftkern.reference import dora as ref_dora
-from peftkern.reference import dropout as ref_dropout
+from peftkern.reference import dora as ref_dora, dropout as ref_dropout
 
 from .conftest import ERROR_FLOOR, rel_err
 

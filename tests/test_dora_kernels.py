@@ -29,9 +29,8 @@ from peftkern.reference import dropout as ref_dropout
 from .conftest import DEVICE, ERROR_FLOOR, rel_err
 
 with interpreter_scope():  # decorated as peftkern's own kernels are (and launched in the scope, below)
-    from peftkern.kernels import _launch
-    from peftkern.kernels import dora as kd
     from peftkern.impls import triton_dora  # noqa: F401  (registers dora_linear's Triton variants)
+    from peftkern.kernels import _launch, dora as kd
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 ACT_DTYPES = [F32, F16] + ([BF16] if DEVICE.type == "cuda" else [])

@@ -144,7 +144,8 @@ def test_4bit_state_dict_with_missing_or_inconsistent_state_raises_and_changes_n
 
 
 def test_from_linear_refuses_an_8bit_base():
-    bnb = pytest.importorskip("bitsandbytes", reason="an 8-bit base is a bitsandbytes Linear8bitLt (in the test extras)")
+    bnb = pytest.importorskip("bitsandbytes",
+                              reason="an 8-bit base is a bitsandbytes Linear8bitLt (in the test extras)")
     int8 = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False).to("cpu")
     with pytest.raises(TypeError, match=r"DoRALinear.from_linear: linear is a bitsandbytes Linear8bitLt .8-bit"):
         DoRALinear.from_linear(int8)

@@ -31,8 +31,7 @@ transformers = pytest.importorskip("transformers", reason="the PEFT integration 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.helpers import disable_input_dtype_casting  # noqa: E402
 from peft.tuners.lora import dora as peft_dora  # noqa: E402
-from peft.tuners.lora.layer import Linear as PeftLoraLinear  # noqa: E402
-from peft.tuners.lora.layer import LoraLayer  # noqa: E402
+from peft.tuners.lora.layer import Linear as PeftLoraLinear, LoraLayer
 
 import peftkern.integrations.peft as integration  # noqa: E402
 from peftkern import QuantizedWeight  # noqa: E402

@@ -3,12 +3,10 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis", reason="the property tests need hypothesis (in the test extras)")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings, strategies as st
 
 import peftkern  # noqa: E402
-from peftkern.reference import dropout as ref_dropout  # noqa: E402
-from peftkern.reference import lora as ref_lora  # noqa: E402
+from peftkern.reference import dropout as ref_dropout, lora as ref_lora
 
 from .conftest import ERROR_FLOOR, rel_err  # noqa: E402
 

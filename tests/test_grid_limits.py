@@ -125,7 +125,8 @@ def test_every_launcher_keeps_cuda_grid_limits(grids, m):
     launch_every_family(m)
     check(grids)
     launched = {name for name, _, _ in grids}
-    assert launched == grids.kernels, f"kernels never launched here (add their launcher): {sorted(grids.kernels - launched)}"
+    missing = sorted(grids.kernels - launched)
+    assert launched == grids.kernels, f"kernels never launched here (add their launcher): {missing}"
     # the GPU tiles were the ones recorded (not the interpreter's), and every GEMM config was evaluated
     gemm = [meta for name, _, meta in grids if name == "lora._lora_gemm_tuned"]
     assert len(gemm) == 2 * len(lora._gemm_configs()) and max(mt["BLOCK_M"] for mt in gemm) >= 128

@@ -13,8 +13,7 @@ Compilation for sm_90 (registers, spills) is scripts/aot_check.py's job.
 import pytest
 import torch
 
-from peftkern.kernels import INTERPRET, interpreter_scope
-from peftkern.kernels import lora as classic
+from peftkern.kernels import INTERPRET, interpreter_scope, lora as classic
 from peftkern.reference import dropout as ref_dropout
 
 from .conftest import ERROR_FLOOR, rel_err

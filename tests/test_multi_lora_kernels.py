@@ -11,7 +11,6 @@ import torch
 import peftkern
 from peftkern import _backend
 from peftkern.impls import triton_multi_lora as impl
-from peftkern.reference import multi_lora as ref
 
 from .conftest import DEVICE, ERROR_FLOOR, rel_err
 

@@ -354,8 +354,7 @@ def test_adapters_of_different_dtypes_fall_back_to_peft(monkeypatch):
 
 def test_linear4bit_llama_mixed_batch_matches_peft(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes", reason="4-bit bases are bitsandbytes Linear4bit (in the test extras)")
-    from .test_qlora_peft import TARGETS as QTARGETS
-    from .test_qlora_peft import linear4bit
+    from .test_qlora_peft import TARGETS as QTARGETS, linear4bit
 
     torch.manual_seed(0)
     # in_features multiples of 64: bitsandbytes' own CPU dequantize (the unpatched side) needs whole blocks

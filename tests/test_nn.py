@@ -312,7 +312,8 @@ def test_4bit_layer_loads_a_linear4bit_state_dict_and_a_saved_file(tmp_path):
     assert sorted(result.missing_keys) == ["lora_a", "lora_b"] and not result.unexpected_keys
     x = torch.randn(4, 128)
     assert layer.quantized_weight.blocksize == 64
-    assert torch.equal(layer.quantized_weight.dequantize(), LoRALinear.from_linear(source).quantized_weight.dequantize())
+    from_source = LoRALinear.from_linear(source).quantized_weight
+    assert torch.equal(layer.quantized_weight.dequantize(), from_source.dequantize())
     torch.testing.assert_close(layer(x), source(x))
     saved = trained(LoRALinear.from_linear(linear4bit(seed=5), r=4, alpha=8))
     torch.save(saved.state_dict(), tmp_path / "layer.pt")

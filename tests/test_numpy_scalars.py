@@ -147,7 +147,8 @@ def test_lora_modules_take_numpy_sizes_and_hyperparameters(cls):
     want = cls(12, 10, r=4, alpha=8, dropout=0.25)
     torch.manual_seed(7)
     got = cls(np.int64(12), np.int32(10), r=np.uint8(4), alpha=np.float32(8), dropout=np.float64(0.25))
-    assert (got.in_features, got.out_features, got.r, got.alpha, got.scaling, got.dropout) == (12, 10, 4, 8.0, 2.0, 0.25)
+    got_values = (got.in_features, got.out_features, got.r, got.alpha, got.scaling, got.dropout)
+    assert got_values == (12, 10, 4, 8.0, 2.0, 0.25)
     assert all(type(v) is int for v in (got.in_features, got.out_features, got.r))
     assert all(type(v) is float for v in (got.alpha, got.dropout))  # stored as Python numbers
     assert repr(got) == repr(want)

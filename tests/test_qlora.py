@@ -18,7 +18,6 @@ from peftkern.reference import qlora as ref_qlora
 from .conftest import DEVICE, ERROR_FLOOR, available_backends, rel_err
 
 
-
 def _inputs(m=6, k=40, n=48, r=4, dtype=torch.float32, weight_dtype=None, bias=True):
     w = torch.randn(n, k, dtype=weight_dtype or dtype)
     qw = QuantizedWeight.quantize(w, quant_type="nf4", blocksize=64, double_quant=True)
@@ -30,7 +29,8 @@ def _inputs(m=6, k=40, n=48, r=4, dtype=torch.float32, weight_dtype=None, bias=T
 
 
 def _step(x, weight, a, b, bias, p=0.0, seed=5):
-    leaves = [t.clone().requires_grad_() for t in (x, a, b)] + ([bias.clone().requires_grad_()] if bias is not None else [])
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    leaves += [bias.clone().requires_grad_()] if bias is not None else []
     y = peftkern.lora_linear(leaves[0], weight, leaves[1], leaves[2], bias=leaves[3] if bias is not None else None,
                              scaling=0.75, dropout_p=p, seed=seed)
     y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y))

@@ -166,7 +166,8 @@ def test_grid_helper_limits():
 
 def test_launchers_name_bad_arguments():
     out, src = torch.zeros(4, 3), torch.zeros(4, 5)
-    seg, cols, vals = torch.tensor([0, 1, 1, 2], dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32), torch.ones(2)
+    seg, cols = torch.tensor([0, 1, 1, 2], dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32)
+    vals = torch.ones(2)
     with pytest.raises(ValueError, match="src"):
         sk.spmm_add_(out, torch.zeros(3, 5), seg, cols, vals)
     with pytest.raises(ValueError, match="seg"):

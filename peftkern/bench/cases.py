@@ -193,5 +193,6 @@ def multi_lora_cases(device: torch.device, quick: bool = False) -> list[MultiLor
     else:
         h, dtype = 1024, torch.float32
     if quick:
-        return [MultiLoraCase("prefill", 4, 64, 256, 256, 16, 4, dtype), MultiLoraCase("decode", 16, 1, 256, 256, 16, 8, dtype)]
+        return [MultiLoraCase("prefill", 4, 64, 256, 256, 16, 4, dtype),
+                MultiLoraCase("decode", 16, 1, 256, 256, 16, 8, dtype)]
     return [MultiLoraCase("prefill", 8, 512, h, h, 16, 8, dtype), MultiLoraCase("decode", 64, 1, h, h, 16, 32, dtype)]

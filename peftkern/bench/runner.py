@@ -7,12 +7,30 @@ import sys
 
 import torch
 
-from .cases import (AdapterCase, DoraCase, LoraCase, MultiLoraCase, QLoraCase, SparseCase, adapter_cases, dora_cases,
-                    lora_cases, multi_lora_cases, qlora_cases, sparse_cases)
+from .cases import (
+    AdapterCase,
+    DoraCase,
+    LoraCase,
+    MultiLoraCase,
+    QLoraCase,
+    SparseCase,
+    adapter_cases,
+    dora_cases,
+    lora_cases,
+    multi_lora_cases,
+    qlora_cases,
+    sparse_cases,
+)
 from .ceilings import measure_ceilings
-from .providers import (adapter_providers, dora_providers, lora_providers, multi_lora_providers, qlora_providers,
-                        sparse_providers)
 from .memory import peak_mb_in_subprocess
+from .providers import (
+    adapter_providers,
+    dora_providers,
+    lora_providers,
+    multi_lora_providers,
+    qlora_providers,
+    sparse_providers,
+)
 from .timing import measure_group
 
 OPS = ("lora", "qlora", "dora", "multi_lora", "adapter", "sparse")

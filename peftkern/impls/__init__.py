@@ -1,10 +1,19 @@
 """The implementations of every op family, registered with peftkern.dispatch on import.
 
-One module per (backend, family): reference.py (plain torch, every family), triton_lora.py, triton_dora.py, triton_qdora.py,
-triton_qlora.py, triton_multi_lora.py, triton_multi_qlora.py, triton_adapter.py, triton_sparse.py (the Triton backend's fused and composite variants) and
-extension.py (the compiled extension: sparse-diff apply/restore). Each implementation takes the
-arguments of its family's custom ops in peftkern/ops/ (positional, in the op's order). A new kernel
-is a new `dispatch.register(...)` here; the ops need no change.
+One module per (backend, family): reference.py (plain torch, every family), triton_<family>.py (the Triton
+backend's fused and composite variants) and extension.py (the compiled extension: sparse-diff apply/restore).
+Each implementation takes the arguments of its family's custom ops in peftkern/ops/ (positional, in the op's
+order). A new kernel is a new `dispatch.register(...)` here; the ops need no change.
 """
-from . import (extension, reference, triton_adapter, triton_dora, triton_lora, triton_multi_lora,  # noqa: F401
-               triton_multi_qlora, triton_qdora, triton_qlora, triton_sparse)
+from . import (  # noqa: F401
+    extension,
+    reference,
+    triton_adapter,
+    triton_dora,
+    triton_lora,
+    triton_multi_lora,
+    triton_multi_qlora,
+    triton_qdora,
+    triton_qlora,
+    triton_sparse,
+)

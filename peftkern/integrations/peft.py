@@ -85,15 +85,13 @@ import weakref
 from collections import defaultdict
 
 import torch
-from torch import nn
-from torch.nn.modules import module as _torch_module
-
 from peft.tuners.lora import dora as _peft_dora
 from peft.tuners.lora.dora import DoraLinearLayer
-from peft.tuners.lora.layer import Linear as _PeftLoraLinear
-from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.layer import Linear as _PeftLoraLinear, LoraLayer
 from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from ..ops import _checks
 from ..ops.dora import dora_linear

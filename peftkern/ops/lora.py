@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend, dispatch
-from ..reference import lora as ref
 from ..quant import QuantizedWeight
+from ..reference import lora as ref
 from . import _autograd, _checks, qlora
 from ._autocast import register_autocast
 

@@ -3,7 +3,8 @@
 `peftkern.lora_linear(x, qw, ...)` with a `peftkern.QuantizedWeight` lands here (ops/lora.py checks the
 arguments and routes). The ops take the weight as its raw parts: the packed codes (uint8), the absmax of each
 block (float32, or uint8 codes when double-quantized, with absmax2, code2 and offset, resolved where the
-weight is dequantized: on chip in the Triton kernel) and the 16-entry code table. The weight is frozen: gradients reach x, lora_a, lora_b and bias.
+weight is dequantized: on chip in the Triton kernel) and the 16-entry code table. The weight is frozen: gradients
+reach x, lora_a, lora_b and bias.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, dispatch
-from ..reference import lora as ref
-from ..reference import qlora as ref_qlora
+from ..reference import lora as ref, qlora as ref_qlora
 from . import _autograd, _checks
 from ._autocast import register_autocast
 
@@ -117,7 +117,8 @@ def _backward(ctx, dy, _d_s_down):
     x, packed, absmax, code, absmax2, code2, offset, lora_a, lora_b, s_down, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, da, db, dbias = torch.ops.peftkern.qlora_linear_bwd(
-        dy, x, packed, absmax, code, absmax2, code2, offset, ctx.out_features, ctx.blocksize, ctx.weight_dtype, lora_a, lora_b, s_down,
+        dy, x, packed, absmax, code, absmax2, code2, offset, ctx.out_features, ctx.blocksize, ctx.weight_dtype,
+        lora_a, lora_b, s_down,
         ctx.scaling, ctx.dropout_p, seed, need[_X], need[_A], need[_B], need[_BIAS], ctx.backend)
     grads = [None] * len(need)
     grads[_X], grads[_A], grads[_B], grads[_BIAS] = dx, da, db, dbias

@@ -165,7 +165,8 @@ def _key(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, bias: Optio
 
 
 @torch.library.custom_op("peftkern::sparse_diff_linear_fwd", mutates_args=())
-def sparse_diff_linear_fwd(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+def sparse_diff_linear_fwd(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor,
+                           bias: Optional[Tensor]) -> Tensor:
     _ensure_unique(indices, weight.numel())
     backend = _backend.select("sparse_diff_linear", x.device, x.dtype)
     return dispatch.call("sparse_diff_linear", "forward", backend, lambda: _key(x, weight, indices, values, bias),

@@ -7,7 +7,8 @@ With c = magnitude / n, n_j = ‖W_j + s·(B·A)_j‖₂ (a constant in backward
 
 (PEFT's DoRA Linear; the second form is the first when d = x.) A row with n_j = 0 (W_j + s·(B·A)_j is zero, as every
 row is when in_features = 0) has no direction: its DoRA row m_j·V_j/‖V_j‖ is taken as zero, F.normalize's
-convention, so c_j = 0 there (not 0/0) and that output column is its bias; see column_scale. z is what the magnitude's gradient needs,
+convention, so c_j = 0 there (not 0/0) and that output column is its bias; see column_scale. z is what the
+magnitude's gradient needs,
 dmag = Σ_m dy ⊙ z / n; it is kept only when the magnitude requires grad. The rest of the backward is LoRA's on
 gc = dy ⊙ c (reference/lora.py's own code), plus, with dropout, the base path's two products:
 dx = dy·W + mask ⊙ ((gc − dy)·W + dS·A) / (1 − p).

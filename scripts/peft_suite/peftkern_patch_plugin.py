@@ -17,8 +17,9 @@ _counts = {"patched_layers": 0, "fused_forwards": 0}
 
 
 def pytest_configure(config):
-    import peftkern.integrations.peft as integration
     from peft.tuners.tuners_utils import BaseTuner
+
+    import peftkern.integrations.peft as integration
 
     inject = BaseTuner.inject_adapter  # already peftkern's wrapper (patches marked models' new layers)
 
