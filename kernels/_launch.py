@@ -49,7 +49,7 @@ def target_programs(device: torch.device) -> int:
 
 def dropout_args(seed: int, p: float):
     """(seed, integer keep threshold, 1/(1-p)) for the in-kernel mask; p == 0 means no dropout."""
-    from peftkern.reference.dropout import keep_threshold  # the one definition of the threshold
+    from peftkern.core.rules import keep_threshold  # the one definition of the threshold
     if p > 0.0:
         return seed, keep_threshold(p), 1.0 / (1.0 - p)
     return 0, 0, 1.0

@@ -15,7 +15,7 @@ dtypes and errors.
 """
 # first: peftkern.kernels picks Triton's interpreter or GPU mode, which must happen before triton loads
 from . import kernels as _kernels  # noqa: F401, I001  (first; the rest follows in isort's order)
-from ._backend import backend_info, use_backend
+from .core.backend import backend_info, use_backend
 from .ops.adapter import bottleneck_adapter
 from .ops.dora import dora_linear
 from .ops.lora import lora_linear
@@ -24,7 +24,7 @@ from .quant import QuantizedWeight
 from .ops.sparse_diff import sparse_diff_apply_, sparse_diff_linear, sparse_diff_restore_
 from .sparse_diff import SparseDiff, apply_sparse_diffs_, restore_sparse_diffs_, sparse_diffs_applied
 from . import nn
-from . import impls as _impls  # noqa: F401  (registers every implementation with peftkern.dispatch)
+from . import impls as _impls  # noqa: F401  (registers every implementation with peftkern.core.dispatch)
 
 __version__ = "0.1.0"
 __all__ = ["lora_linear", "dora_linear", "multi_lora_linear", "QuantizedWeight", "bottleneck_adapter", "SparseDiff",

@@ -7,7 +7,7 @@ import sys
 import torch
 from torch import nn
 
-from .ops import _checks
+from .core import checks as _checks
 from .ops.adapter import bottleneck_adapter
 from .ops.dora import dora_linear, row_norms
 from .ops.lora import lora_linear

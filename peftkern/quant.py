@@ -142,12 +142,12 @@ def _quantize_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _is_real(value) -> bool:
-    from .ops._checks import is_real  # numbers.Real but bool (numpy scalars too); imported late, as ops import us
+    from .core.checks import is_real  # numbers.Real but bool (numpy scalars too); imported late, as ops import us
     return is_real(value)
 
 
 def _as_int(value):
-    from .ops._checks import as_int  # operator.index but bool or tensor: ints and numpy integers, never 3.0
+    from .core.checks import as_int  # operator.index but bool or tensor: ints and numpy integers, never 3.0
     return as_int(value)
 
 

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .ops import _checks
+from .core import checks as _checks
 from .ops.sparse_diff import INT32_LIMIT, _ensure_unique, sparse_diff_apply_, sparse_diff_restore_
 from .reference.sparse_diff import check_range
 

@@ -49,7 +49,7 @@ else:
     hypothesis.settings.load_profile("peftkern")
 
 import peftkern  # noqa: E402  (after the environment is set)
-from peftkern import _backend  # noqa: E402
+from peftkern.core import backend as _backend  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -57,7 +57,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def available_backends(op: str, dtype: torch.dtype) -> list[str]:
     """Backends that can run `op` on DEVICE in `dtype` on this machine."""
     names = []
-    for name in peftkern.dispatch.backends(op):
+    for name in peftkern.core.dispatch.backends(op):
         if name == "triton" and _backend._triton_unavailable_reason(DEVICE, dtype) is not None:
             continue
         names.append(name)

@@ -1,4 +1,4 @@
-"""peftkern.dispatch: the fused/composite choice (measured with an injected timer on CPU), forcing a
+"""peftkern.core.dispatch: the fused/composite choice (measured with an injected timer on CPU), forcing a
 variant, the on-disk cache, and both variants' numerics for every family (the interpreter runs the
 Triton parts)."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import peftkern
-from peftkern import dispatch
+from peftkern.core import dispatch
 
 from .conftest import DEVICE, ERROR_FLOOR, available_backends, rel_err
 

@@ -458,7 +458,7 @@ def test_no_out_by_in_tensor_on_the_triton_paths(variant, p):
         pytest.skip("the Triton backend is unavailable here (Triton missing)")
     from peftkern.impls import triton_dora
 
-    impl = peftkern.dispatch.variants("dora_linear", "triton")[variant]
+    impl = peftkern.core.dispatch.variants("dora_linear", "triton")[variant]
     torch.manual_seed(13)
     m, k, n, r = 6, 40, 48, 4
     x, w = torch.randn(m, k), torch.randn(n, k)

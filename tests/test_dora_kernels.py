@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import peftkern
-from peftkern import dispatch
+from peftkern.core import dispatch
 from peftkern.kernels import INTERPRET, interpreter_scope
 from peftkern.reference import dropout as ref_dropout
 

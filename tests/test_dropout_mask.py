@@ -18,7 +18,7 @@ masks = st.tuples(st.integers(1, 40), st.integers(1, 70), st.integers(0, 2**63 -
 @given(masks)
 def test_cpp_multiplier_matches_torch_spelling(case):
     rows, cols, seed, row_offset, p = case
-    if peftkern._backend.extension() is None:
+    if peftkern.core.backend.extension() is None:
         pytest.skip("peftkern._C is not built in this environment")
     got = ref_dropout.multiplier(rows, cols, seed, p, dtype=torch.float64, device="cpu", row_offset=row_offset)
     keep = ref_dropout.keep_mask(rows, cols, seed, p, row_offset=row_offset)
@@ -48,7 +48,7 @@ def test_reference_without_the_extension_gives_the_same_result(monkeypatch):
 
     monkeypatch.setattr(ref_lora, "_BLOCK_BYTES", 1024)  # several row blocks even at this size
     with_ext = step()
-    monkeypatch.setattr(peftkern._backend, "extension", lambda: None)
+    monkeypatch.setattr(peftkern.core.backend, "extension", lambda: None)
     without = step()
     for p, q in zip(with_ext, without):
         assert rel_err(p, q) <= ERROR_FLOOR[torch.float64]

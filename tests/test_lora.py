@@ -161,7 +161,7 @@ def test_triton_and_reference_share_the_mask():
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_compiled_mask_equals_torch_spelling(device):
-    ext = peftkern._backend.extension()
+    ext = peftkern.core.backend.extension()
     if ext is None or (device == "cuda" and not ext.with_cuda):
         pytest.skip(f"peftkern._C is not built for {device} in this environment")
     rows, cols, seed, p = 37, 70, 2**33 + 11, 0.35

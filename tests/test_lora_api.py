@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import peftkern
-from peftkern import _backend
+from peftkern.core import backend as _backend
 
 from .conftest import DEVICE, available_backends, rel_err
 

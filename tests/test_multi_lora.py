@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import peftkern
-from peftkern import _backend
+from peftkern.core import backend as _backend
 from peftkern.reference import multi_lora as ref
 
 from .conftest import rel_err

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import peftkern
-from peftkern import _backend
+from peftkern.core import backend as _backend
 from peftkern.impls import triton_multi_lora as impl
 
 from .conftest import DEVICE, ERROR_FLOOR, rel_err

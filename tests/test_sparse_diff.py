@@ -18,7 +18,7 @@ APPLY_BACKENDS = ["cuda", "reference"]  # "cuda" = the compiled extension (C++ o
 
 def apply_backends(device=DEVICE):
     names = ["reference"]
-    if peftkern._backend._extension_unavailable_reason(torch.device(device)) is None:
+    if peftkern.core.backend._extension_unavailable_reason(torch.device(device)) is None:
         names.insert(0, "cuda")
     return names
 

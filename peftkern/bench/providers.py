@@ -70,7 +70,7 @@ def with_variants(steps: dict[str, Callable[[], None]], device: torch.device, ca
     if device.type != "cuda":
         return steps
     if case is not None:
-        from .. import _backend, dispatch
+        from ..core import backend as _backend, dispatch
 
         backend = _backend.auto_choice(case.family, device, case.dtype)
         if {dispatch.kind_of(v) for v in dispatch.variants(case.family, backend)} != set(VARIANTS):

@@ -59,7 +59,7 @@ def run(ops: list[str], *, quick: bool, device: torch.device, background_load: d
 
     jobs = [(op, case) for op in ops for case in _OPS[op][0](device, quick)]
     rows = []
-    seen_choices: set = set(peftkern.dispatch.choices())
+    seen_choices: set = set(peftkern.core.dispatch.choices())
     for op, case in progress(jobs, desc="peftkern bench", unit="case"):
         providers = _OPS[op][1]
         steps, eager_name = providers(case, device)
@@ -67,7 +67,7 @@ def run(ops: list[str], *, quick: bool, device: torch.device, background_load: d
         if device.type == "cpu" and not quick:  # CPU peak memory: a fresh process per provider
             for name in result:
                 result[name]["peak_mem_mb"] = peak_mb_in_subprocess(op, case.as_dict(), name)
-        backend = peftkern._backend.auto_choice(case.family, device, case.dtype)
+        backend = peftkern.core.backend.auto_choice(case.family, device, case.dtype)
         if backend == "cuda" and device.type == "cpu":
             backend = "cuda (C++ on CPU)"  # the compiled extension's CPU kernels
         rows.append({"op": op, "family": case.family, "case": case.as_dict(), "label": case.label,
@@ -110,10 +110,10 @@ def _header(device: torch.device, quick: bool, background_load: dict | None) -> 
 
 
 def _new_choices(seen: set, family: str) -> dict:
-    """The dispatch choices made since the previous case (peftkern.dispatch.choices()), for `family`."""
+    """The dispatch choices made since the previous case (peftkern.core.dispatch.choices()), for `family`."""
     import peftkern
 
-    now = peftkern.dispatch.choices()
+    now = peftkern.core.dispatch.choices()
     new = {k: v for k, v in now.items() if k not in seen and k.startswith(family + "|")}
     seen.update(now)
     return new

@@ -1,4 +1,4 @@
-"""The implementations of every op family, registered with peftkern.dispatch on import.
+"""The implementations of every op family, registered with peftkern.core.dispatch on import.
 
 One module per (backend, family): reference.py (plain torch, every family), triton_<family>.py (the Triton
 backend's fused and composite variants) and extension.py (the compiled extension: sparse-diff apply/restore).

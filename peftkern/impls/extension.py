@@ -1,7 +1,7 @@
 """The compiled extension (peftkern._C; backend name "cuda"): sparse-diff apply/restore, its CUDA
 kernels on GPU tensors and its C++ loops on CPU tensors. Each checks every index against the weight's
 size itself before writing anything and reports the first bad position, raised here as IndexError."""
-from .. import _backend, dispatch
+from ..core import backend as _backend, dispatch
 from ..reference import sparse_diff as ref
 
 

@@ -1,6 +1,6 @@
 """The reference backend: plain torch for every family (CPU's default path, any device and dtype, and
 the tests' float64 oracle). The math lives in peftkern/reference/; this module only registers it."""
-from .. import dispatch
+from ..core import dispatch
 from ..reference import adapter, dora, lora, multi_lora, qlora, sparse_diff
 
 dispatch.register("lora_linear", "reference", forward=lora.lora_fwd, backward=lora.lora_bwd)

@@ -8,7 +8,7 @@
 """
 import torch
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, dispatch
 from ..reference import adapter as ref
 
 

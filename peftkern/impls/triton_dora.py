@@ -10,13 +10,13 @@
 
 Both compute n (kernels/dora.dora_weight_norm: one pass over W, no [out, in] tensor), S, gc = dy ⊙ c with
 Σ dy ⊙ z (dora_grad_scale) and LoRA's rank-r backward on gc (triton_lora.rank_backward) with the same kernels and
-the same mask, so they agree up to the summation order of the main GEMMs. peftkern.dispatch picks one per call
+the same mask, so they agree up to the summation order of the main GEMMs. peftkern.core.dispatch picks one per call
 shape. With dropout the masked copy keep ⊙ x (dora_keep_x) feeds both the GEMM and rank_down, which then needs no
 mask of its own (the 1/(1 − p) is applied to its fp32 result).
 """
 import torch
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, dispatch
 from ..reference import dora as ref_dora
 from . import triton_lora
 

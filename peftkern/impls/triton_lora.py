@@ -9,11 +9,11 @@
              newer, 16-bit x and W; measured against the others where it can run
 
 All three compute S = dropout(x)·Aᵀ, dS = s·dy·B, dA and dBᵀ with the same kernels and the same mask, so
-they agree up to the summation order of the main GEMM. peftkern.dispatch picks one per call shape.
+they agree up to the summation order of the main GEMM. peftkern.core.dispatch picks one per call shape.
 """
 import torch
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, dispatch
 
 
 def _kernels():

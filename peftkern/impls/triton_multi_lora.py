@@ -12,7 +12,7 @@ The adapters are never copied or concatenated: the kernels read each one through
 """
 import torch
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, dispatch
 from ..reference.multi_lora import check_ids
 
 

@@ -3,7 +3,7 @@
 No dense [out, in] weight is written. A fused kernel would need kernels/qlora.py's dequantizing GEMM with the
 grouped rank-r epilogue of kernels/multi_lora.py; until it exists this is the path, and measured dispatch has
 nothing to choose between."""
-from .. import dispatch
+from ..core import dispatch
 from ..reference import multi_lora as reference
 
 dispatch.register("multi_qlora_linear", "triton", "composite", forward=reference.multi_qfwd,

@@ -3,7 +3,7 @@
 these are cuBLAS and CUDA kernels). No dense [out, in] weight is written. A fused 4-bit DoRA kernel would need
 kernels/qlora.py's GEMM with the DoRA epilogue; until it exists this is the path, and measured dispatch has
 nothing to choose between."""
-from .. import dispatch
+from ..core import dispatch
 from ..reference import dora as reference
 
 dispatch.register("qdora_linear", "triton", "composite", forward=reference.qdora_fwd, backward=reference.qdora_bwd)

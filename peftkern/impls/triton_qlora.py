@@ -6,11 +6,11 @@
   composite  the reference path (peftkern/reference/qlora.py): blocks of W dequantized by torch, the
              library GEMM (cuBLAS on a GPU) on each, and torch's rank-r products
 
-Neither writes a dense [out, in] weight. peftkern.dispatch picks one per call shape.
+Neither writes a dense [out, in] weight. peftkern.core.dispatch picks one per call shape.
 """
 import torch
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, dispatch
 from ..reference import qlora as reference
 from . import triton_lora
 

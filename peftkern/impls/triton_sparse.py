@@ -7,7 +7,7 @@
              for bit (sparse_diff_apply_ / restore_); backward the same around dy·(W + Δ), and the same
              sampled product for the values. It wins when the diff is dense enough that the sparse
              product costs more than a pass over the weight (kernels.sparse_diff explains the estimate);
-             peftkern.dispatch measures which is faster.
+             peftkern.core.dispatch measures which is faster.
 
 The composite variant writes into the frozen weight for the duration of the GEMM, on the current
 stream, and preserves its version counter (the round trip is bit-exact, so autograd's saved-tensor
@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, dispatch
 from ..ops.sparse_diff import write_problem
 from ..reference import sparse_diff as ref
 

@@ -93,7 +93,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from ..ops import _checks
+from ..core import checks as _checks
 from ..ops.dora import dora_linear
 from ..ops.lora import lora_linear
 from ..ops.multi_lora import multi_lora_linear

@@ -13,10 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, checks as _checks, dispatch
 from ..reference import activations as act
 from ..reference.lora import acc_dtype
-from . import _autograd, _checks
+from . import _autograd
 from ._autocast import register_autocast
 
 
@@ -25,7 +25,7 @@ def _code(activation: str) -> int:
 
 
 def _key(h: Tensor, w_down: Tensor, w_up: Tensor, code: int, *flags) -> tuple:
-    """What decides whether the fused or the composite variant is faster (peftkern.dispatch)."""
+    """What decides whether the fused or the composite variant is faster (peftkern.core.dispatch)."""
     return (dispatch.token_bucket(h.shape[0]), *w_down.shape, h.dtype, w_down.dtype, code,
             dispatch.layout(h, w_down, w_up), *flags)
 

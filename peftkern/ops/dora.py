@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, checks as _checks, dispatch
 from ..quant import QuantizedWeight
 from ..reference import lora as ref
-from . import _autograd, _checks, qdora, qlora
+from . import _autograd, qdora, qlora
 from ._autocast import register_autocast
 from .lora import _check as _check_lora, _check_scalars, dropout_and_seed
 
@@ -32,7 +32,7 @@ FAMILY = "dora_linear"
 
 
 def _key(x: Tensor, weight: Tensor, lora_a: Tensor, bias: Optional[Tensor], dropout_p: float, *flags) -> tuple:
-    """What decides which variant is faster (peftkern.dispatch)."""
+    """What decides which variant is faster (peftkern.core.dispatch)."""
     return (dispatch.token_bucket(x.shape[0]), *weight.shape, lora_a.shape[0], x.dtype, lora_a.dtype,
             bias is not None, dropout_p > 0.0, dispatch.layout(x, weight), *flags)
 

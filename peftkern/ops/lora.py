@@ -14,19 +14,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, checks as _checks, dispatch
+from ..core.rules import SEED_LIMIT
 from ..quant import QuantizedWeight
 from ..reference import lora as ref
-from . import _autograd, _checks, qlora
+from . import _autograd, qlora
 from ._autocast import register_autocast
-
-SEED_LIMIT = 2**63
-
 
 # ---- the two custom ops --------------------------------------------------------------------------
 
 def _key(x: Tensor, weight: Tensor, lora_a: Tensor, bias: Optional[Tensor], dropout_p: float, *flags) -> tuple:
-    """What decides whether the fused or the composite variant is faster (peftkern.dispatch)."""
+    """What decides whether the fused or the composite variant is faster (peftkern.core.dispatch)."""
     return (dispatch.token_bucket(x.shape[0]), *weight.shape, lora_a.shape[0], x.dtype, lora_a.dtype,
             bias is not None, dropout_p > 0.0, dispatch.layout(x, weight), *flags)
 

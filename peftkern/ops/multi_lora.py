@@ -15,10 +15,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, checks as _checks, dispatch
 from ..quant import QuantizedWeight
 from ..reference import lora as ref
-from . import _checks, multi_qlora
+from . import multi_qlora
 from ._autocast import register_autocast
 from .lora import _check_scalars, dropout_and_seed
 
@@ -28,7 +28,7 @@ ID_DTYPES = (torch.int32, torch.int64)
 
 def _key(x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], bias: Optional[Tensor], dropout_p: float,
          *flags) -> tuple:
-    """What decides which variant is faster (peftkern.dispatch)."""
+    """What decides which variant is faster (peftkern.core.dispatch)."""
     return (dispatch.token_bucket(x.shape[0]), *weight.shape, len(lora_a), max(a.shape[0] for a in lora_a),
             x.dtype, lora_a[0].dtype, bias is not None, dropout_p > 0.0, dispatch.layout(x, weight), *flags)
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, dispatch
 from ..reference import lora as ref
 from . import qlora
 from ._autocast import register_autocast

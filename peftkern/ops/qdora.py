@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, dispatch
 from . import _autograd, qlora
 from ._autocast import register_autocast
 

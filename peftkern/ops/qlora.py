@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, checks as _checks, dispatch
 from ..reference import lora as ref, qlora as ref_qlora
-from . import _autograd, _checks
+from . import _autograd
 from ._autocast import register_autocast
 
 FAMILY = "qlora_linear"

@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, dispatch
+from ..core import backend as _backend, checks as _checks, dispatch
 from ..reference import sparse_diff as ref
-from . import _autograd, _checks
+from . import _autograd
 from ._autocast import register_autocast
 
 INT32_LIMIT = 2**31 - 1
@@ -159,7 +159,7 @@ def sparse_diff_restore_(weight: Tensor, indices: Tensor, backup: Tensor) -> Non
 # ---- sparse_diff_linear -----------------------------------------------------------------------------
 
 def _key(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, bias: Optional[Tensor], *flags) -> tuple:
-    """What decides whether the fused or the composite variant is faster (peftkern.dispatch)."""
+    """What decides whether the fused or the composite variant is faster (peftkern.core.dispatch)."""
     return (dispatch.token_bucket(x.shape[0]), *weight.shape, dispatch.token_bucket(indices.numel()), x.dtype,
             values.dtype, bias is not None, dispatch.layout(x, weight), *flags)
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-# public name -> kernel code; "swish" is an alias of "silu"
-CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swish": 4, "tanh": 5}
-NAMES = ("relu", "gelu", "gelu_tanh", "silu", "swish", "tanh", "identity")
+from ..core.rules import ACTIVATION_CODES as CODES, ACTIVATION_NAMES as NAMES  # noqa: F401
+
 
 def activate(pre: torch.Tensor, code: int) -> torch.Tensor:
     if code == 0:

@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import torch
 
+from ..core.rules import COLS_PER_CALL, UNIFORM_BITS, keep_threshold  # noqa: F401  (UNIFORM_BITS: tests)
+
 _MASK32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 N_ROUNDS = 10
-UNIFORM_BITS = 16
-COLS_PER_CALL = 8  # csrc/philox.h kColsPerCall, kernels/dropout.py
-
-
-def keep_threshold(p: float) -> int:
-    """Integer threshold on the 16-bit uniform: keep iff u >= threshold."""
-    return int(round(p * (1 << UNIFORM_BITS)))
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +70,7 @@ def multiplier(rows: int, cols: int, seed: int, p: float, *, dtype, device, row_
     """[rows, cols] of keep / (1 - p): multiply a block of rows of the input by it to apply dropout.
 
     Uses the compiled extension when it is built for the device (one pass), else the torch spelling above."""
-    from .. import _backend
+    from ..core import backend as _backend
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     ext = _backend.extension()

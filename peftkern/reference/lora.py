@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.rules import acc_dtype, rank_dtype  # noqa: F401  (the other families import them from here)
 from . import dropout as _dropout
 
 # Rows per block: 16 MiB of x. Every block costs several parallel regions (mask, multiply, matmuls), and on
@@ -30,15 +31,6 @@ _BLOCK_BYTES = 1 << 24
 # the float32 block of the mixed-dtype add on an accelerator: big enough for full-speed GEMMs, small
 # beside the [M, N] output
 _DEVICE_BLOCK_BYTES = 1 << 26
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def rank_dtype(x_dtype: torch.dtype, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.dtype:
-    """The dtype of the rank-r branch: x's, or the adapters' when wider (float32 adapters beside half x)."""
-    return torch.promote_types(torch.promote_types(x_dtype, lora_a.dtype), lora_b.dtype)
 
 
 def _row_blocks(x: torch.Tensor):

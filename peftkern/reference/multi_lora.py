@@ -232,7 +232,7 @@ def _rows_kernel(x, y, lora_a, lora_b, row_ids, scalings, s_down) -> bool:
     y's rank-r term in one pass over the rows. Returns False (nothing done) where it does not apply or would not
     win: not CPU, not float32/float64, adapters in another dtype than x, non-contiguous tensors, or many rows per
     adapter."""
-    from .. import _backend
+    from ..core import backend as _backend
 
     if x.device.type != "cpu" or x.shape[0] > ROWS_KERNEL_MAX_ROWS_PER_ADAPTER * len(lora_a):
         return False

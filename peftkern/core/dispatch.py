@@ -8,7 +8,7 @@ once, as custom ops in peftkern/ops/; its implementations register here, from pe
                                                            # key: a callable giving the measurement key
 
 Two levels decide what runs:
-1. The backend (peftkern._backend.select: use_backend() / PEFTKERN_BACKEND / auto): which library.
+1. The backend (peftkern.core.backend.select: use_backend() / PEFTKERN_BACKEND / auto): which library.
    "reference" (plain torch), "triton" (peftkern's GPU kernels; on CPU tensors through Triton's
    interpreter), "cuda" (the compiled extension).
 2. The variant within that backend, where it has several. The Triton backend has two for the
@@ -182,7 +182,7 @@ def _versions() -> str:
         triton_v = triton.__version__
     except ImportError:
         triton_v = None
-    from . import __version__
+    from .. import __version__
     return f"peftkern {__version__}, torch {torch.__version__}, triton {triton_v}"
 
 

@@ -18,7 +18,7 @@ import torch
 BACKENDS = ("auto", "triton", "cuda", "reference")
 ENV_VAR = "PEFTKERN_BACKEND"
 
-# the op families; which backends implement each is registered in peftkern/impls/ (peftkern.dispatch).
+# the op families; which backends implement each is registered in peftkern/impls/ (peftkern.core.dispatch).
 # "cuda" is the compiled extension: its CUDA kernels on GPU tensors, its C++ ones on CPU tensors
 FAMILIES = ("lora_linear", "qlora_linear", "dora_linear", "qdora_linear", "multi_lora_linear", "multi_qlora_linear",
             "bottleneck_adapter", "sparse_diff_apply", "sparse_diff_linear")
@@ -146,7 +146,7 @@ def _supported(op: str) -> tuple[str, ...]:
 
 def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend ("triton", "cuda" or "reference") that runs `op` on this device and dtype; within it,
-    peftkern.dispatch picks the variant."""
+    peftkern.core.dispatch picks the variant."""
     supported = _supported(op)
     name = requested_backend()
     if name == "auto":
