@@ -18,7 +18,7 @@ from . import kernels as _kernels  # noqa: F401, I001  (first; the rest follows 
 from .core.backend import backend_info, use_backend
 from .ops.adapter import bottleneck_adapter
 from .ops.dora import dora_linear
-from .ops.lora import lora_linear
+from .lora import lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .quant import QuantizedWeight
 from .ops.sparse_diff import sparse_diff_apply_, sparse_diff_linear, sparse_diff_restore_

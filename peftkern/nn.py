@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from .core import checks as _checks
+from .lora import lora_linear
 from .ops.adapter import bottleneck_adapter
 from .ops.dora import dora_linear, row_norms
-from .ops.lora import lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .ops.sparse_diff import sparse_diff_linear
 from .reference.activations import CODES as _ACTIVATIONS, NAMES as _ACTIVATION_NAMES

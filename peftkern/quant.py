@@ -444,7 +444,7 @@ class QuantizedWeight:
     def _absmax_blocks(self, b0: int, b1: int) -> torch.Tensor:
         """float32 absmax of blocks [b0, b1). Double-quantized: code2[qa] · absmax2[b // 256], then + offset (two
         float32 roundings), as bitsandbytes' dequantize_blockwise and its `absmax += offset` compute it."""
-        from .reference.qlora import resolve_absmax  # the one definition, shared with lora_linear's paths
+        from .fourbit import resolve_absmax  # the one definition, shared with the ops
         return resolve_absmax(self.absmax, self.absmax2, self.code2, self.offset, b0, b1)
 
     def absmax_float(self) -> torch.Tensor:
@@ -454,7 +454,7 @@ class QuantizedWeight:
     def _dequantize_elements(self, e0: int, e1: int, dtype: torch.dtype) -> torch.Tensor:
         """Flat elements [e0, e1) of the dense weight: code[q] · absmax in float32, then cast. Only the blocks
         holding them are unpacked; every element is computed the same way whatever range it is asked in."""
-        from .reference.qlora import dequantize_span  # the one definition of the product, shared with lora_linear
+        from .fourbit import dequantize_span  # the one definition of the product, shared with the ops
         bs = self.blocksize
         b0, b1 = e0 // bs, -(-e1 // bs)
         return dequantize_span(self.packed, self.code, bs, e0, e1, self._absmax_blocks(b0, b1)).to(dtype)

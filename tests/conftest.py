@@ -60,6 +60,8 @@ def available_backends(op: str, dtype: torch.dtype) -> list[str]:
     for name in peftkern.core.dispatch.backends(op):
         if name == "triton" and _backend._triton_unavailable_reason(DEVICE, dtype) is not None:
             continue
+        if name == "cpu" and DEVICE.type != "cpu":  # the fast torch path runs CPU tensors only
+            continue
         names.append(name)
     return names
 

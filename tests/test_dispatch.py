@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import peftkern
+from peftkern import fourbit
 from peftkern.core import dispatch
+from peftkern.lora import op as lora_op
 
 from .conftest import DEVICE, ERROR_FLOOR, available_backends, rel_err
 
@@ -275,13 +277,20 @@ def test_persistent_variant_says_why_it_cannot_run():
     and says why. (Each of kernels/lora_persistent.unsupported's reasons is tested in test_lora_persistent.)"""
     impl = dispatch.variants("lora_linear", "triton")["fused_persistent"]
     x, w, a, b = lora_inputs(dtype=torch.float16)
+
+    def fwd(x, w):
+        return lora_op.forward_op.Args(x=x, **fourbit.op_args(w), lora_a=a, lora_b=b, bias=None, scaling=0.5,
+                                       dropout_p=0.0, seed=0)
+
     if DEVICE.type != "cuda":
-        assert impl.why_not("forward", (x, w, a, b, None, 0.5, 0.0, 0)) == "not CUDA tensors"
+        assert impl.why_not("forward", (fwd(x, w),)) == "not CUDA tensors"
     else:
-        assert "16-bit" in impl.why_not("forward", (x.float(), w.float(), a, b, None, 0.5, 0.0, 0))
+        assert "16-bit" in impl.why_not("forward", (fwd(x.float(), w.float()),))
     dy = torch.ones(x.shape[0], w.shape[0], dtype=x.dtype, device=DEVICE)
-    bwd = (dy, x, w, a, b, None, 0.5, 0.0, 0, False, False, True, True, False)
-    assert "dx is not needed" in impl.why_not("backward", bwd)
+    bwd = lora_op.backward_op.Args(dy=dy, x=x, **fourbit.op_args(w), lora_a=a, lora_b=b, s_down=None, scaling=0.5,
+                                   dropout_p=0.0, seed=0, need_x=False, need_weight=False, need_lora_a=True,
+                                   need_lora_b=True, need_bias=False, backend="triton")
+    assert "dx is not needed" in impl.why_not("backward", (bwd,))
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="runs the persistent kernel in the CPU interpreter (on a GPU "

@@ -18,8 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftkern
 from peftkern import QuantizedWeight
+from peftkern.core import dropout as ref_dropout
 from peftkern.ops import dora as ops_dora
-from peftkern.reference import dora as ref_dora, dropout as ref_dropout
+from peftkern.reference import dora as ref_dora
 
 from .conftest import ERROR_FLOOR, rel_err
 

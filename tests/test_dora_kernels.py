@@ -22,9 +22,8 @@ import pytest
 import torch
 
 import peftkern
-from peftkern.core import dispatch
+from peftkern.core import dispatch, dropout as ref_dropout
 from peftkern.kernels import INTERPRET, interpreter_scope
-from peftkern.reference import dropout as ref_dropout
 
 from .conftest import DEVICE, ERROR_FLOOR, rel_err
 

@@ -6,7 +6,7 @@ hypothesis = pytest.importorskip("hypothesis", reason="the property tests need h
 from hypothesis import given, settings, strategies as st
 
 import peftkern  # noqa: E402
-from peftkern.reference import dropout as ref_dropout, lora as ref_lora
+from peftkern.core import cpu as core_cpu, dropout as ref_dropout
 
 from .conftest import ERROR_FLOOR, rel_err  # noqa: E402
 
@@ -46,7 +46,7 @@ def test_reference_without_the_extension_gives_the_same_result(monkeypatch):
         y.backward(torch.ones_like(y))
         return [y.detach(), x.grad, a.grad, b.grad]
 
-    monkeypatch.setattr(ref_lora, "_BLOCK_BYTES", 1024)  # several row blocks even at this size
+    monkeypatch.setattr(core_cpu, "BLOCK_BYTES", 1024)  # several row blocks even at this size
     with_ext = step()
     monkeypatch.setattr(peftkern.core.backend, "extension", lambda: None)
     without = step()

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import peftkern
-from peftkern.reference import dropout as ref_dropout
+from peftkern.core import dropout as ref_dropout
 
 from .conftest import DEVICE, ERROR_FLOOR, available_backends, device_dtypes, rel_err, run_step
 
@@ -49,7 +49,7 @@ def upcast(tensors):
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}->{s[2]}r{s[3]}")
 @pytest.mark.parametrize("dtype,adapter_dtype", DTYPE_PAIRS, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_forward_and_grads_match_float64_reference(backend, dtype, adapter_dtype, shape, p, poisoned):
     if backend not in available_backends("lora_linear", dtype):
         pytest.skip(f"backend {backend} cannot run {dtype} on {DEVICE.type} here")
@@ -93,8 +93,9 @@ def test_gradcheck_float64_with_dropout_and_bias():
         def f(x, w, a, b, bias, p=p):
             return peftkern.lora_linear(x, w, a, b, scaling=0.5, bias=bias, dropout_p=p, seed=99)
 
-        with peftkern.use_backend("reference"):
-            assert torch.autograd.gradcheck(f, (x, w, a, b, bias))
+        for backend in ("reference", "cpu"):
+            with peftkern.use_backend(backend):
+                assert torch.autograd.gradcheck(f, (x, w, a, b, bias))
 
 
 # ---- dropout semantics -------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def identity_setup(m, k, dtype=torch.float32, device=DEVICE):
     return x, weight, eye.clone().requires_grad_(), eye.clone().requires_grad_()
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_dropout_rate_scale_and_seed(backend):
     if backend not in available_backends("lora_linear", torch.float32):
         pytest.skip(f"backend {backend} unavailable here")
@@ -174,7 +175,7 @@ def test_compiled_mask_equals_torch_spelling(device):
 
 # ---- layouts and dtypes ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_non_contiguous_inputs(backend):
     if backend not in available_backends("lora_linear", torch.float32):
         pytest.skip(f"backend {backend} unavailable here")
@@ -212,7 +213,7 @@ def test_autocast_casts_to_the_autocast_dtype():
     assert rel_err(y, oracle) < 2e-2
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_deterministic_backward(backend):
     if backend not in available_backends("lora_linear", torch.float32):
         pytest.skip(f"backend {backend} unavailable here")
@@ -232,7 +233,7 @@ def test_deterministic_backward(backend):
             assert torch.equal(f, s)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_empty_batch(backend):
     if backend not in available_backends("lora_linear", torch.float32):
         pytest.skip(f"backend {backend} unavailable here")
@@ -261,9 +262,9 @@ def peft_eager(x, weight, lora_a, lora_b, bias, scaling, p, seed):
 
 def mixed_dtypes():
     # bf16 through Triton needs a GPU (the interpreter's bf16 tl.dot is broken); the reference runs it anywhere
-    return [(backend, dtype) for backend in ("reference", "triton")
+    return [(backend, dtype) for backend in ("reference", "cpu", "triton")
             for dtype in (torch.float16, torch.bfloat16)
-            if dtype in device_dtypes() or backend == "reference"]
+            if dtype in device_dtypes() or backend in ("reference", "cpu")]
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -304,7 +305,7 @@ def test_half_base_with_float32_adapters_is_at_least_as_accurate_as_peft(backend
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_zero_in_features_gives_the_bias_like_f_linear(backend, bias):
     """F.linear accepts in_features == 0 (an empty sum): the result is the bias (or zeros), every
     gradient has its input's shape, and lora_b's gradient is zero."""

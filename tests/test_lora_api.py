@@ -4,6 +4,7 @@ import torch
 
 import peftkern
 from peftkern.core import backend as _backend
+from peftkern.lora import examples as lora_examples
 
 from .conftest import DEVICE, available_backends, rel_err
 
@@ -84,7 +85,7 @@ def test_backend_info_reports_everything():
     info = peftkern.backend_info()
     for key in ("torch", "triton", "devices", "extension_built", "auto"):
         assert key in info
-    assert info["auto"]["lora_linear"]["cpu"] == "reference"
+    assert info["auto"]["lora_linear"]["cpu"] == "cpu"
     assert info["torch"] == torch.__version__
 
 
@@ -100,20 +101,19 @@ def op_args(p, bias, device=DEVICE, dtype=torch.float32):
     return x, w, a, b, bb, 0.5, p, seed
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("p,bias", [(0.0, True), (0.3, False)])
-def test_opcheck(backend, p, bias):
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("case", sorted(lora_examples.cases()))
+def test_opcheck(backend, case):
+    """torch.library.opcheck on both ops, over the family's representative arguments (dense and 4-bit bases,
+    with and without bias and dropout)."""
     if backend not in available_backends("lora_linear", torch.float32):
         pytest.skip(f"backend {backend} unavailable here")
-    fwd_args = op_args(p, bias)
+    fwd = lora_examples.cases(device=DEVICE)[case]
     with peftkern.use_backend(backend):
-        torch.library.opcheck(torch.ops.peftkern.lora_linear_fwd.default, fwd_args)
-        x, w, a, b, bb, s, p_, seed = fwd_args
-        _, s_down = torch.ops.peftkern.lora_linear_fwd(*fwd_args)
-        dy = torch.randn(10, 9, device=DEVICE)
-        bwd_args = (dy, x.detach(), w, a.detach(), b.detach(), s_down.detach(), s, p_, seed,
-                    True, True, True, True, bias, backend)
-        torch.library.opcheck(torch.ops.peftkern.lora_linear_bwd.default, bwd_args)
+        torch.library.opcheck(torch.ops.peftkern.lora_linear_fwd.default, (), fwd)
+        _, s_down = torch.ops.peftkern.lora_linear_fwd(**fwd)
+        bwd = lora_examples.backward_args(fwd, s_down, backend)
+        torch.library.opcheck(torch.ops.peftkern.lora_linear_bwd.default, (), bwd)
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])

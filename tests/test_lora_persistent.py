@@ -13,8 +13,8 @@ Compilation for sm_90 (registers, spills) is scripts/aot_check.py's job.
 import pytest
 import torch
 
+from peftkern.core import dropout as ref_dropout
 from peftkern.kernels import INTERPRET, interpreter_scope, lora as classic
-from peftkern.reference import dropout as ref_dropout
 
 from .conftest import ERROR_FLOOR, rel_err
 

@@ -1,4 +1,4 @@
-"""lora_linear over a peftkern.QuantizedWeight (SPEC section 7), reference backend.
+"""lora_linear over a peftkern.QuantizedWeight (a 4-bit base), the fast CPU path and the oracle.
 
 - equals lora_linear over the dequantized weight (rounded as bitsandbytes' matmul_4bit rounds it: to the
   weight's dtype, then x's), forward and every gradient, dropout with the same seed included, fp32 and fp64;
@@ -12,8 +12,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftkern
-from peftkern import QuantizedWeight
-from peftkern.reference import qlora as ref_qlora
+from peftkern import QuantizedWeight, fourbit
+from peftkern.core import dispatch
+from peftkern.lora import cpu as lora_cpu, op as lora_op
 
 from .conftest import DEVICE, ERROR_FLOOR, available_backends, rel_err
 
@@ -41,7 +42,7 @@ def _step(x, weight, a, b, bias, p=0.0, seed=5):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("double_quant,quant_type", [(True, "nf4"), (False, "fp4")])
 def test_equals_lora_linear_over_the_dequantized_weight(dtype, p, double_quant, quant_type, monkeypatch):
-    monkeypatch.setattr(ref_qlora, "BLOCK_ELEMENTS", 7 * 40)  # several row blocks, one straddling absmax blocks
+    monkeypatch.setattr(fourbit, "BLOCK_ELEMENTS", 7 * 40)  # several row blocks, one straddling absmax blocks
     x, _, a, b, bias = _inputs(dtype=dtype)
     qw = QuantizedWeight.quantize(torch.randn(48, 40, dtype=dtype), quant_type=quant_type, blocksize=64,
                                   double_quant=double_quant)
@@ -88,9 +89,20 @@ class _Shapes(TorchDispatchMode):
         return out
 
 
+def _named_args(x, qw, a, b, bias, p, *, dy, s_down=None, seed=5, backend="cpu"):
+    """The arguments lora_linear's implementations receive (forward, backward) for a call over qw."""
+    seed_t = torch.tensor(seed)
+    fwd = lora_op.forward_op.named(x=x, **fourbit.op_args(qw), lora_a=a, lora_b=b, bias=bias, scaling=0.75,
+                                   dropout_p=p, seed=seed_t)
+    bwd = lora_op.backward_op.named(dy=dy, x=x, **fourbit.op_args(qw), lora_a=a, lora_b=b, s_down=s_down,
+                                    scaling=0.75, dropout_p=p, seed=seed_t, need_x=True, need_weight=False,
+                                    need_lora_a=True, need_lora_b=True, need_bias=bias is not None, backend=backend)
+    return fwd, bwd
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_no_dense_weight_is_ever_allocated(p, monkeypatch):
-    """The reference implementation's forward and backward, every op's output recorded (a dispatch mode does
+    """The fast CPU path's forward and backward, every op's output recorded (a dispatch mode does
     not see inside a custom op, so the implementation is called directly, with the op's arguments): none has
     the [out, in] weight's element count (x, y and dx are smaller here: M < out and M < in); the products
     are right. The same recorder does see the dense weight that QuantizedWeight.dequantize() makes."""
@@ -99,16 +111,16 @@ def test_no_dense_weight_is_ever_allocated(p, monkeypatch):
     full = 48 * 40
 
     def biggest_allocation():
-        args = (qw.packed, qw.absmax, qw.code, qw.absmax2, qw.code2, qw.offset, 48, qw.blocksize, qw.dtype)
+        fwd, bwd = _named_args(x, qw, a, b, bias, p, dy=dy)
         with _Shapes() as rec:
-            y, s_down = ref_qlora.qlora_fwd(x, *args, a, b, bias, 0.75, p, 5)
-            grads = ref_qlora.qlora_bwd(dy, x, *args, a, b, s_down, 0.75, p, 5, True, True, True, True)
+            y, s_down = lora_cpu.forward(fwd)
+            dx, _, da, db, dbias = lora_cpu.backward(bwd._replace(s_down=s_down))
         assert rec.shapes, "nothing recorded"
-        return max(torch.Size(s).numel() for s in rec.shapes), (y, *grads)
+        return max(torch.Size(s).numel() for s in rec.shapes), (y, dx, da, db, dbias)
 
     largest, got = biggest_allocation()  # default block budget: at most half the rows of a small weight
     assert largest < full
-    monkeypatch.setattr(ref_qlora, "BLOCK_ELEMENTS", 10 * 40)  # blocks of 10 of the 48 rows
+    monkeypatch.setattr(fourbit, "BLOCK_ELEMENTS", 10 * 40)  # blocks of 10 of the 48 rows
     assert biggest_allocation()[0] < full
     with _Shapes() as rec:  # the recorder does see a dense weight where one is made
         qw.dequantize()
@@ -169,10 +181,12 @@ def test_bad_input_raises_naming_the_argument(case, error, match):
 def test_opcheck():
     x, qw, a, b, bias = _inputs(m=5, k=16, n=24, r=2)
     a.requires_grad_()
-    for state in ((qw.absmax, qw.code, qw.absmax2, qw.code2, qw.offset),  # double-quantized
-                  (qw.absmax_float(), qw.code, None, None, None)):  # resolved
-        args = (x, qw.packed, *state, 24, qw.blocksize, qw.dtype, a, b, bias, 0.5, 0.1, torch.tensor(7))
-        torch.library.opcheck(torch.ops.peftkern.qlora_linear_fwd.default, args)
+    base = fourbit.op_args(qw)
+    for quant in (base["quant"],  # double-quantized
+                  [qw.absmax_float(), qw.code]):  # resolved
+        kwargs = dict(x=x, **{**base, "quant": quant}, lora_a=a, lora_b=b, bias=bias, scaling=0.5, dropout_p=0.1,
+                      seed=torch.tensor(7))
+        torch.library.opcheck(torch.ops.peftkern.lora_linear_fwd.default, (), kwargs)
 
 
 @pytest.mark.parametrize("mode", ["fused", "composite"])
@@ -204,13 +218,14 @@ def test_the_op_checks_its_storage_sizes_where_it_indexes_them(name):
     x, qw, a, b, bias = _inputs(m=5, k=16, n=24, r=2)
     parts = dict(packed=qw.packed, absmax=qw.absmax, code=qw.code, absmax2=qw.absmax2, code2=qw.code2)
     parts[name] = parts[name][:-1]
+    rest = dict(out_features=24, blocksize=qw.blocksize, weight_dtype=qw.dtype, lora_a=a, lora_b=b, bias=bias,
+                scaling=0.5, dropout_p=0.0, seed=None)
     with pytest.raises(ValueError, match=name):
-        torch.ops.peftkern.qlora_linear_fwd(x, parts["packed"], parts["absmax"], parts["code"], parts["absmax2"],
-                                            parts["code2"], qw.offset, 24, qw.blocksize, qw.dtype, a, b, bias, 0.5,
-                                            0.0, None)
+        torch.ops.peftkern.lora_linear_fwd(x=x, weight=parts["packed"], quant=[parts["absmax"], parts["code"],
+                                           parts["absmax2"], parts["code2"], qw.offset], **rest)
     with pytest.raises(ValueError, match="absmax2, code2 and offset"):  # a float32 absmax with a nested state
-        torch.ops.peftkern.qlora_linear_fwd(x, qw.packed, qw.absmax_float(), qw.code, qw.absmax2, qw.code2,
-                                            qw.offset, 24, qw.blocksize, qw.dtype, a, b, bias, 0.5, 0.0, None)
+        torch.ops.peftkern.lora_linear_fwd(x=x, weight=qw.packed, quant=[qw.absmax_float(), qw.code, qw.absmax2,
+                                           qw.code2, qw.offset], **rest)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -235,13 +250,15 @@ def test_no_dense_weight_on_the_triton_fused_path():
     dequantize tiles in registers; on CPU they run in the interpreter): nothing of the [out, in] size."""
     if "triton" not in available_backends("lora_linear", torch.float32):
         pytest.skip("the Triton backend is unavailable here")
-    from peftkern.impls import triton_qlora
+    from peftkern.lora import triton as lora_triton
     x, qw, a, b, bias = _inputs(m=6, k=40, n=48)
     x, a, b, bias, qw = x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), bias.to(DEVICE), qw.to(DEVICE)
     dy = torch.randn(6, 48, device=DEVICE)
-    args = (qw.packed, qw.absmax, qw.code, qw.absmax2, qw.code2, qw.offset, 48, qw.blocksize, qw.dtype)
+    fwd, bwd = _named_args(x, qw, a, b, bias, 0.2, dy=dy, backend="triton")
+    fused = dispatch.variants("lora_linear", "triton")["fused_4bit"]
+    assert fused.forward is lora_triton.forward_fused_4bit
     with peftkern.use_backend("triton"), _Shapes() as rec:
-        y, s_down = triton_qlora.forward_fused(x, *args, a, b, bias, 0.75, 0.2, 5)
-        grads = triton_qlora.backward_fused(dy, x, *args, a, b, s_down, 0.75, 0.2, 5, True, True, True, True)
+        y, s_down = fused.forward(fwd)
+        grads = fused.backward(bwd._replace(s_down=s_down))
     assert rec.shapes and max(torch.Size(s).numel() for s in rec.shapes) < 48 * 40
     assert y.shape == (6, 48) and grads[0].shape == (6, 40)

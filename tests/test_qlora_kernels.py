@@ -2,7 +2,7 @@
 
 What is tested (in Triton's CPU interpreter here; on a GPU machine the same tests run on CUDA tensors):
 - deq(W) bit for bit: with an identity activation and no rank-r term the GEMM's output is deq(W) (forward: its
-  transpose) exactly as reference/qlora.dequantize_rows defines it, rounded to the weight's dtype and then the
+  transpose) exactly as peftkern/fourbit.dequantize_rows defines it, rounded to the weight's dtype and then the
   activation's: fp32/fp16/bf16 weights, blocksize 64 and 128 with blocks straddling rows, odd element counts;
 - forward and dx against the float64 oracle on that dequantized weight, within ENGINEERING.md's bound (2x the
   error PyTorch makes in the working dtypes, plus the dtype's floor): fp32 and fp16 activations, fp32 and fp16
@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from peftkern.core import dropout as ref_dropout
+from peftkern.fourbit import dequantize_rows
 from peftkern.kernels import INTERPRET, interpreter_scope
-from peftkern.reference import dropout as ref_dropout
-from peftkern.reference.qlora import dequantize_rows
 
 from .conftest import DEVICE, ERROR_FLOOR, rel_err
 

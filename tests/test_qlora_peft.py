@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import peftkern  # noqa: E402
 from peftkern.integrations.peft import FusedLoraLinear, FusedLoraLinear4bit, patch, unpatch  # noqa: E402
+from peftkern.lora import op as lora_op  # noqa: E402
 
 from .conftest import rel_err  # noqa: E402
 from .test_peft_integration import assert_same, step  # noqa: E402
@@ -62,12 +63,12 @@ def test_patched_qlora_llama_matches_peft_and_saves_the_same_adapter(tmp_path):
     assert patch(model) == 2 * len(TARGETS)
     assert all(type(m) is FusedLoraLinear for m in layers)
     calls = []
-    original = peftkern.ops.qlora.forward
-    try:  # the patched layers really run the quantized op (not PEFT's forward)
-        peftkern.ops.qlora.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = lora_op.forward_op
+    try:  # the patched layers really run the op over a 4-bit base (not PEFT's forward)
+        lora_op.forward_op = lambda **k: (k["quant"] and calls.append(1)) or original(**k)
         patched = step(model, ids)
     finally:
-        peftkern.ops.qlora.forward = original
+        lora_op.forward_op = original
     assert len(calls) == 2 * len(TARGETS)
     assert_same(patched, reference)
     model.save_pretrained(tmp_path / "patched")
@@ -114,12 +115,12 @@ def test_compute_dtype_mismatch_runs_on_pefts_path():
     want = layer(x)
     patch(holder)
     calls = []
-    original = peftkern.ops.qlora.forward
+    original = lora_op.forward_op
     try:
-        peftkern.ops.qlora.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+        lora_op.forward_op = lambda **k: (k["quant"] and calls.append(1)) or original(**k)
         got = layer(x)
     finally:
-        peftkern.ops.qlora.forward = original
+        lora_op.forward_op = original
     assert calls == [] and torch.equal(got, want)
 
 
@@ -165,11 +166,11 @@ def test_patched_qlora_model_runs_fused_after_torch_save_and_pickle(round_trip, 
     assert len(back_layers) == len(layers) and all(type(m) is FusedLoraLinear for m in back_layers)
     assert all(type(m.base_layer) is bnb.nn.Linear4bit for m in back_layers)
     calls = []
-    original = peftkern.ops.qlora.forward
+    original = lora_op.forward_op
     try:
-        peftkern.ops.qlora.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+        lora_op.forward_op = lambda **k: (k["quant"] and calls.append(1)) or original(**k)
         after = step(back, ids)
     finally:
-        peftkern.ops.qlora.forward = original
+        lora_op.forward_op = original
     assert len(calls) == 2 * len(TARGETS), "every 4-bit layer runs peftkern's op after the round trip"
     assert_same(after, before, tol=0)

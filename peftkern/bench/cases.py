@@ -131,7 +131,7 @@ class QLoraCase:
     quant_type: str = "nf4"
     blocksize: int = 64
     double_quant: bool = True
-    family = "qlora_linear"
+    family = "lora_linear"
 
     @property
     def label(self) -> str:

@@ -15,13 +15,9 @@ import platform
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "reference")
+BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
 ENV_VAR = "PEFTKERN_BACKEND"
 
-# the op families; which backends implement each is registered in peftkern/impls/ (peftkern.core.dispatch).
-# "cuda" is the compiled extension: its CUDA kernels on GPU tensors, its C++ ones on CPU tensors
-FAMILIES = ("lora_linear", "qlora_linear", "dora_linear", "qdora_linear", "multi_lora_linear", "multi_qlora_linear",
-            "bottleneck_adapter", "sparse_diff_apply", "sparse_diff_linear")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftkern_backend", default=None)
@@ -38,11 +34,12 @@ def _validate(name: str, source: str) -> str:
 def use_backend(name: str):
     """Context manager: the peftkern ops called inside the block run on backend `name`.
 
-    name: "auto" (the default outside any block: Triton kernels on CUDA, the plain-torch reference path on
-    CPU, the compiled extension for sparse-diff apply/restore where it is built), "triton" (the Triton
-    kernels; on CPU tensors through Triton's interpreter, float32/float16 only), "cuda" (the compiled
-    extension peftkern._C, which implements sparse-diff apply/restore) or "reference" (plain torch, any
-    device and dtype including float64). Case and surrounding spaces are ignored.
+    name: "auto" (the default outside any block: Triton kernels on CUDA, the "cpu" path on CPU, the compiled
+    extension for sparse-diff apply/restore where it is built), "cpu" (peftkern's fast path for CPU tensors:
+    torch in blocks of rows, with the C++ kernels of peftkern._C where built), "triton" (the Triton kernels;
+    on CPU tensors through Triton's interpreter, float32/float16 only), "cuda" (the compiled extension
+    peftkern._C, which implements sparse-diff apply/restore) or "reference" (plain torch written for clarity:
+    the tests' oracle, any device and dtype including float64). Case and surrounding spaces are ignored.
 
     The innermost block wins, and it wins over the environment variable PEFTKERN_BACKEND (same names,
     read at every call). The backend that runs a forward also runs its backward, so a block around the
@@ -158,6 +155,9 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
         reason = _triton_unavailable_reason(device, dtype)
         if reason is not None:
             raise RuntimeError(f"backend 'triton' is not available for {op}: {reason}")
+    if name == "cpu" and device.type != "cpu":
+        raise RuntimeError(f"backend 'cpu' is not available for {op}: it runs CPU tensors, not {device.type} "
+                           f"ones (use 'auto', 'triton' or 'reference')")
     if name == "cuda":
         reason = _extension_unavailable_reason(device)
         if reason is not None:
@@ -170,6 +170,8 @@ def auto_choice(op: str, device: torch.device, dtype: torch.dtype) -> str:
     """What `auto` runs for op on this device and dtype. Remembered per (op, device, dtype): it depends only
     on what is installed and built, which does not change while the process runs."""
     supported = _supported(op)
+    if device.type == "cpu" and "cpu" in supported:
+        return "cpu"
     if "cuda" in supported and _extension_unavailable_reason(device) is None:
         return "cuda"
     if device.type == "cuda" and "triton" in supported and _triton_unavailable_reason(device, dtype) is None:
@@ -201,7 +203,7 @@ def backend_info() -> dict:
     except ImportError:
         INTERPRET = None
     auto = {}
-    for op in FAMILIES:
+    for op in dispatch.families():
         auto[op] = {"cpu": auto_choice(op, torch.device("cpu"), torch.float32)}
         if torch.cuda.is_available():
             auto[op]["cuda"] = auto_choice(op, torch.device("cuda"), torch.bfloat16)

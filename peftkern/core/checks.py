@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from .rules import SEED_LIMIT
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -160,3 +162,33 @@ def lora_tensors(x, weight_shape, weight_desc: str, lora_a, lora_b, bias) -> Non
     shape("lora_b", lora_b, (out_features, r), "[out_features, r]")
     if bias is not None:
         shape("bias", bias, (out_features,), "[out_features]")
+
+
+# ---- scaling, dropout and seed: the arguments every LoRA-like family takes ------------------------------
+
+def scalars(scaling, dropout_p, training, seed) -> tuple[float, float, int | None]:
+    """(scaling, dropout_p, seed) as Python numbers: numpy scalars are taken as the numbers they are."""
+    scaling = real_number("scaling", scaling)
+    dropout_p = real_number("dropout_p", dropout_p, low=0.0, high=1.0, high_inclusive=False)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if seed is not None:
+        seed_int = as_int(seed)
+        if seed_int is None:
+            raise TypeError(f"seed must be an int (or a numpy integer) or None, got {type(seed).__name__}")
+        if not 0 <= seed_int < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed_int}")
+        seed = seed_int
+    return scaling, dropout_p, seed
+
+
+def dropout_and_seed(dropout_p: float, training: bool, seed: int | None) -> tuple[float, torch.Tensor | None]:
+    """(the dropout p in effect, the seed the ops take): p is 0 unless training; the seed is None without dropout,
+    else a CPU int64 tensor, drawn from torch's default generator when `seed` is None (so torch.manual_seed makes
+    runs reproducible; a tensor, so that a fresh seed per step does not recompile a compiled graph)."""
+    p = float(dropout_p) if training else 0.0
+    if p == 0.0:
+        return p, None
+    if seed is None:
+        return p, torch.randint(0, SEED_LIMIT // 2, (), dtype=torch.int64)
+    return p, torch.tensor(seed, dtype=torch.int64)

@@ -85,6 +85,11 @@ def register(family: str, backend: str, variant: str = DEFAULT_VARIANT, *, forwa
     return impl
 
 
+def families() -> tuple[str, ...]:
+    """Every family with a registered implementation, in registration order."""
+    return tuple(_registry)
+
+
 def backends(family: str) -> tuple[str, ...]:
     return tuple(_registry[family])
 
@@ -226,6 +231,10 @@ def _device_of(args) -> torch.device:
     for a in args:
         if isinstance(a, torch.Tensor):
             return a.device
+        if isinstance(a, tuple):  # a family's named arguments (core/opdef.py)
+            found = _device_of(a)
+            if found.type != "cpu":
+                return found
     return torch.device("cpu")
 
 

@@ -10,10 +10,8 @@ from . import (  # noqa: F401
     reference,
     triton_adapter,
     triton_dora,
-    triton_lora,
     triton_multi_lora,
     triton_multi_qlora,
     triton_qdora,
-    triton_qlora,
     triton_sparse,
 )

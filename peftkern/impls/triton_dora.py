@@ -9,7 +9,7 @@
              dx without: kernels/rank.rank_up_add_)
 
 Both compute n (kernels/dora.dora_weight_norm: one pass over W, no [out, in] tensor), S, gc = dy ⊙ c with
-Σ dy ⊙ z (dora_grad_scale) and LoRA's rank-r backward on gc (triton_lora.rank_backward) with the same kernels and
+Σ dy ⊙ z (dora_grad_scale) and LoRA's rank-r backward on gc (lora/triton.py's rank_products) with the same kernels and
 the same mask, so they agree up to the summation order of the main GEMMs. peftkern.core.dispatch picks one per call
 shape. With dropout the masked copy keep ⊙ x (dora_keep_x) feeds both the GEMM and rank_down, which then needs no
 mask of its own (the 1/(1 − p) is applied to its fp32 result).
@@ -17,8 +17,8 @@ mask of its own (the 1/(1 − p) is applied to its fp32 result).
 import torch
 
 from ..core import backend as _backend, dispatch
+from ..lora.triton import rank_products
 from ..reference import dora as ref_dora
-from . import triton_lora
 
 
 def _kernels():
@@ -102,7 +102,7 @@ def _backward(dx_fn):
         if need_bias:
             dbias = dy.sum(dim=0, dtype=torch.float32).to(x.dtype)
         if need_x or need_a or need_b:  # LoRA's rank-r backward on gc: dS = s·gc·B, dBᵀ = s·Sᵀ·gc, dA = dSᵀ·d
-            ds, da, db, _ = triton_lora.rank_backward(gc, x, lora_a, lora_b, s_down, scaling, dropout_p, seed,
+            ds, da, db, _ = rank_products(gc, x, lora_a, lora_b, s_down, scaling, dropout_p, seed,
                                                       need_a, need_b, False)
             if need_x:
                 dx = dx_fn(dy, gc, gm, weight, ds, lora_a, dropout_p, seed)

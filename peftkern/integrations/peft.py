@@ -94,8 +94,8 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from ..core import checks as _checks
+from ..lora import lora_linear
 from ..ops.dora import dora_linear
-from ..ops.lora import lora_linear
 from ..ops.multi_lora import multi_lora_linear
 from ..quant import QuantizedWeight
 

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ..core import backend as _backend, checks as _checks, dispatch
+from ..core.rules import acc_dtype
 from ..reference import activations as act
-from ..reference.lora import acc_dtype
 from . import _autograd
 from ._autocast import register_autocast
 

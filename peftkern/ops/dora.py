@@ -21,12 +21,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core import backend as _backend, checks as _checks, dispatch
+from ..core import backend as _backend, checks as _checks, dispatch, rules
+from ..lora.op import check_tensors
 from ..quant import QuantizedWeight
-from ..reference import lora as ref
-from . import _autograd, qdora, qlora
+from . import _autograd, qdora
 from ._autocast import register_autocast
-from .lora import _check as _check_lora, _check_scalars, dropout_and_seed
 
 FAMILY = "dora_linear"
 
@@ -50,7 +49,7 @@ def dora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, m
 
 def fake_outputs(x, out_features: int, lora_a, keep_z: bool):
     """(y, z, S, n) as the forward ops return them (shared with ops/qdora.py's fake)."""
-    acc = ref.acc_dtype(x.dtype)
+    acc = rules.acc_dtype(x.dtype)
     return (x.new_empty((x.shape[0], out_features)),
             x.new_empty((x.shape[0], out_features) if keep_z else (0,)),
             x.new_empty((x.shape[0], lora_a.shape[0]), dtype=acc),
@@ -214,16 +213,17 @@ def row_norms(weight, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
     """‖weight + scaling·lora_b·lora_a‖₂ per output row, in float32 (float64 for a float64 weight), without the
     dense sum: what DoRA's magnitude is initialised to (peftkern.nn.DoRALinear, as PEFT does). `weight` a tensor
     or a QuantizedWeight (dequantized a block of rows at a time in its own dtype). No gradient."""
-    from ..reference import dora as ref_dora, qlora as ref_qlora
+    from .. import fourbit
+    from ..reference import dora as ref_dora
     with torch.no_grad():
         if isinstance(weight, QuantizedWeight):
             state = (weight.absmax2, weight.code2, weight.offset) if weight.double_quant else (None, None, None)
             dense_dtype = weight.dtype
-            weight = ref_qlora._packed_weight(weight.packed, weight.absmax, weight.code, *state, weight.shape[0],
+            weight = fourbit.packed_weight(weight.packed, weight.absmax, weight.code, *state, weight.shape[0],
                                               weight.shape[1], weight.blocksize, weight.dtype, weight.dtype)
         else:
             dense_dtype = weight.dtype
-        acc = ref.acc_dtype(dense_dtype)
+        acc = rules.acc_dtype(dense_dtype)
         return ref_dora.weight_norm(weight, lora_a.detach(), lora_b.detach(), float(scaling), acc, lora_a.device)
 
 
@@ -232,9 +232,9 @@ def row_norms(weight, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
 def _check(x, weight, lora_a, lora_b, magnitude, bias) -> None:
     # lora_linear's own checks of x, weight, adapters and bias; then the magnitude
     if isinstance(weight, QuantizedWeight):
-        qlora.check(x, weight, lora_a, lora_b, bias)
+        check_tensors(x, weight, lora_a, lora_b, bias)
     else:
-        _check_lora(x, weight, lora_a, lora_b, bias)
+        check_tensors(x, weight, lora_a, lora_b, bias)
     _checks.tensor("magnitude", magnitude, ndim=1)
     _checks.shape("magnitude", magnitude, (weight.shape[0],), "[out_features]")
     _checks.same_device("x", x, magnitude=magnitude)
@@ -278,8 +278,8 @@ def dora_linear(x: Tensor, weight, lora_a: Tensor, lora_b: Tensor, magnitude: Te
     that cannot run the call.
     """
     _check(x, weight, lora_a, lora_b, magnitude, bias)
-    scaling, dropout_p, seed = _check_scalars(scaling, dropout_p, training, seed)
-    p, seed_t = dropout_and_seed(dropout_p, training, seed)
+    scaling, dropout_p, seed = _checks.scalars(scaling, dropout_p, training, seed)
+    p, seed_t = _checks.dropout_and_seed(dropout_p, training, seed)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     keep_z = torch.is_grad_enabled() and magnitude.requires_grad

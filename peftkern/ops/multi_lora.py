@@ -15,12 +15,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..core import backend as _backend, checks as _checks, dispatch
+from ..core import backend as _backend, checks as _checks, dispatch, rules
 from ..quant import QuantizedWeight
-from ..reference import lora as ref
 from . import multi_qlora
 from ._autocast import register_autocast
-from .lora import _check_scalars, dropout_and_seed
 
 FAMILY = "multi_lora_linear"
 ID_DTYPES = (torch.int32, torch.int64)
@@ -51,7 +49,7 @@ def _forward(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed
 @multi_lora_linear_fwd.register_fake
 def _(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed):
     return (x.new_empty((x.shape[0], weight.shape[0])),
-            x.new_empty((x.shape[0], max(a.shape[0] for a in lora_a)), dtype=ref.acc_dtype(x.dtype)))
+            x.new_empty((x.shape[0], max(a.shape[0] for a in lora_a)), dtype=rules.acc_dtype(x.dtype)))
 
 
 @torch.library.custom_op("peftkern::multi_lora_linear_bwd", mutates_args=())
@@ -248,8 +246,8 @@ def multi_lora_linear(x: Tensor, weight, lora_a: Sequence[Tensor], lora_b: Seque
     quantized = isinstance(weight, QuantizedWeight)
     lora_a, lora_b = _adapter_list("lora_a", lora_a), _adapter_list("lora_b", lora_b)
     scalings = _check(x, weight, lora_a, lora_b, adapter_ids, bias, scalings)
-    _, dropout_p, seed = _check_scalars(1.0, dropout_p, training, seed)
-    p, seed_t = dropout_and_seed(dropout_p, training, seed)
+    _, dropout_p, seed = _checks.scalars(1.0, dropout_p, training, seed)
+    p, seed_t = _checks.dropout_and_seed(dropout_p, training, seed)
     lead = x.shape[:-1]
     rows = math.prod(lead)
     # one id per row of the 2-D view: [batch] ids repeat over each sequence's tokens

@@ -2,7 +2,7 @@
 
 `peftkern.multi_lora_linear(x, qw, ...)` with a `peftkern.QuantizedWeight` lands here (ops/multi_lora.py checks the
 arguments and routes). As ops/qlora.py, the ops take the weight as its raw parts, check their sizes where they are
-used (qlora._check_storage), and never build the dense [out, in] weight. The weight is frozen.
+used (fourbit.check_storage), and never build the dense [out, in] weight. The weight is frozen.
 """
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core import backend as _backend, dispatch
-from ..reference import lora as ref
-from . import qlora
+from .. import fourbit
+from ..core import backend as _backend, dispatch, rules
 from ._autocast import register_autocast
 
 FAMILY = "multi_qlora_linear"
@@ -30,7 +29,7 @@ def multi_qlora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, code: Tens
                            weight_dtype: torch.dtype, lora_a: list[Tensor], lora_b: list[Tensor], row_ids: Tensor,
                            bias: Optional[Tensor], scalings: list[float], dropout_p: float,
                            seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    qlora._check_storage(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize)
+    fourbit.check_storage(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize)
     seed_v = int(seed.item()) if seed is not None else 0
     backend = _backend.select(FAMILY, x.device, x.dtype)
     return dispatch.call(FAMILY, "forward", backend, lambda: _key(x, out_features, lora_a, bias, dropout_p),
@@ -42,7 +41,7 @@ def multi_qlora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, code: Tens
 def _(x, packed, absmax, code, absmax2, code2, offset, out_features, blocksize, weight_dtype, lora_a, lora_b,
       row_ids, bias, scalings, dropout_p, seed):
     return (x.new_empty((x.shape[0], out_features)),
-            x.new_empty((x.shape[0], max(a.shape[0] for a in lora_a)), dtype=ref.acc_dtype(x.dtype)))
+            x.new_empty((x.shape[0], max(a.shape[0] for a in lora_a)), dtype=rules.acc_dtype(x.dtype)))
 
 
 @torch.library.custom_op("peftkern::multi_qlora_linear_bwd", mutates_args=())
@@ -53,7 +52,7 @@ def multi_qlora_linear_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor
                            dropout_p: float, seed: Optional[Tensor], need_x: bool, need_a: list[bool],
                            need_b: list[bool], need_bias: bool, backend: str
                            ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
-    qlora._check_storage(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize)
+    fourbit.check_storage(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize)
     seed_v = int(seed.item()) if seed is not None else 0
     dy = dy.contiguous()
     return dispatch.call(FAMILY, "backward", backend,

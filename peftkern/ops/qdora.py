@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import fourbit
 from ..core import backend as _backend, dispatch
-from . import _autograd, qlora
+from . import _autograd
 from ._autocast import register_autocast
 
 FAMILY = "qdora_linear"
@@ -30,7 +31,7 @@ def qdora_linear_fwd(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, ab
                      weight_dtype: torch.dtype, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor,
                      bias: Optional[Tensor], weight_norm: Optional[Tensor], scaling: float, dropout_p: float,
                      seed: Optional[Tensor], keep_z: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    qlora._check_storage(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize)
+    fourbit.check_storage(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize)
     seed_v = int(seed.item()) if seed is not None else 0
     backend = _backend.select(FAMILY, x.device, x.dtype)
     return dispatch.call(FAMILY, "forward", backend,
@@ -53,7 +54,7 @@ def qdora_linear_bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code
                      weight_norm: Tensor, s_down: Tensor, z: Tensor, scaling: float, dropout_p: float,
                      seed: Optional[Tensor], need_x: bool, need_a: bool, need_b: bool, need_magnitude: bool,
                      need_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    qlora._check_storage(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize)
+    fourbit.check_storage(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize)
     seed_v = int(seed.item()) if seed is not None else 0
     dy = dy.contiguous()
     needs = (need_x, need_a, need_b, need_magnitude, need_bias)

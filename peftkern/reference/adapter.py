@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core.rules import acc_dtype
 from . import activations as act
-from .lora import acc_dtype
 
 
 def _linear(x, weight, bias, dtype):

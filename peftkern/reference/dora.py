@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from . import lora
+from .. import fourbit
+from ..core import cpu, rules
+from ..lora import cpu as lora_cpu
 
 
 def _weight_rows(weight, dtype: torch.dtype):
@@ -32,7 +34,7 @@ def _weight_rows(weight, dtype: torch.dtype):
         yield from weight.row_blocks()
         return
     out_features, in_features = weight.shape
-    step = max(1, min(lora._BLOCK_BYTES // max(1, 4 * in_features), -(-out_features // 2)))
+    step = max(1, min(cpu.BLOCK_BYTES // max(1, 4 * in_features), -(-out_features // 2)))
     for r0 in range(0, out_features, step):
         r1 = min(out_features, r0 + step)
         yield r0, r1, weight[r0:r1]
@@ -67,7 +69,7 @@ def magnitude_grad(colsum: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 def _row_steps(m: int, n: int, element_size: int, device):
     """Row blocks of an [m, n] epilogue: one on accelerators, 16 MiB blocks on CPU."""
-    step = m if device.type != "cpu" else max(1, lora._BLOCK_BYTES // max(1, n * element_size))
+    step = m if device.type != "cpu" else max(1, cpu.BLOCK_BYTES // max(1, n * element_size))
     for r0 in range(0, m, max(1, step)):
         yield r0, min(m, r0 + step)
 
@@ -89,36 +91,36 @@ def _scale_columns(z: torch.Tensor, c: torch.Tensor, bias, out: torch.Tensor) ->
 
 def _keep_x(x: torch.Tensor, r0: int, r1: int, seed: int, p: float) -> torch.Tensor:
     """keep ⊙ x for rows r0:r1, in x's dtype and exact (the 1/(1 − p) is applied later, in the wide dtype)."""
-    multiplier = lora._mask(x, r0, r1, seed, p, lora.acc_dtype(x.dtype))
+    multiplier = cpu.mask(x, r0, r1, seed, p, rules.acc_dtype(x.dtype))
     return torch.where(multiplier != 0, x[r0:r1], 0)
 
 
 def dora_fwd(x, weight, lora_a, lora_b, magnitude, bias, weight_norm_in, scaling: float, dropout_p: float,
              seed: int, keep_z: bool):
     """x [M, K] -> (y [M, N], z [M, N] or empty, S [M, r] in the accumulation dtype, n [N] in it)."""
-    acc = lora.acc_dtype(x.dtype)
+    acc = rules.acc_dtype(x.dtype)
     n = (weight_norm(weight, lora_a, lora_b, scaling, acc, x.device) if weight_norm_in is None
          else weight_norm_in.to(acc).clone())
     c = column_scale(magnitude, n, acc)
     if dropout_p == 0.0:
-        z, s_down = lora.lora_fwd(x, weight, lora_a, lora_b, None, scaling, 0.0, 0)
+        z, s_down = lora_cpu.lora_forward(x, weight, lora_a, lora_b, None, scaling, 0.0, 0)
         if not keep_z:  # y takes z's memory
             return _scale_columns(z, c, bias, out=z), x.new_empty(0), s_down, n
         return _scale_columns(z, c, bias, out=torch.empty_like(z)), z, s_down, n
-    y = lora._base_linear(x, weight, bias)
+    y = cpu.base_linear(x, weight, bias)
     z = torch.empty_like(y) if keep_z else x.new_empty(0)
     s_down = torch.empty((x.shape[0], lora_a.shape[0]), device=x.device, dtype=acc)
     a_t, b_t = lora_a.t().to(acc), lora_b.t().to(acc)
     wide = x.dtype == acc  # float32/float64 x: dropout(x) and every product in x's own dtype, in place
-    for r0, r1 in lora._row_blocks(x):
+    for r0, r1 in cpu.row_blocks(x):
         if wide:
-            d = lora._mask(x, r0, r1, seed, dropout_p, acc).mul_(x[r0:r1])  # dropout(x), one block
+            d = cpu.mask(x, r0, r1, seed, dropout_p, acc).mul_(x[r0:r1])  # dropout(x), one block
             torch.mm(d, a_t, out=s_down[r0:r1])
-            zb = lora._base_linear(d, weight, None)  # d·Wᵀ
+            zb = cpu.base_linear(d, weight, None)  # d·Wᵀ
         else:  # half x: keep ⊙ x is exact in x's dtype; 1/(1 − p) is applied to the wide product
             kept = _keep_x(x, r0, r1, seed, dropout_p)
             torch.mm(kept.to(acc), a_t, out=s_down[r0:r1]).mul_(1.0 / (1.0 - dropout_p))
-            zb = lora._base_linear(kept, weight, None).to(acc).mul_(1.0 / (1.0 - dropout_p))
+            zb = cpu.base_linear(kept, weight, None).to(acc).mul_(1.0 / (1.0 - dropout_p))
         zb.addmm_(s_down[r0:r1], b_t, alpha=scaling)  # z = d·Wᵀ + R
         if keep_z:
             z[r0:r1] = zb
@@ -150,7 +152,7 @@ def _scaled_grad(dy: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def dora_bwd(dy, x, weight, lora_a, lora_b, magnitude, n, s_down, z, scaling: float, dropout_p: float, seed: int,
              need_x: bool, need_weight: bool, need_a: bool, need_b: bool, need_magnitude: bool, need_bias: bool):
     """(dx, dweight, dA, dB, dmagnitude, dbias); entries not needed are distinct empty tensors."""
-    acc = lora.acc_dtype(x.dtype)
+    acc = rules.acc_dtype(x.dtype)
     c = column_scale(magnitude, n, acc)
     dx, dw, da, db, dmag, dbias = (x.new_empty(0) for _ in range(6))
     if need_magnitude:
@@ -164,24 +166,24 @@ def dora_bwd(dy, x, weight, lora_a, lora_b, magnitude, n, s_down, z, scaling: fl
         return dx, dw, da, db, dmag, dbias
     gc = _scaled_grad(dy, c)
     if dropout_p == 0.0:
-        dx, dw, da, db, _ = lora.lora_bwd(gc, x, weight, lora_a, lora_b, s_down, scaling, 0.0, 0,
+        dx, dw, da, db, _ = lora_cpu.lora_backward(gc, x, weight, lora_a, lora_b, s_down, scaling, 0.0, 0,
                                           need_x, need_weight, need_a, need_b, False)
         return dx, dw, da, db, dmag, dbias
     # dropout: one pass over x's row blocks, each block's mask made once and used for dx, dA and dweight
-    rank = lora.rank_dtype(x.dtype, lora_a, lora_b)
-    ds = lora._mm(gc, lora_b, rank).to(acc).mul_(scaling)  # dS = s·gc·B
+    rank = rules.rank_dtype(x.dtype, lora_a, lora_b)
+    ds = cpu.mm(gc, lora_b, rank).to(acc).mul_(scaling)  # dS = s·gc·B
     if need_b:
-        db = (lora._mm(gc.t(), s_down, acc) * scaling).to(lora_b.dtype)
+        db = (cpu.mm(gc.t(), s_down, acc) * scaling).to(lora_b.dtype)
     g_extra = _scaled_grad(dy, c - 1.0) if (need_x or need_weight) else None  # dy ⊙ (c − 1)
     if need_x:
-        dx = lora._base_grad_input(dy, weight)
-        extra = lora._base_grad_input(g_extra, weight).to(acc)  # fresh unless x is half: then a wide copy
+        dx = cpu.base_grad_input(dy, weight)
+        extra = cpu.base_grad_input(g_extra, weight).to(acc)  # fresh unless x is half: then a wide copy
         a_acc = lora_a.to(acc)
     if need_weight:
         dw = torch.mm(dy.t(), x)
     da_acc = torch.zeros(lora_a.shape, device=x.device, dtype=acc) if need_a else None
-    for r0, r1 in lora._row_blocks(x):
-        multiplier = lora._mask(x, r0, r1, seed, dropout_p, acc)
+    for r0, r1 in cpu.row_blocks(x):
+        multiplier = cpu.mask(x, r0, r1, seed, dropout_p, acc)
         if need_x:  # dx += mask ⊙ ((gc − dy)·W + dS·A) / (1 − p), the sum in the wide dtype, rounded once
             block = extra[r0:r1].addmm_(ds[r0:r1], a_acc).mul_(multiplier)
             if dx.dtype == acc:
@@ -204,8 +206,7 @@ def dora_bwd(dy, x, weight, lora_a, lora_b, magnitude, n, s_down, z, scaling: fl
 def qdora_fwd(x, packed, absmax, code, absmax2, code2, offset, out_features: int, blocksize: int, weight_dtype,
               lora_a, lora_b, magnitude, bias, weight_norm_in, scaling: float, dropout_p: float, seed: int,
               keep_z: bool):
-    from . import qlora
-    weight = qlora._packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
+    weight = fourbit.packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
                                   weight_dtype, x.dtype)
     return dora_fwd(x, weight, lora_a, lora_b, magnitude, bias, weight_norm_in, scaling, dropout_p, seed, keep_z)
 
@@ -214,8 +215,7 @@ def qdora_bwd(dy, x, packed, absmax, code, absmax2, code2, offset, out_features:
               lora_a, lora_b, magnitude, n, s_down, z, scaling: float, dropout_p: float, seed: int, need_x: bool,
               need_a: bool, need_b: bool, need_magnitude: bool, need_bias: bool):
     """(dx, dA, dB, dmagnitude, dbias): the 4-bit base is frozen, no dweight."""
-    from . import qlora
-    weight = qlora._packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
+    weight = fourbit.packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
                                   weight_dtype, x.dtype)
     dx, _, da, db, dmag, dbias = dora_bwd(dy, x, weight, lora_a, lora_b, magnitude, n, s_down, z, scaling, dropout_p,
                                           seed, need_x, False, need_a, need_b, need_magnitude, need_bias)

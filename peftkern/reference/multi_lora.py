@@ -25,7 +25,15 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from .lora import _base_grad_input, _base_linear, _mask, _mm, _row_blocks, acc_dtype, rank_dtype
+from .. import fourbit
+from ..core.cpu import (
+    base_grad_input as _base_grad_input,
+    base_linear as _base_linear,
+    mask as _mask,
+    mm as _mm,
+    row_blocks as _row_blocks,
+)
+from ..core.rules import acc_dtype, rank_dtype
 
 Rows = Union[slice, Tensor]
 
@@ -248,9 +256,8 @@ def _rows_kernel(x, y, lora_a, lora_b, row_ids, scalings, s_down) -> bool:
 # ---- over a 4-bit base (SPEC section 7): the same math, the base products dequantizing a block of rows at a time
 def multi_qfwd(x, packed, absmax, code, absmax2, code2, offset, out_features: int, blocksize: int, weight_dtype,
                lora_a, lora_b, row_ids, bias, scalings, dropout_p: float, seed: int):
-    from .qlora import _packed_weight
 
-    weight = _packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
+    weight = fourbit.packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
                             weight_dtype, x.dtype)
     return multi_fwd(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed)
 
@@ -259,9 +266,8 @@ def multi_qbwd(dy, x, packed, absmax, code, absmax2, code2, offset, out_features
                lora_a, lora_b, row_ids, s_down, scalings, dropout_p: float, seed: int, need_x: bool,
                need_a: Sequence[bool], need_b: Sequence[bool], need_bias: bool):
     """(dx, [dA_i], [dB_i], dbias): the base weight is frozen, no dW."""
-    from .qlora import _packed_weight
 
-    weight = _packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
+    weight = fourbit.packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
                             weight_dtype, x.dtype)
     dx, _, da, db, dbias = multi_bwd(dy, x, weight, lora_a, lora_b, row_ids, s_down, scalings, dropout_p, seed,
                                      need_x, False, need_a, need_b, need_bias)

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from .lora import acc_dtype
+from ..core.rules import acc_dtype
 
 
 def out_of_range_error(indices: torch.Tensor, pos: int, numel: int) -> IndexError:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.rules import COLS_PER_CALL, UNIFORM_BITS, keep_threshold  # noqa: F401  (UNIFORM_BITS: tests)
+from .rules import COLS_PER_CALL, UNIFORM_BITS, keep_threshold  # noqa: F401  (UNIFORM_BITS: tests)
 
 _MASK32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -70,7 +70,7 @@ def multiplier(rows: int, cols: int, seed: int, p: float, *, dtype, device, row_
     """[rows, cols] of keep / (1 - p): multiply a block of rows of the input by it to apply dropout.
 
     Uses the compiled extension when it is built for the device (one pass), else the torch spelling above."""
-    from ..core import backend as _backend
+    from . import backend as _backend
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     ext = _backend.extension()

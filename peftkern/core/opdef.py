@@ -1,0 +1,188 @@
+"""Declare a family's custom ops once, by name; the fake, the dispatch call, the autocast rule and the autograd
+wiring between a forward and a backward op all follow from the names.
+
+A family writes its op's schema (torch's schema language, the argument names are the contract) and three small
+functions of the named arguments `a` (a namedtuple: `a.x`, `a.weight`, `a.need_x`):
+
+    fwd = Op("lora_linear_fwd(Tensor x, Tensor weight, ..., Tensor? seed) -> (Tensor y, Tensor s_down)",
+             family="lora_linear", fake=lambda a: ..., key=lambda a: ..., prepare=lambda a: a)
+    bwd = Op("lora_linear_bwd(Tensor dy, Tensor x, ..., Tensor s_down, bool need_x, ..., str backend)"
+             " -> (Tensor dx, ...)", family="lora_linear", phase="backward", fake=..., key=...)
+    wire_autograd(fwd, bwd)
+
+Every implementation registered for the family (core/dispatch.py) receives the same `a`. The backward op's
+arguments are found by name (wire_autograd): a forward input or output of that name (saved for backward),
+`d<output>` (the gradient reaching a forward output), `need_<input>` (whether autograd wants that input's
+gradient) and `backend` (the backend that ran the forward runs the backward). Its results are named
+`d<input>`, one per forward input that can take a gradient. A misspelt name fails when the family is imported,
+not at the first backward.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Callable, Optional
+
+import torch
+
+from . import backend as _backend, dispatch
+
+NAMESPACE = "peftkern"
+
+
+def _identity(a):
+    return a
+
+
+class Op:
+    """One custom op peftkern::<name> whose implementation is `dispatch.call(family, phase, backend, key, a)`.
+
+    schema: "name(arguments) -> returns", with named returns.
+    fake: a -> the outputs' shapes and dtypes (empty tensors), for torch.compile and meta tensors.
+    key: a -> tuple, what decides which variant is faster (core/dispatch.py); evaluated only when measuring.
+    prepare: a -> a, run before dispatch: checks a direct torch.ops call must not skip, and normalisation the
+        implementations rely on (e.g. the seed tensor as an int). Returns the arguments the variants receive.
+    device_arg: the tensor whose device and dtype select the backend (forward ops; a backward op is told).
+    mutates: names of arguments written in place.
+    autocast_keep: None for no autocast rule; else names of floating arguments autocast must leave as they are
+        (a quantized weight's float32 scales). Every other floating input is cast to the autocast dtype.
+    """
+
+    def __init__(self, schema: str, *, family: str, fake: Callable, key: Optional[Callable] = None,
+                 prepare: Callable = _identity, phase: str = "forward", device_arg: str = "x",
+                 mutates: tuple = (), autocast_keep: Optional[tuple] = None):
+        name, signature = schema.split("(", 1)
+        self.name, self.family, self.phase = name.strip(), family, phase
+        self._key, self._prepare, self._device_arg = key or (lambda a: ()), prepare, device_arg
+        self.custom_op = torch.library.custom_op(f"{NAMESPACE}::{self.name}", self._run, mutates_args=mutates,
+                                                 schema="(" + signature)
+        self.overload = getattr(getattr(torch.ops, NAMESPACE), self.name).default
+        parsed = self.overload._schema
+        self.names = tuple(arg.name for arg in parsed.arguments)
+        self.list_args = frozenset(arg.name for arg in parsed.arguments if str(arg.type).startswith("List[Tensor"))
+        self.returns = tuple(ret.name for ret in parsed.returns)
+        if len(self.returns) > 1 and not all(self.returns):
+            raise ValueError(f"{self.name}: name every result in the schema")
+        self.Args = collections.namedtuple(f"{self.name}_args", self.names)
+        self.custom_op.register_fake(lambda *args: fake(self.Args(*args)))
+        if autocast_keep is not None:
+            unknown = set(autocast_keep) - set(self.names)
+            if unknown:
+                raise ValueError(f"{self.name}: autocast_keep names no argument {sorted(unknown)}")
+            _register_autocast(self.name, self.overload, keep={self.names.index(n) for n in autocast_keep})
+
+    def _run(self, *args):
+        a = self._prepare(self.Args(*args))
+        if self.phase == "backward":
+            backend = a.backend
+        else:
+            lead = getattr(a, self._device_arg)
+            backend = _backend.select(self.family, lead.device, lead.dtype)
+        return dispatch.call(self.family, self.phase, backend, lambda: self._key(a), a)
+
+    def named(self, **kwargs):
+        """The arguments an implementation receives for this call (tests call implementations directly)."""
+        return self._prepare(self.Args(**kwargs))
+
+    def __call__(self, **kwargs):
+        """Call the op (through torch's dispatcher: autograd, autocast, fakes) with named arguments."""
+        return self.overload(**kwargs)
+
+
+# ---- autograd ---------------------------------------------------------------------------------------
+
+def wire_autograd(fwd: Op, bwd: Op) -> None:
+    """Register bwd as fwd's backward, matching arguments and results by name (module docstring)."""
+    saved = [n for n in bwd.names if n in fwd.names or n in fwd.returns]
+    for n in bwd.names:
+        resolvable = (n in saved or n == "backend" or (n.startswith("need_") and n[5:] in fwd.names)
+                      or (n.startswith("d") and n[1:] in fwd.returns))
+        if not resolvable:
+            raise ValueError(f"{bwd.name}: argument {n!r} is no forward input or output, d<output>, need_<input> "
+                             f"or backend")
+    for r in bwd.returns:
+        if not (r.startswith("d") and r[1:] in fwd.names):
+            raise ValueError(f"{bwd.name}: result {r!r} must be named d<forward input>")
+    targets = [fwd.names.index(r[1:]) for r in bwd.returns]
+
+    def setup_context(ctx, inputs, output):
+        values = dict(zip(fwd.names, inputs))
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        values.update(zip(fwd.returns or ("out",), outputs))
+        tensors, layout, plain = [], {}, {}
+        for n in saved:
+            v = values[n]
+            if n in fwd.list_args:  # Tensor[]: saved element by element
+                layout[n] = (len(tensors), len(v))
+                tensors.extend(v)
+            elif isinstance(v, torch.Tensor) or v is None:
+                layout[n] = (len(tensors), None)
+                tensors.append(v)
+            else:
+                plain[n] = v
+        ctx.save_for_backward(*tensors)
+        ctx.layout, ctx.plain = layout, plain
+        lead = values[fwd._device_arg]
+        # the backend that ran the forward runs the backward, so a use_backend block around the forward alone
+        # decides both
+        ctx.backend = _backend.select(fwd.family, lead.device, lead.dtype)
+
+    def backward(ctx, *grads):
+        stored = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        kwargs = dict(ctx.plain)
+        for n, (i, count) in ctx.layout.items():
+            kwargs[n] = stored[i] if count is None else list(stored[i:i + count])
+        for n in bwd.names:
+            if n in kwargs:
+                continue
+            if n == "backend":
+                kwargs[n] = ctx.backend
+            elif n.startswith("need_") and n[5:] in fwd.names:
+                kwargs[n] = bool(need[fwd.names.index(n[5:])])
+            else:
+                kwargs[n] = grads[fwd.returns.index(n[1:])]
+        results = bwd(**kwargs)
+        results = results if isinstance(results, (tuple, list)) else (results,)
+        out = [[None] * len(v) if isinstance(v, list) else None for v in need]
+        for pos, g in zip(targets, results):
+            if need[pos] is True:
+                out[pos] = g
+        return tuple(out)
+
+    fwd.custom_op.register_autograd(backward, setup_context=setup_context)
+
+
+def grad_slot(flag: bool, like: torch.Tensor, shape, empty_from: torch.Tensor) -> torch.Tensor:
+    """A gradient result of a backward op's fake: `like`-typed [shape] when asked for, else an empty tensor typed
+    like `empty_from` (the implementations' empty slots are made from one tensor, x or h: custom ops may not
+    return None, and their outputs may not alias one another, so each unused slot is its own tensor)."""
+    return like.new_empty(shape) if flag else empty_from.new_empty((0,))
+
+
+# ---- autocast ---------------------------------------------------------------------------------------
+# torch.library.register_autocast fixes one dtype when it is registered, which is not what a user running bf16
+# one day and fp16 the next expects: F.linear's rule is to cast to the *current* autocast dtype, so peftkern
+# registers that rule itself.
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def _cast(value, device_type: str, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):
+        eligible = value.is_floating_point() and value.device.type == device_type and value.dtype != torch.float64
+        return value.to(dtype) if eligible else value
+    if isinstance(value, (list, tuple)):  # Tensor[] arguments
+        return type(value)(_cast(v, device_type, dtype) for v in value)
+    return value
+
+
+def _register_autocast(op_name: str, overload, keep=frozenset(), device_types=("cpu", "cuda")) -> None:
+    for device_type in device_types:
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def kernel(_keyset, *args, _device_type=device_type, _key=key):
+            dtype = torch.get_autocast_dtype(_device_type)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return overload(*(a if i in keep else _cast(a, _device_type, dtype) for i, a in enumerate(args)))
+
+        _lib.impl(op_name, kernel, key_name, with_keyset=True)
