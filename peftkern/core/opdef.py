@@ -90,11 +90,17 @@ class Op:
 
 # ---- autograd ---------------------------------------------------------------------------------------
 
-def wire_autograd(fwd: Op, bwd: Op) -> None:
-    """Register bwd as fwd's backward, matching arguments and results by name (module docstring)."""
+def wire_autograd(fwd: Op, bwd: Op, *, derived: Optional[dict] = None, passthrough: Optional[dict] = None) -> None:
+    """Register bwd as fwd's backward, matching arguments and results by name (module docstring).
+
+    derived: {backward argument: function of the forward's named arguments}, for a backward argument that is no
+        forward input or output (bottleneck_adapter's `residual_is_h = residual is None`).
+    passthrough: {forward input: forward output}, an input whose gradient is the gradient reaching that output,
+        unchanged (an adapter's residual): handed to autograd as it is, no copy and no backward result for it."""
+    derived, passthrough = dict(derived or {}), dict(passthrough or {})
     saved = [n for n in bwd.names if n in fwd.names or n in fwd.returns]
     for n in bwd.names:
-        resolvable = (n in saved or n == "backend" or (n.startswith("need_") and n[5:] in fwd.names)
+        resolvable = (n in saved or n in derived or n == "backend" or (n.startswith("need_") and n[5:] in fwd.names)
                       or (n.startswith("d") and n[1:] in fwd.returns))
         if not resolvable:
             raise ValueError(f"{bwd.name}: argument {n!r} is no forward input or output, d<output>, need_<input> "
@@ -102,6 +108,9 @@ def wire_autograd(fwd: Op, bwd: Op) -> None:
     for r in bwd.returns:
         if not (r.startswith("d") and r[1:] in fwd.names):
             raise ValueError(f"{bwd.name}: result {r!r} must be named d<forward input>")
+    for n, out in passthrough.items():
+        if n not in fwd.names or out not in fwd.returns:
+            raise ValueError(f"{fwd.name}: passthrough {n!r} -> {out!r} names no forward input and output")
     targets = [fwd.names.index(r[1:]) for r in bwd.returns]
 
     def setup_context(ctx, inputs, output):
@@ -119,6 +128,8 @@ def wire_autograd(fwd: Op, bwd: Op) -> None:
                 tensors.append(v)
             else:
                 plain[n] = v
+        named = fwd.Args(*inputs)
+        plain.update({n: fn(named) for n, fn in derived.items()})
         ctx.save_for_backward(*tensors)
         ctx.layout, ctx.plain = layout, plain
         lead = values[fwd._device_arg]
@@ -147,6 +158,10 @@ def wire_autograd(fwd: Op, bwd: Op) -> None:
         for pos, g in zip(targets, results):
             if need[pos] is True:
                 out[pos] = g
+        for n, output in passthrough.items():
+            pos = fwd.names.index(n)
+            if need[pos] is True:
+                out[pos] = grads[fwd.returns.index(output)]
         return tuple(out)
 
     fwd.custom_op.register_autograd(backward, setup_context=setup_context)
