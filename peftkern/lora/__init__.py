@@ -3,10 +3,11 @@
 op.py the custom ops and the public function; reference.py the plain-torch oracle; cpu.py the fast torch path;
 triton.py the GPU variants; examples.py representative arguments for tests, benchmarks and the AOT check.
 """
-from . import cpu, reference, triton  # noqa: F401  (each registers its variants with core/dispatch.py)
-from .op import lora_linear
+from ..core import dispatch
+from . import cpu, reference, triton  # noqa: F401  (cpu and triton register their variants with core/dispatch.py)
+from .op import FAMILY, lora_linear
 
-FAMILY = "lora_linear"
+dispatch.register(FAMILY, "reference", forward=reference.forward, backward=reference.backward)
 KERNELS = ("lora", "lora_persistent", "qlora", "rank")  # its modules in kernels/
 
 __all__ = ["lora_linear"]

@@ -1,5 +1,6 @@
 """lora_linear in plain torch, written to be read: the oracle the tests compare every backend with (on float64
-inputs), and the "reference" backend (any device and dtype).
+inputs), and the "reference" backend (any device and dtype; lora/__init__.py registers it: an oracle imports
+nothing from peftkern but the core rules and the dropout mask).
 
     S  = dropout(x)·Aᵀ                      (the mask of core/dropout.py, scaled by 1/(1-p))
     y  = x·Wᵀ + bias + s·S·Bᵀ
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core import dispatch, rules
+from ..core import rules
 from ..core.dropout import keep_mask
 
 
@@ -61,5 +62,3 @@ def backward(a):
         grads["dbias"] = dy.sum(dim=0, dtype=acc).to(x.dtype)
     return tuple(grads.values())
 
-
-dispatch.register("lora_linear", "reference", forward=forward, backward=backward)
