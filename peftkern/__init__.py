@@ -16,7 +16,7 @@ dtypes and errors.
 # first: peftkern.kernels picks Triton's interpreter or GPU mode, which must happen before triton loads
 from . import kernels as _kernels  # noqa: F401, I001  (first; the rest follows in isort's order)
 from .core.backend import backend_info, use_backend
-from .ops.adapter import bottleneck_adapter
+from .adapter import bottleneck_adapter
 from .ops.dora import dora_linear
 from .lora import lora_linear
 from .ops.multi_lora import multi_lora_linear

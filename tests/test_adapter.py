@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import peftkern
-from peftkern.reference import activations as ref_act
+from peftkern.adapter import activations as ref_act, examples as adapter_examples
 
 from .conftest import DEVICE, ERROR_FLOOR, available_backends, device_dtypes, rel_err, run_step
 
@@ -87,7 +87,7 @@ def torch_errors(fn, tensors, dy, oracle, names, orders=4):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}k{s[2]}{'-bias' if s[3] else ''}"
                                                         f"{'-res' if s[4] else ''}")
 @pytest.mark.parametrize("dtype,wdtype", DTYPE_PAIRS, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_forward_and_grads_match_float64_reference(backend, dtype, wdtype, shape, activation, poisoned):
     if backend not in available_backends("bottleneck_adapter", dtype):
         pytest.skip(f"backend {backend} cannot run {dtype} on {DEVICE.type} here")
@@ -116,12 +116,13 @@ def test_forward_and_grads_match_float64_reference(backend, dtype, wdtype, shape
 def test_gradcheck_float64(activation):
     tensors = upcast(make_inputs((2, 3), 8, 3, True, True, torch.float64, torch.float64, device="cpu"))
     tensors_h = upcast(make_inputs((4,), 6, 2, False, False, torch.float64, torch.float64, device="cpu"))
-    with peftkern.use_backend("reference"):
-        assert torch.autograd.gradcheck(fused(activation, 0.5), tuple(tensors))
-        assert torch.autograd.gradcheck(fused(activation, -1.5), tuple(tensors_h))
+    for backend in ("reference", "cpu"):
+        with peftkern.use_backend(backend):
+            assert torch.autograd.gradcheck(fused(activation, 0.5), tuple(tensors))
+            assert torch.autograd.gradcheck(fused(activation, -1.5), tuple(tensors_h))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_non_contiguous_inputs_and_empty_batch(backend):
     if backend not in available_backends("bottleneck_adapter", torch.float32):
         pytest.skip(f"backend {backend} unavailable here")
@@ -153,7 +154,7 @@ def test_wide_bottleneck_runs_the_composite_variant_and_forced_fused_says_why(mo
     from peftkern.kernels.adapter import MAX_K
 
     tensors = make_inputs((3,), 8, MAX_K + 1, True, False, torch.float32, torch.float32)
-    with peftkern.use_backend("reference"):
+    with peftkern.use_backend("cpu"):  # the composite variant is the fast torch path
         ref = fused("relu", 1.0)(*tensors)
     for mode in ("measure", "composite"):  # the fused kernel cannot run it: the composite variant does
         monkeypatch.setenv("PEFTKERN_DISPATCH", mode)
@@ -230,20 +231,18 @@ def test_bad_input_raises_and_changes_nothing(name, change, kw, exc, words):
 
 # ---- opcheck and compile -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck(backend):
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("case", sorted(adapter_examples.cases()))
+def test_opcheck(backend, case):
+    """torch.library.opcheck on both ops over the family's representative arguments."""
     if backend not in available_backends("bottleneck_adapter", torch.float32):
         pytest.skip(f"backend {backend} unavailable here")
-    h, wd, bd, wu, bu, res = make_inputs((10,), 12, 3, True, True, torch.float32, torch.float32)
+    fwd = adapter_examples.cases(device=DEVICE)[case]
     with peftkern.use_backend(backend):
-        torch.library.opcheck(torch.ops.peftkern.bottleneck_adapter_fwd.default, (h, wd, bd, wu, bu, res, "gelu", 0.5))
-        torch.library.opcheck(torch.ops.peftkern.bottleneck_adapter_fwd.default,
-                              (h, wd, None, wu, None, None, "relu", 2.0))
-        _, pre = torch.ops.peftkern.bottleneck_adapter_fwd(h, wd, bd, wu, bu, res, "gelu", 0.5)
-        dy = torch.randn(10, 12, device=DEVICE)
-        torch.library.opcheck(torch.ops.peftkern.bottleneck_adapter_bwd.default,
-                              (dy, h.detach(), wd.detach(), wu.detach(), pre.detach(), "gelu", 0.5, False,
-                               True, True, True, True, True, backend))
+        torch.library.opcheck(torch.ops.peftkern.bottleneck_adapter_fwd.default, (), fwd)
+        _, pre = torch.ops.peftkern.bottleneck_adapter_fwd(**fwd)
+        bwd = adapter_examples.backward_args(fwd, pre, backend)
+        torch.library.opcheck(torch.ops.peftkern.bottleneck_adapter_bwd.default, (), bwd)
 
 
 def test_torch_compile_fullgraph():

@@ -363,7 +363,7 @@ def multi_lora_providers(case, device: torch.device) -> tuple[dict[str, Callable
 
 def adapter_providers(case, device: torch.device) -> tuple[dict[str, Callable[[], None]], str]:
     import peftkern
-    from peftkern.reference import activations as act
+    from peftkern.adapter import activations as act
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     down = torch.nn.Linear(case.d, case.k, device=device, dtype=case.dtype)

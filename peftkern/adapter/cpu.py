@@ -1,7 +1,7 @@
-"""Bottleneck adapter in plain torch:  out = residual + s·(act(h·W_downᵀ + b_down)·W_upᵀ + b_up).
+"""Bottleneck adapter, the fast torch path:  out = residual + s·(act(h·W_downᵀ + b_down)·W_upᵀ + b_up).
 
-The CPU path, the tests' oracle (float64) and the composite GPU fallback for bottlenecks too wide for
-the Triton kernel. Every product runs in the accumulation dtype (fp32, or fp64 for fp64 inputs): on
+The "cpu" backend, and the composite GPU variant (also the fallback for bottlenecks too wide for the Triton
+kernel). Every product runs in the accumulation dtype (fp32, or fp64 for fp64 inputs): on
 CPU, where inputs are fp32/fp64, that costs nothing; for fp16/bf16 inputs it keeps small reductions
 such as a bias gradient from being rounded to 16 bits midway. The forward keeps
 pre = h·W_downᵀ + b_down ([M, k]) for backward, from which act and act' are recomputed; the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core import dispatch, rules
 from ..core.rules import acc_dtype
 from . import activations as act
 
@@ -66,3 +67,16 @@ def adapter_bwd(dy, h, w_down, w_up, pre, code: int, scaling: float, residual_is
     if need_bd:
         dbd = dpre.sum(dim=0).to(w_down.dtype)
     return dh, dwd, dbd, dwu, dbu
+
+
+def forward(a):
+    return adapter_fwd(a.h, a.w_down, a.b_down, a.w_up, a.b_up, a.residual, rules.ACTIVATION_CODES[a.activation],
+                       a.scaling)
+
+
+def backward(a):
+    return adapter_bwd(a.dout, a.h, a.w_down, a.w_up, a.pre, rules.ACTIVATION_CODES[a.activation], a.scaling,
+                       a.residual_is_h, a.need_h, a.need_w_down, a.need_b_down, a.need_w_up, a.need_b_up)
+
+
+dispatch.register("bottleneck_adapter", "cpu", forward=forward, backward=backward)
