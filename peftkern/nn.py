@@ -13,8 +13,8 @@ from .core.rules import ACTIVATION_CODES as _ACTIVATIONS, ACTIVATION_NAMES as _A
 from .lora import lora_linear
 from .ops.dora import dora_linear, row_norms
 from .ops.multi_lora import multi_lora_linear
-from .ops.sparse_diff import sparse_diff_linear
 from .reference.dora import column_scale as _dora_column_scale
+from .sparse_diff.op import sparse_diff_linear
 
 
 def _is_linear4bit(module) -> bool:
@@ -644,7 +644,7 @@ class SparseDiffLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, indices: torch.Tensor, values_dtype=None):
         super().__init__()
-        from .reference.sparse_diff import validate
+        from .core.checks import unique_indices as validate
 
         if (not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64)
                 or indices.dim() != 1):

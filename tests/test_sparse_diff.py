@@ -8,17 +8,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import peftkern
 from peftkern import SparseDiff
 from peftkern.nn import SparseDiffLinear
-from peftkern.ops import sparse_diff as ops
+from peftkern.sparse_diff import examples as sparse_examples, op as sparse_op
 
 from .conftest import DEVICE, ERROR_FLOOR, available_backends, device_dtypes, rel_err
 
 WEIGHT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-APPLY_BACKENDS = ["cuda", "reference"]  # "cuda" = the compiled extension (C++ on CPU tensors)
+# "cpu": the fast CPU path (the compiled C++ loops when built); "cuda": the compiled CUDA kernels
+APPLY_BACKENDS = ["cpu", "cuda", "reference"]
 
 
 def apply_backends(device=DEVICE):
+    device = torch.device(device)
     names = ["reference"]
-    if peftkern.core.backend._extension_unavailable_reason(torch.device(device)) is None:
+    if device.type == "cpu":
+        names.insert(0, "cpu")
+    elif peftkern.core.backend._extension_unavailable_reason(device) is None:
         names.insert(0, "cuda")
     return names
 
@@ -33,7 +37,7 @@ def random_diff(numel, nnz, index_dtype, device=DEVICE):
 @pytest.mark.parametrize("backend", APPLY_BACKENDS)
 def test_apply_restore_is_bit_exact(backend, wdtype, index_dtype):
     if backend not in apply_backends():
-        pytest.skip("peftkern._C is not built for this device here")
+        pytest.skip(f"backend {backend} does not run {DEVICE.type} tensors here (peftkern._C not built for it)")
     weight = torch.randn(37, 53, device=DEVICE).to(wdtype)
     original = weight.clone()
     idx = random_diff(weight.numel(), 300, index_dtype)
@@ -105,7 +109,7 @@ def bad_cases(numel):
 @pytest.mark.parametrize("case", range(9))
 def test_bad_input_raises_and_leaves_the_weight_unchanged(backend, case):
     if backend not in apply_backends("cpu"):
-        pytest.skip("peftkern._C is not built here")
+        pytest.skip(f"backend {backend} does not run CPU tensors")
     weight = torch.randn(20, 30)
     name, idx, values, kw, exc, words = bad_cases(weight.numel())[case]
     original = weight.clone()
@@ -122,7 +126,7 @@ def test_bad_input_raises_and_leaves_the_weight_unchanged(backend, case):
 
 
 def test_int64_required_for_huge_weights(monkeypatch):
-    monkeypatch.setattr(ops, "INT32_LIMIT", 100)
+    monkeypatch.setattr(sparse_op, "INT32_LIMIT", 100)
     with pytest.raises(TypeError, match="int64"):
         peftkern.sparse_diff_apply_(torch.zeros(20, 10), torch.arange(3, dtype=torch.int32), torch.ones(3))
 
@@ -186,7 +190,7 @@ def test_indices_changed_behind_torchs_back_never_reach_memory(backend, tmp_path
     import sys
 
     if backend not in apply_backends():
-        pytest.skip("peftkern._C is not built for this device here")
+        pytest.skip(f"backend {backend} does not run {DEVICE.type} tensors here (peftkern._C not built for it)")
     script = tmp_path / "mutated.py"
     script.write_text(_MUTATED_INDICES_SCRIPT)
     run = subprocess.run([sys.executable, str(script), backend, DEVICE.type], capture_output=True, text=True,
@@ -194,7 +198,7 @@ def test_indices_changed_behind_torchs_back_never_reach_memory(backend, tmp_path
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_linear_refuses_indices_changed_behind_torchs_back(backend):
     if backend not in available_backends("sparse_diff_linear", torch.float32):
         pytest.skip(f"backend {backend} unavailable here")
@@ -360,7 +364,7 @@ DTYPE_PAIRS = [(d, d) for d in device_dtypes()] + [(d, torch.float32) for d in d
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype,vdtype", DTYPE_PAIRS, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_linear_matches_float64_reference(backend, dtype, vdtype, bias, poisoned):
     if backend not in available_backends("sparse_diff_linear", dtype):
         pytest.skip(f"backend {backend} cannot run {dtype} on {DEVICE.type} here")
@@ -400,20 +404,21 @@ def test_linear_gradcheck_float64():
     idx = random_diff(54, 12, torch.int32, device="cpu")
     values = torch.randn(12, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    with peftkern.use_backend("reference"):
-        assert torch.autograd.gradcheck(lambda x, v, b: peftkern.sparse_diff_linear(x, weight, idx, v, b),
-                                        (x, values, bias))
+    for backend in ("reference", "cpu"):
+        with peftkern.use_backend(backend):
+            assert torch.autograd.gradcheck(lambda x, v, b: peftkern.sparse_diff_linear(x, weight, idx, v, b),
+                                            (x, values, bias))
 
 
 def test_linear_reuses_its_sort_only_while_it_still_sorts_the_indices():
-    """The reference path keeps the sorting permutation of the last call as a hint; indices changed behind
+    """The fast CPU path keeps the sorting permutation of the last call as a hint; indices changed behind
     PyTorch's back (.data) to other valid positions must give the new diff's result, not the old one's."""
     x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(6, 8, dtype=torch.float64)
     idx = torch.tensor([5, 30, 12, 7, 44])
     values = torch.randn(5, dtype=torch.float64, requires_grad=True)
     dy = torch.randn(5, 6, dtype=torch.float64)
-    with peftkern.use_backend("reference"):
+    with peftkern.use_backend("cpu"):
         for positions in ([5, 30, 12, 7, 44], [31, 2, 47, 19, 8], [0, 1, 2, 3, 4]):
             idx.data.copy_(torch.tensor(positions))
             x.grad = values.grad = None
@@ -439,7 +444,7 @@ class _LargestAllocation(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_linear_never_allocates_an_out_by_in_tensor(backend):
     if backend not in available_backends("sparse_diff_linear", torch.float32):
         pytest.skip(f"backend {backend} unavailable here")
@@ -470,24 +475,28 @@ def test_linear_bad_input():
         peftkern.sparse_diff_linear(x, w, torch.tensor([1]), torch.ones(1), torch.ones(4))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck(backend):
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("case", sorted(sparse_examples.cases()))
+def test_opcheck(backend, case):
     if backend not in available_backends("sparse_diff_linear", torch.float32):
         pytest.skip(f"backend {backend} unavailable here")
-    x = torch.randn(6, 10, device=DEVICE, requires_grad=True)
-    weight = torch.randn(7, 10, device=DEVICE)
-    idx = random_diff(70, 20, torch.int64)
-    values = torch.randn(20, device=DEVICE, requires_grad=True)
-    bias = torch.randn(7, device=DEVICE, requires_grad=True)
+    fwd = sparse_examples.cases(device=DEVICE)[case]
     with peftkern.use_backend(backend):
-        torch.library.opcheck(torch.ops.peftkern.sparse_diff_linear_fwd.default, (x, weight, idx, values, bias))
-        dy = torch.randn(6, 7, device=DEVICE)
-        torch.library.opcheck(torch.ops.peftkern.sparse_diff_linear_bwd.default,
-                              (dy, x.detach(), weight, idx, values.detach(), True, True, True, True, backend))
-    w = torch.randn(7, 10, device=DEVICE)
-    torch.library.opcheck(torch.ops.peftkern.sparse_diff_apply_.default, (w, idx, values.detach(), 0.5))
-    backup = torch.ops.peftkern.sparse_diff_apply_(w, idx, values.detach(), 0.5)
-    torch.library.opcheck(torch.ops.peftkern.sparse_diff_restore_.default, (w, idx, backup))
+        torch.library.opcheck(torch.ops.peftkern.sparse_diff_linear_fwd.default, (), fwd)
+        bwd = sparse_examples.linear_backward_args(fwd, backend)
+        torch.library.opcheck(torch.ops.peftkern.sparse_diff_linear_bwd.default, (), bwd)
+
+
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+def test_opcheck_apply_restore(backend):
+    if backend not in apply_backends():
+        pytest.skip(f"backend {backend} does not run {DEVICE.type} tensors here")
+    args = sparse_examples.apply_args(device=DEVICE)
+    with peftkern.use_backend(backend):
+        torch.library.opcheck(torch.ops.peftkern.sparse_diff_apply_.default, (), args)
+        backup = torch.ops.peftkern.sparse_diff_apply_(**args)
+        torch.library.opcheck(torch.ops.peftkern.sparse_diff_restore_.default, (),
+                              dict(weight=args["weight"], indices=args["indices"], backup=backup))
 
 
 def test_torch_compile_fullgraph():

@@ -126,13 +126,15 @@ def _triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str 
 
 
 def _extension_unavailable_reason(device: torch.device) -> str | None:
+    """Why the "cuda" backend (the compiled CUDA kernels of peftkern._C) cannot run on `device`, or None."""
+    if device.type != "cuda":
+        return (f"it runs the compiled CUDA kernels on CUDA tensors, not {device.type} ones (on CPU tensors the "
+                f"compiled C++ kernels run in the 'cpu' backend)")
     ext = extension()
     if ext is None:
         return f"peftkern._C is not built ({_ext_state.get('error')}); reinstall with a compiler present"
-    if device.type == "cuda" and not ext.with_cuda:
+    if not ext.with_cuda:
         return "peftkern._C was built without CUDA (torch without CUDA, or no nvcc, at install time)"
-    if device.type not in ("cpu", "cuda"):
-        return f"peftkern._C has kernels for cpu and cuda tensors, not {device.type}"
     return None
 
 

@@ -192,3 +192,39 @@ def dropout_and_seed(dropout_p: float, training: bool, seed: int | None) -> tupl
     if seed is None:
         return p, torch.randint(0, SEED_LIMIT // 2, (), dtype=torch.int64)
     return p, torch.tensor(seed, dtype=torch.int64)
+
+
+# ---- user-supplied indices: checked where they are used, every time ---------------------------------------
+
+def out_of_range_error(indices: torch.Tensor, pos: int, numel: int) -> IndexError:
+    return IndexError(f"indices[{pos}] = {int(indices[pos])} is out of range for a weight of {numel} elements "
+                      f"(valid: 0 <= index < {numel})")
+
+
+def duplicate_error(indices: torch.Tensor, pos: int) -> ValueError:
+    return ValueError(f"indices[{pos}] = {int(indices[pos])} repeats an earlier index; a sparse diff holds each "
+                      f"position once (sum the values of duplicates first)")
+
+
+def index_range(indices: torch.Tensor, numel: int) -> None:
+    """IndexError naming the first index outside [0, numel). Run where the indices are used, every time:
+    torch's own indexing would wrap a negative index instead of refusing it. One pass (aminmax) when all
+    are in range: on a busy CPU every extra pass over a large index tensor costs a scheduler time slice."""
+    if indices.numel() == 0:
+        return
+    lo, hi = torch.aminmax(indices)
+    if int(lo) >= 0 and int(hi) < numel:
+        return
+    bad = (indices < 0) | (indices >= numel)
+    raise out_of_range_error(indices, int(bad.nonzero()[0, 0]), numel)
+
+
+def unique_indices(indices: torch.Tensor, numel: int) -> None:
+    """IndexError for an index outside [0, numel), ValueError for a repeated index; both name the position."""
+    index_range(indices, numel)
+    if indices.numel() == 0:
+        return
+    sorted_idx, order = torch.sort(indices.to(torch.int64), stable=True)
+    repeat = sorted_idx[1:] == sorted_idx[:-1]
+    if bool(repeat.any()):
+        raise duplicate_error(indices, int(order[1:][repeat].min()))

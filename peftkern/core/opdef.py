@@ -72,7 +72,7 @@ class Op:
 
     def _run(self, *args):
         a = self._prepare(self.Args(*args))
-        if self.phase == "backward":
+        if "backend" in a._fields:  # a backward op: the forward's backend
             backend = a.backend
         else:
             lead = getattr(a, self._device_arg)

@@ -6,11 +6,9 @@ Each implementation takes the arguments of its family's custom ops in peftkern/o
 order). A new kernel is a new `dispatch.register(...)` here; the ops need no change.
 """
 from . import (  # noqa: F401
-    extension,
     reference,
     triton_dora,
     triton_multi_lora,
     triton_multi_qlora,
     triton_qdora,
-    triton_sparse,
 )

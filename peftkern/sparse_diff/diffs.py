@@ -14,9 +14,9 @@ import os
 
 import torch
 
-from .core import checks as _checks
-from .ops.sparse_diff import INT32_LIMIT, _ensure_unique, sparse_diff_apply_, sparse_diff_restore_
-from .reference.sparse_diff import check_range
+from ..core import checks as _checks
+from ..core.checks import index_range as check_range
+from .op import INT32_LIMIT, ensure_unique as _ensure_unique, sparse_diff_apply_, sparse_diff_restore_
 
 FORMAT = "peftkern.SparseDiff/1"
 

@@ -1,4 +1,5 @@
-"""Sparse diff vectors in plain torch: index validation, apply/restore, and the linear layer.
+"""Sparse diff vectors, the fast CPU path ("cpu" backend): apply/restore (the compiled C++ loops when built,
+torch otherwise) and the linear layer.
 
 A diff is (indices, values): flat row-major positions in weight.view(-1) and the values added there.
 apply computes w = round(acc(w) + alpha * acc(v)) with acc = fp32 (fp64 for fp64 weights), the same
@@ -13,46 +14,14 @@ import warnings
 
 import torch
 
+from ..core import backend as _backend, checks, dispatch
 from ..core.rules import acc_dtype
-
-
-def out_of_range_error(indices: torch.Tensor, pos: int, numel: int) -> IndexError:
-    return IndexError(f"indices[{pos}] = {int(indices[pos])} is out of range for a weight of {numel} elements "
-                      f"(valid: 0 <= index < {numel})")
-
-
-def duplicate_error(indices: torch.Tensor, pos: int) -> ValueError:
-    return ValueError(f"indices[{pos}] = {int(indices[pos])} repeats an earlier index; a sparse diff holds each "
-                      f"position once (sum the values of duplicates first)")
-
-
-def check_range(indices: torch.Tensor, numel: int) -> None:
-    """IndexError naming the first index outside [0, numel). Run where the indices are used, every time:
-    torch's own indexing would wrap a negative index instead of refusing it. One pass (aminmax) when all
-    are in range: on a busy CPU every extra pass over a large index tensor costs a scheduler time slice."""
-    if indices.numel() == 0:
-        return
-    lo, hi = torch.aminmax(indices)
-    if int(lo) >= 0 and int(hi) < numel:
-        return
-    bad = (indices < 0) | (indices >= numel)
-    raise out_of_range_error(indices, int(bad.nonzero()[0, 0]), numel)
-
-
-def validate(indices: torch.Tensor, numel: int) -> None:
-    """IndexError for an index outside [0, numel), ValueError for a repeated index; both name the position."""
-    check_range(indices, numel)
-    if indices.numel() == 0:
-        return
-    sorted_idx, order = torch.sort(indices.to(torch.int64), stable=True)
-    repeat = sorted_idx[1:] == sorted_idx[:-1]
-    if bool(repeat.any()):
-        raise duplicate_error(indices, int(order[1:][repeat].min()))
+from . import cuda
 
 
 def flat_and_offsets(weight: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 1-D alias of the weight's memory and the storage offsets of `indices` (range-checked) in it."""
-    check_range(indices, weight.numel())
+    checks.index_range(indices, weight.numel())
     if weight.is_contiguous():
         return weight.view(-1), indices
     # strided weight: logical row-major index -> storage offset through the strides
@@ -62,7 +31,7 @@ def flat_and_offsets(weight: torch.Tensor, indices: torch.Tensor) -> tuple[torch
     return weight.as_strided((span,), (1,)), offsets
 
 
-def apply_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float) -> torch.Tensor:
+def torch_apply_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float) -> torch.Tensor:
     """weight[indices] = round(acc(weight[indices]) + alpha·acc(values)) (row-major positions, any strides);
     returns the previous values. IndexError, with nothing written, for an index out of range."""
     flat, offsets = flat_and_offsets(weight, indices)
@@ -72,7 +41,7 @@ def apply_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, al
     return backup
 
 
-def restore_(weight: torch.Tensor, indices: torch.Tensor, backup: torch.Tensor) -> None:
+def torch_restore_(weight: torch.Tensor, indices: torch.Tensor, backup: torch.Tensor) -> None:
     flat, offsets = flat_and_offsets(weight, indices)
     flat[offsets] = backup
 
@@ -124,7 +93,7 @@ class Layout:
 
     def __init__(self, indices: torch.Tensor, shape):
         self.n_out, self.n_in = shape
-        check_range(indices, self.n_out * self.n_in)
+        checks.index_range(indices, self.n_out * self.n_in)
         self.indices = indices
         self.flat = indices.to(torch.int64)
         self.rows = torch.div(self.flat, self.n_in, rounding_mode="floor")
@@ -138,6 +107,29 @@ class Layout:
         keys = torch.add(self.rows, self.cols, alpha=self.n_out)  # column-major position
         order = _sorting_permutation(keys, self.indices, "_peftkern_csc_hint", often_sorted=False)
         return _compressed(self.cols, self.rows, order, self.n_in, self.n_out, values, dtype)
+
+
+def linear_forward(a):
+    return linear_fwd(a.x, a.weight, a.indices, a.values, a.bias)
+
+
+def linear_backward(a):
+    return linear_bwd(a.dy, a.x, a.weight, a.indices, a.values, a.need_x, a.need_weight, a.need_values,
+                      a.need_bias)
+
+
+def apply_(a):
+    """The compiled C++ loop when peftkern._C is built (one pass, every index checked before any write), else
+    torch's indexing."""
+    if _backend.extension() is not None:
+        return cuda.apply_(a)
+    return torch_apply_(a.weight, a.indices, a.values, a.alpha)
+
+
+def restore_(a):
+    if _backend.extension() is not None:
+        return cuda.restore_(a)
+    return torch_restore_(a.weight, a.indices, a.backup)
 
 
 def linear_fwd(x, weight, indices, values, bias):
@@ -185,3 +177,7 @@ def linear_bwd(dy, x, weight, indices, values, need_x, need_weight, need_values,
         if need_bias:
             db = dy.sum(dim=0, dtype=acc).to(x.dtype)
     return dx, dw, dv, db
+
+
+dispatch.register("sparse_diff_apply", "cpu", forward=apply_, backward=restore_)
+dispatch.register("sparse_diff_linear", "cpu", forward=linear_forward, backward=linear_backward)

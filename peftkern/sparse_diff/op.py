@@ -18,9 +18,7 @@ import torch
 from torch import Tensor
 
 from ..core import backend as _backend, checks as _checks, dispatch
-from ..reference import sparse_diff as ref
-from . import _autograd
-from ._autocast import register_autocast
+from ..core.opdef import Op, grad_slot, wire_autograd
 
 INT32_LIMIT = 2**31 - 1
 MAX_STRIDED_DIMS = 8  # csrc/strided_index.h: a non-contiguous weight's dims the compiled kernels map
@@ -28,7 +26,7 @@ MAX_STRIDED_DIMS = 8  # csrc/strided_index.h: a non-contiguous weight's dims the
 
 # ---- the duplicate check, remembered per indices tensor ------------------------------------------
 
-def _ensure_unique(indices: Tensor, numel: int) -> None:
+def ensure_unique(indices: Tensor, numel: int) -> None:
     """ValueError if an index repeats (IndexError if one is out of range: checked here the first time,
     and again by every kernel on every call). Remembered until `indices` is modified in place."""
     if getattr(indices, "_peftkern_unique_for", None) == (indices._version, numel):
@@ -37,38 +35,26 @@ def _ensure_unique(indices: Tensor, numel: int) -> None:
     if ext is not None and indices.device.type == "cpu":
         code, pos = ext.sparse_diff_validate(indices.contiguous(), numel)
         if code == 1:
-            raise ref.out_of_range_error(indices, pos, numel)
+            raise _checks.out_of_range_error(indices, pos, numel)
         if code == 2:
-            raise ref.duplicate_error(indices, pos)
+            raise _checks.duplicate_error(indices, pos)
     else:
-        ref.validate(indices, numel)
+        _checks.unique_indices(indices, numel)
     indices._peftkern_unique_for = (indices._version, numel)
 
 
-# ---- apply / restore ------------------------------------------------------------------------------
-
-@torch.library.custom_op("peftkern::sparse_diff_apply_", mutates_args=("weight",))
-def _apply_op(weight: Tensor, indices: Tensor, values: Tensor, alpha: float) -> Tensor:
-    _ensure_unique(indices, weight.numel())
-    backend = _backend.select("sparse_diff_apply", weight.device, weight.dtype)
-    return dispatch.call("sparse_diff_apply", "forward", backend, tuple, weight, indices, values, alpha)
+def _unique(a):
+    ensure_unique(a.indices, a.weight.numel())
+    return a._replace(dy=a.dy.contiguous()) if "dy" in a._fields else a
 
 
-@_apply_op.register_fake
-def _(weight, indices, values, alpha):
-    return weight.new_empty(indices.shape)
-
-
-@torch.library.custom_op("peftkern::sparse_diff_restore_", mutates_args=("weight",))
-def _restore_op(weight: Tensor, indices: Tensor, backup: Tensor) -> None:
-    _ensure_unique(indices, weight.numel())
-    backend = _backend.select("sparse_diff_apply", weight.device, weight.dtype)
-    dispatch.call("sparse_diff_apply", "backward", backend, tuple, weight, indices, backup)
-
-
-@_restore_op.register_fake
-def _(weight, indices, backup):
-    return None
+# ---- apply / restore: "forward" applies (returns the backup), "backward" restores ---------------------
+apply_op = Op("sparse_diff_apply_(Tensor(a!) weight, Tensor indices, Tensor values, float alpha) -> Tensor backup",
+              family="sparse_diff_apply", prepare=_unique, device_arg="weight", mutates=("weight",),
+              fake=lambda a: a.weight.new_empty(a.indices.shape))
+restore_op = Op("sparse_diff_restore_(Tensor(a!) weight, Tensor indices, Tensor backup) -> ()",
+                family="sparse_diff_apply", phase="backward", prepare=_unique, device_arg="weight",
+                mutates=("weight",), fake=lambda a: None)
 
 
 def write_problem(weight: Tensor) -> Optional[str]:
@@ -141,7 +127,7 @@ def sparse_diff_apply_(weight: Tensor, indices: Tensor, values: Tensor, *, alpha
     alpha = _checks.real_number("alpha", alpha)
     _check_writable(weight)
     with torch.no_grad():
-        return torch.ops.peftkern.sparse_diff_apply_(weight, indices, values, alpha)
+        return apply_op(weight=weight, indices=indices, values=values, alpha=alpha)
 
 
 def sparse_diff_restore_(weight: Tensor, indices: Tensor, backup: Tensor) -> None:
@@ -153,66 +139,31 @@ def sparse_diff_restore_(weight: Tensor, indices: Tensor, backup: Tensor) -> Non
     _check_diff("weight", weight, indices, "backup", backup, values_dtype_rule="same")
     _check_writable(weight)
     with torch.no_grad():
-        torch.ops.peftkern.sparse_diff_restore_(weight, indices, backup)
+        restore_op(weight=weight, indices=indices, backup=backup)
 
 
 # ---- sparse_diff_linear -----------------------------------------------------------------------------
 
-def _key(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, bias: Optional[Tensor], *flags) -> tuple:
-    """What decides whether the fused or the composite variant is faster (peftkern.core.dispatch)."""
-    return (dispatch.token_bucket(x.shape[0]), *weight.shape, dispatch.token_bucket(indices.numel()), x.dtype,
-            values.dtype, bias is not None, dispatch.layout(x, weight), *flags)
+def _key(a) -> tuple:
+    """What decides whether the fused or the composite variant is faster (core/dispatch.py)."""
+    flags = tuple(getattr(a, n) for n in a._fields if n.startswith("need_"))
+    return (dispatch.token_bucket(a.x.shape[0]), *a.weight.shape, dispatch.token_bucket(a.indices.numel()),
+            a.x.dtype, a.values.dtype, getattr(a, "bias", None) is not None, dispatch.layout(a.x, a.weight), *flags)
 
 
-@torch.library.custom_op("peftkern::sparse_diff_linear_fwd", mutates_args=())
-def sparse_diff_linear_fwd(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor,
-                           bias: Optional[Tensor]) -> Tensor:
-    _ensure_unique(indices, weight.numel())
-    backend = _backend.select("sparse_diff_linear", x.device, x.dtype)
-    return dispatch.call("sparse_diff_linear", "forward", backend, lambda: _key(x, weight, indices, values, bias),
-                         x, weight, indices, values, bias)
-
-
-@sparse_diff_linear_fwd.register_fake
-def _(x, weight, indices, values, bias):
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-@torch.library.custom_op("peftkern::sparse_diff_linear_bwd", mutates_args=())
-def sparse_diff_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, need_x: bool,
-                           need_weight: bool, need_values: bool, need_bias: bool, backend: str
-                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dy = dy.contiguous()
-    _ensure_unique(indices, weight.numel())
-    needs = (need_x, need_weight, need_values, need_bias)
-    return dispatch.call("sparse_diff_linear", "backward", backend,
-                         lambda: _key(x, weight, indices, values, None, *needs),
-                         dy, x, weight, indices, values, *needs)
-
-
-@sparse_diff_linear_bwd.register_fake
-def _(dy, x, weight, indices, values, need_x, need_weight, need_values, need_bias, backend):
-    return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_weight else (0,)),
-            values.new_empty(values.shape if need_values else (0,)),
-            x.new_empty((weight.shape[0],) if need_bias else (0,)))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, indices, values, bias = inputs
-    ctx.save_for_backward(x, weight, indices, values)
-    ctx.backend = _backend.select("sparse_diff_linear", x.device, x.dtype)
-
-
-def _backward(ctx, dy):
-    x, weight, indices, values = ctx.saved_tensors
-    need_x, need_weight, _, need_values, need_bias = ctx.needs_input_grad
-    dx, dw, dv, db = torch.ops.peftkern.sparse_diff_linear_bwd(dy, x, weight, indices, values, need_x, need_weight,
-                                                                need_values, need_bias, ctx.backend)
-    return _autograd.grads_or_none(ctx, (dx, dw, None, dv, db))
-
-
-sparse_diff_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
-register_autocast("sparse_diff_linear_fwd", torch.ops.peftkern.sparse_diff_linear_fwd.default)
+_DIFF = "Tensor x, Tensor weight, Tensor indices, Tensor values"
+linear_forward_op = Op(f"sparse_diff_linear_fwd({_DIFF}, Tensor? bias) -> Tensor y", family="sparse_diff_linear",
+                       key=_key, prepare=_unique, autocast_keep=(),
+                       fake=lambda a: a.x.new_empty((a.x.shape[0], a.weight.shape[0])))
+linear_backward_op = Op(f"sparse_diff_linear_bwd(Tensor dy, {_DIFF}, bool need_x, bool need_weight, "
+                        "bool need_values, bool need_bias, str backend) "
+                        "-> (Tensor dx, Tensor dweight, Tensor dvalues, Tensor dbias)",
+                        family="sparse_diff_linear", phase="backward", key=_key, prepare=_unique,
+                        fake=lambda a: (grad_slot(a.need_x, a.x, a.x.shape, a.x),
+                                        grad_slot(a.need_weight, a.x, a.weight.shape, a.x),
+                                        grad_slot(a.need_values, a.values, a.values.shape, a.x),
+                                        grad_slot(a.need_bias, a.x, (a.weight.shape[0],), a.x)))
+wire_autograd(linear_forward_op, linear_backward_op)
 
 
 def sparse_diff_linear(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor, bias: Optional[Tensor] = None
@@ -249,5 +200,5 @@ def sparse_diff_linear(x: Tensor, weight: Tensor, indices: Tensor, values: Tenso
     if not _checks.autocast_active(x.device):
         _checks.same_dtype("x", x, weight=weight, bias=bias)
     lead = x.shape[:-1]
-    y = torch.ops.peftkern.sparse_diff_linear_fwd(x.reshape(-1, x.shape[-1]), weight, indices, values, bias)
+    y = linear_forward_op(x=x.reshape(-1, x.shape[-1]), weight=weight, indices=indices, values=values, bias=bias)
     return y.view(*lead, weight.shape[0])

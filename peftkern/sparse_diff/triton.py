@@ -7,7 +7,7 @@
              for bit (sparse_diff_apply_ / restore_); backward the same around dy·(W + Δ), and the same
              sampled product for the values. It wins when the diff is dense enough that the sparse
              product costs more than a pass over the weight (kernels.sparse_diff explains the estimate);
-             peftkern.core.dispatch measures which is faster.
+             core/dispatch.py measures which is faster.
 
 The composite variant writes into the frozen weight for the duration of the GEMM, on the current
 stream, and preserves its version counter (the round trip is bit-exact, so autograd's saved-tensor
@@ -19,11 +19,8 @@ from typing import Optional
 
 import torch
 
-from ..core import backend as _backend, dispatch
-from ..ops.sparse_diff import write_problem
-from ..reference import sparse_diff as ref
-
-INT32_LIMIT = 2**31 - 1
+from ..core import backend as _backend, checks, dispatch
+from .op import INT32_LIMIT, apply_op, restore_op, write_problem
 
 
 def layout(indices: torch.Tensor, shape: tuple[int, int]) -> dict:
@@ -32,7 +29,7 @@ def layout(indices: torch.Tensor, shape: tuple[int, int]) -> dict:
     Built on every call from the indices as they are now (range-checked first): a layout remembered
     across calls would silently keep using positions the user has since changed."""
     n_out, n_in = shape
-    ref.check_range(indices, n_out * n_in)
+    checks.index_range(indices, n_out * n_in)
     idx = indices.to(torch.int64)
     rows, cols = idx // n_in, idx % n_in
     small = torch.int32 if max(n_out, n_in, idx.numel()) <= INT32_LIMIT else torch.int64
@@ -53,7 +50,8 @@ def _kernels():
     return _backend.kernels("sparse_diff")
 
 
-def forward_fused(x, weight, indices, values, bias):
+def forward_fused(a):
+    x, weight, indices, values, bias = a.x, a.weight, a.indices, a.values, a.bias
     lay = layout(indices, tuple(weight.shape))
     y = torch.nn.functional.linear(x, weight, bias)
     _kernels().spmm_add_(y, x, lay["csr_seg"], lay["csr_cols"], values[lay["csr_perm"]])
@@ -71,7 +69,9 @@ def _values_grad(dy, x, weight, indices, values, lay=None):
     return g.to(values.dtype)
 
 
-def backward_fused(dy, x, weight, indices, values, need_x, need_weight, need_values, need_bias):
+def backward_fused(a):
+    dy, x, weight, indices, values = a.dy, a.x, a.weight, a.indices, a.values
+    need_x, need_weight, need_values, need_bias = a.need_x, a.need_weight, a.need_values, a.need_bias
     # outputs must not alias one another (custom-op rule), so each unused one is its own empty tensor
     dx, dw, dv, db = (x.new_empty(0) for _ in range(4))
     lay = layout(indices, tuple(weight.shape)) if (need_x or need_values) else None
@@ -103,8 +103,8 @@ class _Applied:
                           else torch.autograd._unsafe_preserve_version_counter(self.weight))
         self._preserve.__enter__()
         try:
-            self.backup = dispatch.call("sparse_diff_apply", "forward", self.apply_backend, tuple,
-                                        self.weight, self.indices, self.values, 1.0)
+            args = apply_op.Args(weight=self.weight, indices=self.indices, values=self.values, alpha=1.0)
+            self.backup = dispatch.call("sparse_diff_apply", "forward", self.apply_backend, tuple, args)
         except BaseException:
             self._preserve.__exit__(None, None, None)
             raise
@@ -112,19 +112,21 @@ class _Applied:
 
     def __exit__(self, *exc):
         try:
-            dispatch.call("sparse_diff_apply", "backward", self.apply_backend, tuple, self.weight, self.indices,
-                          self.backup)
+            args = restore_op.Args(weight=self.weight, indices=self.indices, backup=self.backup)
+            dispatch.call("sparse_diff_apply", "backward", self.apply_backend, tuple, args)
         finally:
             self._preserve.__exit__(None, None, None)
         return False
 
 
-def forward_composite(x, weight, indices, values, bias):
-    with _Applied(weight, indices, values) as w_plus_delta:
-        return torch.nn.functional.linear(x, w_plus_delta, bias)
+def forward_composite(a):
+    with _Applied(a.weight, a.indices, a.values) as w_plus_delta:
+        return torch.nn.functional.linear(a.x, w_plus_delta, a.bias)
 
 
-def backward_composite(dy, x, weight, indices, values, need_x, need_weight, need_values, need_bias):
+def backward_composite(a):
+    dy, x, weight, indices, values = a.dy, a.x, a.weight, a.indices, a.values
+    need_x, need_weight, need_values, need_bias = a.need_x, a.need_weight, a.need_values, a.need_bias
     dx, dw, dv, db = (x.new_empty(0) for _ in range(4))
     if need_x:
         with _Applied(weight, indices, values) as w_plus_delta:
@@ -138,8 +140,8 @@ def backward_composite(dy, x, weight, indices, values, need_x, need_weight, need
     return dx, dw, dv, db
 
 
-def _weight_not_writable(phase: str, *args) -> Optional[str]:
-    weight = args[1] if phase == "forward" else args[2]
+def _weight_not_writable(phase: str, a) -> Optional[str]:
+    weight = a.weight
     if weight.is_inference() and not torch.is_inference_mode_enabled():
         return "the weight is an inference tensor, which cannot be written outside torch.inference_mode"
     return write_problem(weight)
