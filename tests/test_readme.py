@@ -62,6 +62,7 @@ def test_results_tables_are_generated_from_the_committed_json():
 
     from benchmarks import results_table
 
-    for name in ("cpu-2core.json", "cpu-2core-qlora.json", "cpu-2core-dora.json", "cpu-2core-multi-lora.json"):
+    for name in ("cpu-2core.json", "cpu-2core-load1.json", "cpu-2core-qlora.json", "cpu-2core-dora.json",
+                 "cpu-2core-multi-lora.json"):
         results = json.loads((ROOT / "benchmarks/results" / name).read_text(encoding="utf-8"))
         assert results_table.table(results) in BENCHMARKS_DOC.read_text(encoding="utf-8"), name
