@@ -193,7 +193,7 @@ def _smoke_apply(torch, pk, device, record) -> int:
     gen = torch.Generator().manual_seed(7)
     for dtype in ((torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float16, torch.float32)):
         entry = {"family": "sparse_apply", "dtype": str(dtype)[6:], "variant": "-", "dropout": 0.0,
-                 "device": str(device), "backend": pk._backend.auto_choice("sparse_diff_apply", device, dtype)}
+                 "device": str(device), "backend": pk.core.backend.auto_choice("sparse_diff_apply", device, dtype)}
         try:
             w = torch.randn(513, 257, generator=gen).to(device=device, dtype=dtype)
             idx = torch.randperm(w.numel(), generator=gen)[:5000].to(device=device, dtype=torch.int64)
