@@ -217,7 +217,7 @@ peft_model = get_peft_model(Block(), LoraConfig(r=4, target_modules=["q_proj"]))
         for name, example in rows:
             if name.startswith("integrations."):
                 exec(compile(example, f"README.md table: {name}", "exec"), namespace)
-    assert namespace["n"] == 1 and namespace["reason"] is None
+    assert namespace["n"] == 1 and namespace["patched"] and namespace["reason"] is None
 
 
 # ---- names and links in the docs ---------------------------------------------------------------------------
