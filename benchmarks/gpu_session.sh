@@ -23,7 +23,7 @@
 #   5 ext       (cap 300 s)  not in the default plan: build peftkern._C with its CUDA part (auto mode) and
 #                            run the extension's tests                       -> ext-install.log, ext-tests.txt
 # steps.json records each step's exit status, seconds and budget as it finishes. Commit <device>.json as
-# benchmarks/results/<device>.json. Expected times on an H100 are in the README (section Benchmarks).
+# benchmarks/results/<device>.json. Expected times on an H100 are in docs/testing.md (A GPU visit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -6,7 +6,7 @@
 Each family runs forward and backward through the Triton backend, each dispatch variant forced (fused,
 composite), in the half-precision dtypes of the device (bf16 and fp16 on CUDA; fp16 and fp32 on CPU, where
 Triton's interpreter cannot do bf16 dots), with and without dropout. Every output and gradient is compared
-with the float64 reference on CPU; the bound is ENGINEERING.md's: twice the error plain PyTorch (the
+with the float64 reference on CPU; the bound is the test suite's: twice the error plain PyTorch (the
 reference implementation in the same dtype on the same device) makes against that oracle, plus the dtype's
 floor. Sizes are odd (masks and tails exercised), small enough that one autotune config per kernel
 (PEFTKERN_AUTOTUNE=first, set here unless already set) keeps the compile count low.
@@ -193,7 +193,7 @@ def _smoke_apply(torch, pk, device, record) -> int:
     gen = torch.Generator().manual_seed(7)
     for dtype in ((torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float16, torch.float32)):
         entry = {"family": "sparse_apply", "dtype": str(dtype)[6:], "variant": "-", "dropout": 0.0,
-                 "device": str(device), "backend": pk._backend.auto_choice("sparse_diff_apply", device, dtype)}
+                 "device": str(device), "backend": pk.core.backend.auto_choice("sparse_diff_apply", device, dtype)}
         try:
             w = torch.randn(513, 257, generator=gen).to(device=device, dtype=dtype)
             idx = torch.randperm(w.numel(), generator=gen)[:5000].to(device=device, dtype=torch.int64)

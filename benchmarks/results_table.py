@@ -1,4 +1,5 @@
-"""Print the README's results tables (markdown) from a results JSON written by `python -m peftkern bench --json`.
+"""Print the results tables of docs/benchmarks.md (markdown) from a results JSON written by
+`python -m peftkern bench --json`.
 
     python benchmarks/results_table.py benchmarks/results/<device>.json [--plot benchmarks/results/<device>.png]
 Every number in the tables comes from that one file; `--plot` redraws its chart from the same file

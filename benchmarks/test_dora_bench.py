@@ -3,7 +3,7 @@
     python -m pytest benchmarks/test_dora_bench.py --benchmark-only                        # quick cases
     PEFTKERN_BENCH_FULL=1 python -m pytest benchmarks/test_dora_bench.py --benchmark-only  # every CLI case
 Each case is one group, so pytest-benchmark prints eager (PEFT's DoRA layer), peftkern (dora_linear),
-peftkern_lora (lora_linear on the same adapters: issue 13 asks DoRA for at most 1.10x of it) and floor
+peftkern_lora (lora_linear on the same adapters: the target is DoRA at most 1.10x of it) and floor
 side by side.
 """
 import pytest

@@ -11,8 +11,8 @@ import time
 
 
 def bench_ops() -> tuple[str, ...]:
-    """Every op `bench --op` accepts besides "all"; the README's Benchmarks section lists the same
-    (tests/test_cli.py checks it)."""
+    """Every op `bench --op` accepts besides "all"; docs/benchmarks.md lists the same (tests/test_cli.py
+    checks it)."""
     from .bench.runner import OPS
 
     return (*OPS, "e2e")

@@ -25,7 +25,7 @@ No GPU is needed: Triton's own compiler and the ptxas it ships compile for an ex
    alignment; integers by Triton's own specialization: ==1, divisible by 16, 32/64-bit; constexprs) and
    NOT executed: recording needs the arguments, not the results, and skipping the interpreter keeps it fast.
    bfloat16 calls run with fp16 tensors recorded as bf16: the Triton backend refuses bf16 on CPU (the
-   interpreter's tl.dot is wrong for it, triton issue 11584), and no launcher chooses anything differently
+   interpreter's tl.dot is wrong for it, triton-lang/triton#11584), and no launcher chooses anything differently
    for fp16 and bf16.
 2. Coverage. Every kernel is discovered generically: each JITFunction of a peftkern.kernels module that
    no other JITFunction calls (a device function) is an entry kernel, and every entry kernel must have
@@ -481,7 +481,7 @@ def drive(calls: list[dict], recorder, log) -> list[str]:
     since the driver only asks for what the ops must run.
 
     bfloat16 calls run with float16 tensors and are recorded with bfloat16 in their place: the Triton
-    backend refuses bf16 on CPU (the interpreter's tl.dot is wrong for it, triton issue 11584), and no
+    backend refuses bf16 on CPU (the interpreter's tl.dot is wrong for it, triton-lang/triton#11584), and no
     launcher chooses anything differently for fp16 and bf16 (they ask "is it fp32" and "are both 16-bit")."""
     import torch
 

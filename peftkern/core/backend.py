@@ -120,7 +120,7 @@ def _triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str 
     if device.type not in ("cpu", "cuda"):
         return f"the Triton kernels run on cuda (or cpu through the interpreter), not {device.type}"
     if device.type == "cpu" and dtype == torch.bfloat16:
-        # triton issue 11584: the interpreter's tl.dot multiplies the raw bits of bf16 operands
+        # triton-lang/triton#11584: the interpreter's tl.dot multiplies the raw bits of bf16 operands
         return "the Triton interpreter computes bfloat16 dot products wrongly; use float32/float16 on CPU"
     return None
 
