@@ -439,7 +439,7 @@ class DoRALinear(LoRALinear):
 
 
 class MultiLoRALinear(nn.Module):
-    """A frozen linear layer with several LoRA adapters, each row of the input taking its own (SPEC section 9):
+    """A frozen linear layer with several LoRA adapters, each row of the input taking its own:
 
         row t:  y_t = x_t·weightᵀ + bias + scalings[i]·(dropout(x_t)·lora_a[i]ᵀ)·lora_b[i]ᵀ,   i = adapter_ids[t]
 

@@ -121,7 +121,7 @@ def sparse_diff_apply_(weight: Tensor, indices: Tensor, values: Tensor, *, alpha
     for a repeated index, a length mismatch, a non-finite alpha or an expanded weight, TypeError for
     wrong dtypes, RuntimeError for tensors on different devices. Every index is bounds-checked by the
     kernel itself on every call; the duplicate check is remembered on `indices` until it is modified
-    in place (see the README's memory-safety note).
+    in place (docs/sparse_diff.md, memory safety).
     """
     _check_diff("weight", weight, indices, "values", values, values_dtype_rule="diff")
     alpha = _checks.real_number("alpha", alpha)
