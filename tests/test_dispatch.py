@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import peftkern
-from peftkern import fourbit
 from peftkern.core import dispatch
 from peftkern.lora import op as lora_op
+from peftkern.quant import fourbit
 
 from .conftest import DEVICE, ERROR_FLOOR, available_backends, rel_err
 

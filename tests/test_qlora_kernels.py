@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from peftkern.core import dropout as ref_dropout
-from peftkern.fourbit import dequantize_rows
 from peftkern.kernels import INTERPRET, interpreter_scope
+from peftkern.quant.fourbit import dequantize_rows
 
 from .conftest import DEVICE, ERROR_FLOOR, rel_err
 

@@ -6,8 +6,8 @@ validation) run without it.
 """
 import ast
 import contextlib
-import inspect
 import itertools
+import pathlib
 
 import pytest
 import torch
@@ -306,20 +306,22 @@ def test_to_cuda_round_trip():
 
 
 def test_bitsandbytes_imported_only_in_from_bnb():
-    """peftkern.quant works without bitsandbytes: its only import of it is inside from_bnb."""
-    tree = ast.parse(inspect.getsource(quant))
+    """peftkern.quant works without bitsandbytes: its only import of it is inside from_bnb (in every module of the
+    package)."""
     where = []
-    for node in ast.walk(tree):
-        for child in ast.iter_child_nodes(node):
-            child.parent = node
-    for node in ast.walk(tree):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-            [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-        if any(name.split(".")[0] == "bitsandbytes" for name in names):
-            scope = node
-            while not isinstance(scope, (ast.FunctionDef, ast.Module)):
-                scope = scope.parent
-            where.append(getattr(scope, "name", "<module>"))
+    for path in sorted(pathlib.Path(quant.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            for child in ast.iter_child_nodes(node):
+                child.parent = node
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name.split(".")[0] == "bitsandbytes" for name in names):
+                scope = node
+                while not isinstance(scope, (ast.FunctionDef, ast.Module)):
+                    scope = scope.parent
+                where.append(getattr(scope, "name", "<module>"))
     assert where == ["from_bnb"]
 
 

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
         return 0
     import torch
 
-    from .runner import case_from_dict, providers_for
+    from .registry import case_from_dict, providers_for  # after mallopt: torch's own allocations follow it
 
     steps, _ = providers_for(op, case_from_dict(op, json.loads(case_json)), torch.device("cpu"))
     step = steps[provider]

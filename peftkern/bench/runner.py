@@ -7,38 +7,10 @@ import sys
 
 import torch
 
-from .cases import (
-    AdapterCase,
-    DoraCase,
-    LoraCase,
-    MultiLoraCase,
-    QLoraCase,
-    SparseCase,
-    adapter_cases,
-    dora_cases,
-    lora_cases,
-    multi_lora_cases,
-    qlora_cases,
-    sparse_cases,
-)
 from .ceilings import measure_ceilings
 from .memory import peak_mb_in_subprocess
-from .providers import (
-    adapter_providers,
-    dora_providers,
-    lora_providers,
-    multi_lora_providers,
-    qlora_providers,
-    sparse_providers,
-)
+from .registry import OPS, TABLE as _OPS, case_from_dict, cases_for, providers_for  # noqa: F401  (callers use them)
 from .timing import measure_group
-
-OPS = ("lora", "qlora", "dora", "multi_lora", "adapter", "sparse")
-# op -> (cases, providers)
-_OPS = {"lora": (lora_cases, lora_providers), "qlora": (qlora_cases, qlora_providers),
-        "dora": (dora_cases, dora_providers), "multi_lora": (multi_lora_cases, multi_lora_providers),
-        "adapter": (adapter_cases, adapter_providers), "sparse": (sparse_cases, sparse_providers)}
-
 
 PEAK_MEM_NOTES = {
     "quick": "not measured with --quick: on CPU each provider's peak is measured in a fresh process "
@@ -136,18 +108,3 @@ def roofline(row: dict, ceilings: dict | None) -> dict | None:
     seconds = row["results"]["peftkern_fwd"]["median_ms"] * 1e-3
     achieved = bytes_min / seconds / 1e9
     return {"forward_gb_per_s": achieved, "forward_pct_of_copy_bw": 100 * achieved / ceilings["copy_gb_per_s"]}
-
-
-def case_from_dict(op: str, d: dict):
-    d = dict(d)
-    d["dtype"] = getattr(torch, d["dtype"])
-    return {"lora": LoraCase, "qlora": QLoraCase, "dora": DoraCase, "multi_lora": MultiLoraCase, "adapter": AdapterCase,
-            "sparse": SparseCase}[op](**d)
-
-
-def cases_for(op: str, device: torch.device, *, quick: bool) -> list:
-    return _OPS[op][0](device, quick)
-
-
-def providers_for(op: str, case, device: torch.device):
-    return _OPS[op][1](case, device)

@@ -6,8 +6,7 @@ from typing import Optional
 
 import torch
 
-from .. import fourbit
-from ..quant import QuantizedWeight
+from ..quant import QuantizedWeight, fourbit
 
 
 def forward_args(*, m: int = 10, k: int = 12, n: int = 9, r: int = 3, bias: bool = True, dropout_p: float = 0.0,

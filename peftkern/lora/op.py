@@ -1,7 +1,7 @@
 """peftkern.lora_linear: the two custom ops (forward, backward) with their fakes, and the public function.
 
 One op pair serves a dense base weight and a 4-bit one (peftkern.QuantizedWeight): the base travels as the five
-arguments of peftkern/fourbit.py. The forward also returns S = dropout(x)·Aᵀ ([M, r], fp32), the only activation
+arguments of peftkern/quant/fourbit.py. The forward also returns S = dropout(x)·Aᵀ ([M, r], fp32), the only activation
 LoRA keeps beyond what the base linear keeps; the dropout mask is regenerated from the seed (a CPU int64 tensor, so
 that a fresh seed per step does not recompile a compiled graph).
 """
@@ -12,10 +12,9 @@ from typing import Optional
 
 from torch import Tensor
 
-from .. import fourbit
 from ..core import checks, dispatch, rules
 from ..core.opdef import Op, grad_slot, wire_autograd
-from ..quant import QuantizedWeight
+from ..quant import QuantizedWeight, fourbit
 
 FAMILY = "lora_linear"
 

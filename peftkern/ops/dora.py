@@ -213,7 +213,7 @@ def row_norms(weight, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
     """‖weight + scaling·lora_b·lora_a‖₂ per output row, in float32 (float64 for a float64 weight), without the
     dense sum: what DoRA's magnitude is initialised to (peftkern.nn.DoRALinear, as PEFT does). `weight` a tensor
     or a QuantizedWeight (dequantized a block of rows at a time in its own dtype). No gradient."""
-    from .. import fourbit
+    from ..quant import fourbit
     from ..reference import dora as ref_dora
     with torch.no_grad():
         if isinstance(weight, QuantizedWeight):

@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import fourbit
 from ..core import backend as _backend, dispatch, rules
+from ..quant import fourbit
 from ._autocast import register_autocast
 
 FAMILY = "multi_qlora_linear"

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import fourbit
 from ..core import backend as _backend, dispatch
+from ..quant import fourbit
 from . import _autograd
 from ._autocast import register_autocast
 

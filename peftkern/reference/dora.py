@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import fourbit
 from ..core import cpu, rules
 from ..lora import cpu as lora_cpu
+from ..quant import fourbit
 
 
 def _weight_rows(weight, dtype: torch.dtype):

@@ -25,7 +25,6 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import fourbit
 from ..core.cpu import (
     base_grad_input as _base_grad_input,
     base_linear as _base_linear,
@@ -34,6 +33,7 @@ from ..core.cpu import (
     row_blocks as _row_blocks,
 )
 from ..core.rules import acc_dtype, rank_dtype
+from ..quant import fourbit
 
 Rows = Union[slice, Tensor]
 

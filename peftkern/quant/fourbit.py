@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .core import rules
+from ..core import rules
 
 SCHEMA = "Tensor weight, Tensor[] quant, int out_features, int blocksize, ScalarType? weight_dtype"
 # Elements of the dense weight per dequantized block: 4 Mi elements (16 MiB in float32) keeps the block far

@@ -79,25 +79,31 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 import warnings
-import weakref
 from collections import defaultdict
 
 import torch
 from peft.tuners.lora import dora as _peft_dora
-from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.layer import Linear as _PeftLoraLinear, LoraLayer
-from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
-from torch.nn.modules import module as _torch_module
 
-from ..core import checks as _checks
-from ..lora import lora_linear
-from ..ops.dora import dora_linear
-from ..ops.multi_lora import multi_lora_linear
-from ..quant import QuantizedWeight
+from ...core import checks as _checks
+from ...lora import lora_linear
+
+# the fused forwards below call lora_linear, dora_linear and multi_lora_linear through this module's globals, so
+# replacing them here (a test's spy, PEFT's suite plugin counting fused calls) reaches every patched layer
+from ...ops.dora import dora_linear
+from ...ops.multi_lora import multi_lora_linear
+from .base_weight import _fusable_base
+from .eligibility import (
+    _adapter_reason,
+    _effective_dropout,
+    _is_conv1d,
+    _is_dora,
+    _is_linear4bit,
+    _peft_bnb_lora_class,
+)
 
 __all__ = ["patch", "unpatch", "unsupported_reason", "FusedLoraLinear", "LayersNotPatchedWarning"]
 
@@ -109,31 +115,6 @@ _MARK = "_peftkern_patch_new_layers"
 
 class LayersNotPatchedWarning(UserWarning):
     """patch() left some LoRA layers on PEFT's own forward; the message lists them and why."""
-
-
-def _is_conv1d(layer: nn.Module) -> bool:
-    return type(layer).__name__ == "Conv1D" and type(layer).__module__.startswith("transformers")
-
-
-def _bnb():
-    """bitsandbytes when the process has imported it (a Linear4bit can only exist then), else None."""
-    return sys.modules.get("bitsandbytes")
-
-
-def _is_linear4bit(layer: nn.Module) -> bool:
-    bnb = _bnb()
-    return bnb is not None and type(layer) is bnb.nn.Linear4bit
-
-
-def _peft_bnb_lora_class():
-    """PEFT's LoRA class for bitsandbytes 4-bit bases (PEFT picks it on GPU), or None when not importable."""
-    if _bnb() is None:
-        return None
-    try:
-        from peft.tuners.lora.bnb import Linear4bit
-    except ImportError:
-        return None
-    return Linear4bit
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
@@ -163,48 +144,6 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _is_dora(module, name: str) -> bool:
-    """True when adapter `name` of `module` is PEFT's DoRA on a Linear layer (exactly PEFT's classes: a subclass
-    could change the math that dora_linear reproduces)."""
-    return type(getattr(module, "lora_variant", {}).get(name)) is DoraLinearVariant
-
-
-def _adapter_reason(module, name: str) -> str | None:
-    variant = getattr(module, "lora_variant", {}).get(name)
-    if variant is not None and not _is_dora(module, name):
-        return (f"adapter {name!r} is a LoRA variant other than DoRA ({type(variant).__name__}), which has no "
-                "fused path")
-    if _is_dora(module, name):
-        magnitudes = getattr(module, "lora_magnitude_vector", None)
-        layer = magnitudes[name] if magnitudes is not None and name in magnitudes else None
-        if type(layer) is not DoraLinearLayer or not isinstance(getattr(layer, "weight", None), torch.Tensor):
-            return f"adapter {name!r} uses DoRA with a magnitude layer other than PEFT's DoraLinearLayer"
-        # PEFT transposes the base weight inside its DoRA math iff fan_in_fan_out: only right for a Conv1D base
-        if bool(layer.fan_in_fan_out) != _is_conv1d(module.base_layer):
-            return (f"adapter {name!r} uses DoRA with fan_in_fan_out={layer.fan_in_fan_out} over a "
-                    f"{type(module.base_layer).__name__} base layer")
-    elif getattr(module, "use_dora", {}).get(name):
-        return f"adapter {name!r} uses DoRA without PEFT's DoraLinearVariant"
-    if getattr(module, "lora_bias", {}).get(name):
-        return f"adapter {name!r} has lora_bias"
-    if type(module.lora_A[name]) is not nn.Linear or type(module.lora_B[name]) is not nn.Linear:
-        return f"adapter {name!r} has lora_A/lora_B modules other than nn.Linear"
-    if type(module.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
-        return f"adapter {name!r} has dropout {type(module.lora_dropout[name]).__name__}"
-    return None
-
-
-def _global_hooks() -> bool:
-    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
-                or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
-
-
-def _hooked(m: nn.Module) -> bool:
-    """True if calling `m` would run anything besides its class's forward: the fused path never calls it."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or "forward" in m.__dict__ or hasattr(m, "_hf_hook"))
-
-
 class FusedLoraLinear(_PeftLoraLinear):
     """PEFT's LoRA `Linear` whose forward runs on `peftkern.lora_linear` (or `peftkern.dora_linear` for a DoRA
     adapter) where it can (see the module doc).
@@ -217,121 +156,6 @@ class FusedLoraLinear(_PeftLoraLinear):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return _fused_forward(self, super().forward, x, *args, **kwargs)
-
-
-# base layer -> the weight object last handed to the fused ops for it (a Conv1D's [out, in] view, a Linear4bit's
-# QuantizedWeight). Handing the same object each call is what lets dora_linear's eval-mode norm cache hit (it is
-# keyed by the weight tensors' identity); a fresh view or QuantizedWeight per call would miss every time and leave
-# a dead entry behind. Weak keys: an entry goes with its layer; values hold the parameter, never the layer.
-_STABLE_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _conv1d_weight(base: nn.Module) -> torch.Tensor:
-    """A Conv1D's weight ([in, out]) as the [out, in] view the fused ops take, the same view object while the
-    parameter and its storage stay the same."""
-    param = base.weight
-    if param.requires_grad:
-        return param.t()  # a view that carries autograd history is made per call
-    entry = _STABLE_WEIGHTS.get(base)
-    if entry is not None:
-        held, view = entry
-        if (held is param and view.data_ptr() == param.data_ptr() and view.dtype == param.dtype
-                and view.device == param.device and view.shape == param.shape[::-1]
-                and view.stride() == param.stride()[::-1]):
-            return view
-    with torch.no_grad():
-        view = param.t()
-    _STABLE_WEIGHTS[base] = (param, view)
-    return view
-
-
-def _quantized_weight(base: nn.Module) -> QuantizedWeight:
-    """A Linear4bit's weight as a peftkern.QuantizedWeight over bitsandbytes' own storage, the same object while
-    the Params4bit (object, storage, version counter), its quant_state and absmax's storage stay the same (bitsandbytes
-    replaces the Params4bit when the layer moves, and its CPU repacking rewrites the quant_state: both make a new
-    one). The version is checked here because QuantizedWeight.packed is a `.data` alias, whose own counter does
-    not see in-place writes to the parameter."""
-    param = base.weight
-    state = getattr(param, "quant_state", None)
-    entry = _STABLE_WEIGHTS.get(base)
-    if entry is not None:
-        held, held_state, version, qweight = entry
-        if (held is param and held_state is state and state is not None and version == param._version
-                and not getattr(state, "packing_format_for_cpu", False)
-                and qweight.packed.data_ptr() == param.data_ptr()
-                and qweight.absmax.data_ptr() == state.absmax.data_ptr()):
-            return qweight
-    qweight = QuantizedWeight.from_bnb(param)
-    _STABLE_WEIGHTS[base] = (param, state, param._version, qweight)
-    return qweight
-
-
-def _base_weight(base: nn.Module, x: torch.Tensor):
-    """(weight for lora_linear/dora_linear, bias) of the base layer for this input, or None when the call must run
-    on PEFT's path. A bitsandbytes Linear4bit gives a peftkern.QuantizedWeight over its packed storage."""
-    if type(base) is nn.Linear:
-        return base.weight, base.bias
-    if _is_conv1d(base):
-        return _conv1d_weight(base), base.bias
-    # Linear4bit: its compute dtype is settled on the first call exactly as bitsandbytes' forward settles it
-    if not base.compute_type_is_set:
-        base.set_compute_type(x)
-        base.compute_type_is_set = True
-    if base.compute_dtype is not None and base.compute_dtype != x.dtype:
-        return None  # PEFT's LoRA branch sees x uncast while the base sees it cast: keep PEFT's two inputs
-    if base.bias is not None and base.bias.dtype != x.dtype:
-        return None  # bitsandbytes recasts the bias in place on its own path
-    try:
-        return _quantized_weight(base), base.bias
-    except (RuntimeError, ValueError, TypeError) as err:  # e.g. bitsandbytes' CPU-repacked layout
-        log.info("peftkern: a Linear4bit runs on PEFT's forward: %s", err)
-        return None
-
-
-def _fusable_base(self, names, x: torch.Tensor, dora: bool = False, why: list | None = None):
-    """(weight, bias) of the base layer for one fused call over adapters `names`, or None where the call must run on
-    PEFT's forward: a hook on any module the fused path would skip, a base weight the ops do not take, dtypes or
-    devices outside the ops' rule (all of `names`' adapter tensors are checked). When it gives None and `why` is a
-    list, the reason is appended to it (for the log)."""
-    def refuse(reason: str):
-        if why is not None:
-            why.append(reason)
-        return None
-
-    base = self.base_layer
-    modules = [base] + [m for a in names for m in (self.lora_A[a], self.lora_B[a], self.lora_dropout[a])]
-    if dora:
-        modules += [self.lora_magnitude_vector[a] for a in names]
-    if any(_hooked(m) for m in modules) or _global_hooks():
-        # PEFT's forward calls those modules, hooks and all
-        return refuse("a hook or forward override on the base layer or an adapter's modules, or a global module hook")
-    base_weight = _base_weight(base, x)
-    if base_weight is None:
-        return refuse(f"the {type(base).__name__} base layer cannot run fused on this input (its compute or bias "
-                      "dtype, or a storage layout the ops do not read)")
-    weight, bias = base_weight
-    quantized = isinstance(weight, QuantizedWeight)
-    adapters = [t for a in names for t in (self.lora_A[a].weight, self.lora_B[a].weight)]
-    autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
-    if not autocast:
-        # a 4-bit weight is dequantized into x's dtype: only the bias must match
-        same_dtype = (quantized or x.dtype == weight.dtype) and (bias is None or bias.dtype == x.dtype)
-        adapter_dtypes = (x.dtype,) if not getattr(self, "cast_input_dtype_enabled", True) \
-            else _checks.adapter_dtypes(x.dtype)  # casting disabled: PEFT itself raises on a dtype mismatch
-        if not same_dtype or any(t.dtype not in adapter_dtypes for t in adapters):
-            return refuse(f"dtypes outside the fused op's rule (input {x.dtype}, base {weight.dtype}, adapters "
-                          f"{sorted({str(t.dtype) for t in adapters})})")
-    elif quantized:
-        return refuse("autocast over a 4-bit base (bitsandbytes' autocast handling is its own)")
-    if weight.device != x.device or any(t.device != x.device for t in adapters):
-        return refuse("the base weight or an adapter is on another device than the input")  # PEFT (or its error)
-    return weight, bias
-
-
-def _effective_dropout(self, name: str) -> float:
-    """The dropout PEFT applies to plain-LoRA adapter `name` in this call (its module's own mode decides)."""
-    dropout = self.lora_dropout[name]
-    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
 def _fused_forward(self, peft_forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
