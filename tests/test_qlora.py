@@ -12,9 +12,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftkern
-from peftkern import QuantizedWeight, fourbit
+from peftkern import QuantizedWeight
 from peftkern.core import dispatch
 from peftkern.lora import cpu as lora_cpu, op as lora_op
+from peftkern.quant import fourbit
 
 from .conftest import DEVICE, ERROR_FLOOR, available_backends, rel_err
 
