@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from .core import checks as _checks
+from .dora import dora_linear, row_norms
+from .dora.cpu import column_scale as _dora_column_scale
 from .lora import lora_linear
 from .ops.adapter import bottleneck_adapter
-from .ops.dora import dora_linear, row_norms
 from .ops.multi_lora import multi_lora_linear
 from .ops.sparse_diff import sparse_diff_linear
 from .reference.activations import CODES as _ACTIVATIONS, NAMES as _ACTIVATION_NAMES
-from .reference.dora import column_scale as _dora_column_scale
 
 
 def _is_linear4bit(module) -> bool:

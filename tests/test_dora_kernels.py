@@ -1,13 +1,13 @@
-"""kernels/dora.py and the Triton backend's two dora_linear variants (peftkern/impls/triton_dora.py), SPEC section 8.
+"""kernels/dora.py and the Triton backend's two dense dora_linear variants (peftkern/dora/triton.py).
 
 What is tested (in Triton's CPU interpreter here; on a GPU machine the same tests run on CUDA tensors), against
-float64 oracles of the math written here, within ENGINEERING.md's bound (2x the error PyTorch makes in the working
+float64 oracles of the math written here, within the project's bound (2x the error PyTorch makes in the working
 dtypes, plus the dtype's floor), with every kernel output NaN-poisoned before the kernels write it:
 - dora_weight_norm: fp32 and fp16 weights with fp32 and fp16 adapters, ranks 1, 3 and 20 (two 16-wide slices),
   strided views, split-K partials; a weight that cancels s·B·A to a few ulps (PEFT's dense formula, no expansion);
 - dora_grad_scale: gc = g ⊙ c and gm = g ⊙ (c − 1) bit for bit (one fp32 product, rounded once); Σ g ⊙ z against
   the oracle and bit-identical across runs with several split-M partials;
-- dora_keep_x: keep ⊙ x exactly, reference/dropout.py's mask, strided x;
+- dora_keep_x: keep ⊙ x exactly, core/dropout.py's mask, strided x;
 - dora_forward_gemm (one accumulator, or two with the masked copy), dora_dx_gemm, and the composite's epilogues:
   fp32 and fp16 activations, fp32 and fp16 adapters, dropout on and off, bias on and off, z written or not, odd
   shapes with several interpreter tiles per dimension;
@@ -22,13 +22,15 @@ import pytest
 import torch
 
 import peftkern
+from peftkern import fourbit
 from peftkern.core import dispatch, dropout as ref_dropout
+from peftkern.dora import op as dora_op
 from peftkern.kernels import INTERPRET, interpreter_scope
 
 from .conftest import DEVICE, ERROR_FLOOR, rel_err
 
 with interpreter_scope():  # decorated as peftkern's own kernels are (and launched in the scope, below)
-    from peftkern.impls import triton_dora  # noqa: F401  (registers dora_linear's Triton variants)
+    from peftkern.dora import triton as dora_triton  # noqa: F401  (registers dora_linear's Triton variants)
     from peftkern.kernels import _launch, dora as kd
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -391,9 +393,11 @@ def test_implementation_matches_float64_oracle(impl_name, shape, variant, poison
     oracle = _layer(x, w, a, b, mag, bias, dy, SCALE, p, base=torch.float64, wide=torch.float64)
     eager = _layer(x, w, a, b, mag, bias, dy, SCALE, p, base=dtype, wide=F32, out_dtypes=dtypes)
     norm_in = n_exact.float() if cached else None
-    seed = SEED if p > 0 else 0
+    seed = torch.tensor(SEED) if p > 0 else None
+    fwd = dora_op.forward_op.named(x=x, **fourbit.op_args(w), lora_a=a, lora_b=b, magnitude=mag, bias=bias,
+                                   weight_norm=norm_in, scaling=SCALE, dropout_p=p, seed=seed, keep_z=keep_z)
 
-    y, z, s_down, n = _launch_in_scope(impl.forward, x, w, a, b, mag, bias, norm_in, SCALE, p, seed, keep_z)
+    y, z, s_down, n = _launch_in_scope(impl.forward, fwd)
     assert (y.dtype, s_down.dtype, n.dtype) == (dtype, F32, F32)
     assert (y.shape, s_down.shape, n.shape) == ((M, N), (M, r), (N,))
     if cached:
@@ -407,7 +411,10 @@ def test_implementation_matches_float64_oracle(impl_name, shape, variant, poison
         assert z.numel() == 0
 
     needs = dict(dx=True, dweight=need_weight, da=True, db=True, dmag=keep_z, dbias=has_bias)
-    grads = _launch_in_scope(impl.backward, dy, x, w, a, b, mag, n, s_down, z, SCALE, p, seed, *needs.values())
+    bwd = dora_op.backward_op.named(dy=dy, x=x, **fourbit.op_args(w), lora_a=a, lora_b=b, magnitude=mag, n=n,
+                                    s_down=s_down, z=z, scaling=SCALE, dropout_p=p, seed=seed,
+                                    **dict(zip(_NEEDS, needs.values())), backend="triton")
+    grads = _launch_in_scope(impl.backward, bwd)
     assert len(grads) == 6
     assert len({id(t) for t in grads}) == 6
     for (name, needed), got in zip(needs.items(), grads):
@@ -419,14 +426,23 @@ def test_implementation_matches_float64_oracle(impl_name, shape, variant, poison
         _check(got, oracle[name], eager[name], dtype, name)
 
 
+_NEEDS = ("need_x", "need_weight", "need_lora_a", "need_lora_b", "need_magnitude", "need_bias")
+
+
 def test_backward_without_z_refuses_the_magnitudes_gradient():
+    """Asked for the magnitude's gradient without the z the forward keeps for it, the backward refuses before any
+    variant runs (the op's prepare), and so through the op on the Triton backend too."""
     impl = dispatch.variants("dora_linear", "triton")["fused"]
     M, K, N, r = 8, 16, 12, 2
     x, w, a, b = _randn(M, K), _randn(N, K), _randn(r, K), _randn(N, r)
-    args = (_randn(M, N), x, w, a, b, torch.rand(N, device=DEVICE) + 1, torch.rand(N, device=DEVICE) + 1,
-            _randn(M, r), x.new_empty(0), SCALE, 0.0, 0)
+    args = dict(dy=_randn(M, N), x=x, **fourbit.op_args(w), lora_a=a, lora_b=b,
+                magnitude=torch.rand(N, device=DEVICE) + 1, n=torch.rand(N, device=DEVICE) + 1, s_down=_randn(M, r),
+                z=x.new_empty(0), scaling=SCALE, dropout_p=0.0, seed=None,
+                **dict(zip(_NEEDS, (True, False, True, True, True, False))), backend="triton")
     with pytest.raises(RuntimeError, match="needs z"):
-        _launch_in_scope(impl.backward, *args, True, False, True, True, True, False)
+        _launch_in_scope(lambda: impl.backward(dora_op.backward_op.named(**args)))
+    with pytest.raises(RuntimeError, match="needs z"):
+        _launch_in_scope(lambda: dora_op.backward_op(**args))
 
 
 @pytest.mark.parametrize("p", [0.0, P])

@@ -9,9 +9,7 @@ from . import (  # noqa: F401
     extension,
     reference,
     triton_adapter,
-    triton_dora,
     triton_multi_lora,
     triton_multi_qlora,
-    triton_qdora,
     triton_sparse,
 )
