@@ -111,8 +111,9 @@ def test_matches_peft_dora_layer(dtype, p, shape, bias):
         assert rel_err(ours, theirs) < bound, name
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_gradcheck_float64(p):
+def test_gradcheck_float64(p, backend):
     torch.manual_seed(0)
     m, k, n, r = 5, 11, 9, 3
     x, w = torch.randn(m, k, dtype=torch.float64), torch.randn(n, k, dtype=torch.float64)
@@ -126,11 +127,13 @@ def test_gradcheck_float64(p):
         return dora_op.forward_op(x=x_, **fourbit.op_args(w_), lora_a=a_, lora_b=b_, magnitude=m_, bias=bias_,
                                   weight_norm=norm, scaling=0.6, dropout_p=p, seed=seed, keep_z=True)[0]
 
-    assert torch.autograd.gradcheck(op, leaves)
-    # through the public function, for the inputs the norm does not depend on
-    assert torch.autograd.gradcheck(
-        lambda x_, m_, bias_: peftkern.dora_linear(x_, w, a, b, m_, scaling=0.6, bias=bias_, dropout_p=p, seed=11),
-        [leaves[0], leaves[4], leaves[5]])
+    with peftkern.use_backend(backend):
+        assert torch.autograd.gradcheck(op, leaves)
+        # through the public function, for the inputs the norm does not depend on
+        assert torch.autograd.gradcheck(
+            lambda x_, m_, bias_: peftkern.dora_linear(x_, w, a, b, m_, scaling=0.6, bias=bias_, dropout_p=p,
+                                                       seed=11),
+            [leaves[0], leaves[4], leaves[5]])
 
 
 def test_norm_is_the_row_norm_of_the_merged_weight_and_a_constant():
@@ -311,6 +314,37 @@ def test_autocast_keeps_the_magnitude_in_float32():
     want = peftkern.dora_linear(x.bfloat16().double(), w.bfloat16().double(), a.bfloat16().double(),
                                 b.bfloat16().double(), mag.detach().double(), scaling=0.5)
     assert rel_err(y, want) < 2 * 2 ** -8 + ERROR_FLOOR[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_backend_matches_the_oracle(backend, quantized, p):
+    """The fast CPU path and the Triton backend (dense and 4-bit bases through the one op) against the oracle
+    (the reference backend in float64 on the same inputs): output and every gradient within 2x the reference's own
+    float32 error plus the floor."""
+    if backend not in available_backends("dora_linear", torch.float32):
+        pytest.skip(f"backend {backend} unavailable here")
+    torch.manual_seed(14)
+    m, k, n, r = 13, 64, 24, 3
+    w = torch.randn(n, k) / 8
+    weight = QuantizedWeight.quantize(w, blocksize=64) if quantized else w
+    x, bias, dy = torch.randn(m, k), torch.randn(n), torch.randn(m, n)
+    a, b, mag = torch.randn(r, k) / 8, torch.randn(n, r) / 2, torch.rand(n) + 0.5
+
+    def run(name, dt):
+        base = weight if quantized else weight.to(dt)
+        leaves = [t.to(dt, copy=True).requires_grad_() for t in (x, a, b, mag, bias)]
+        with peftkern.use_backend(name):
+            y = peftkern.dora_linear(leaves[0], base, *leaves[1:4], scaling=0.7, bias=leaves[4], dropout_p=p,
+                                     seed=21)
+            y.backward(dy.to(dt))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    got, own, oracle = run(backend, torch.float32), run("reference", torch.float32), run("reference", torch.float64)
+    for name, g, e, o in zip(["y", "x", "lora_a", "lora_b", "magnitude", "bias"], got, own, oracle):
+        assert g.dtype == torch.float32, name
+        assert rel_err(g, o) < 2 * rel_err(e, o) + ERROR_FLOOR[torch.float32], name
 
 
 # ---- the eval-mode norm cache --------------------------------------------------------------------
