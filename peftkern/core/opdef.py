@@ -90,18 +90,9 @@ class Op:
 
 # ---- autograd ---------------------------------------------------------------------------------------
 
-def wire_autograd(fwd: Op, bwd: Op, *, derived: Optional[dict] = None, passthrough: Optional[dict] = None,
-                  constants: tuple = ()) -> None:
-    """Register bwd as fwd's backward, matching arguments and results by name (module docstring).
-
-    derived: {backward argument: function of the forward's named arguments}, for a backward argument that is no
-        forward input or output (bottleneck_adapter's `residual_is_h = residual is None`).
-    passthrough: {forward input: forward output}, an input whose gradient is the gradient reaching that output,
-        unchanged (an adapter's residual): handed to autograd as it is, no copy and no backward result for it.
-    constants: forward outputs autograd treats as constants (ctx.mark_non_differentiable): state saved for the
-        backward, or a value held fixed in it (dora_linear's weight norm), that no gradient flows through."""
-    derived, passthrough = dict(derived or {}), dict(passthrough or {})
-    saved = [n for n in bwd.names if n in fwd.names or n in fwd.returns]
+def _check_names(fwd: Op, bwd: Op, saved: list, derived: dict, passthrough: dict, constants: tuple) -> None:
+    """wire_autograd's names, checked when the family is imported: each backward argument resolvable, each result
+    d<forward input>, passthrough and constants naming forward inputs and outputs."""
     for n in bwd.names:
         resolvable = (n in saved or n in derived or n == "backend" or (n.startswith("need_") and n[5:] in fwd.names)
                       or (n.startswith("d") and n[1:] in fwd.returns))
@@ -117,6 +108,21 @@ def wire_autograd(fwd: Op, bwd: Op, *, derived: Optional[dict] = None, passthrou
     unknown = set(constants) - set(fwd.returns)
     if unknown:
         raise ValueError(f"{fwd.name}: constants {sorted(unknown)} name no forward output")
+
+
+def wire_autograd(fwd: Op, bwd: Op, *, derived: Optional[dict] = None, passthrough: Optional[dict] = None,
+                  constants: tuple = ()) -> None:
+    """Register bwd as fwd's backward, matching arguments and results by name (module docstring).
+
+    derived: {backward argument: function of the forward's named arguments}, for a backward argument that is no
+        forward input or output (bottleneck_adapter's `residual_is_h = residual is None`).
+    passthrough: {forward input: forward output}, an input whose gradient is the gradient reaching that output,
+        unchanged (an adapter's residual): handed to autograd as it is, no copy and no backward result for it.
+    constants: forward outputs autograd treats as constants (ctx.mark_non_differentiable): state saved for the
+        backward, or a value held fixed in it (dora_linear's weight norm), that no gradient flows through."""
+    derived, passthrough = dict(derived or {}), dict(passthrough or {})
+    saved = [n for n in bwd.names if n in fwd.names or n in fwd.returns]
+    _check_names(fwd, bwd, saved, derived, passthrough, constants)
     targets = [fwd.names.index(r[1:]) for r in bwd.returns]
 
     def setup_context(ctx, inputs, output):
