@@ -22,6 +22,7 @@ lane_dir="${PEFTKERN_LANE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/peftkern/gpu-stac
 venv="$lane_dir/venv"
 stamp="$venv/.stack"
 TEST_FILES=(tests/test_lora_persistent.py tests/test_qlora_kernels.py tests/test_dora_kernels.py
+            tests/test_dora_variants.py
             tests/test_multi_lora_kernels.py tests/test_sparse_kernels.py tests/test_grid_limits.py tests/test_tf32.py
             tests/test_launch.py tests/test_environment.py tests/test_dispatch.py)
 

@@ -60,7 +60,7 @@ step_cmd() {  # the command line of step $1 (run with bash -c)
     2) echo "PEFTKERN_AUTOTUNE=first python benchmarks/gpu_smoke.py --out '$out/smoke' 2>&1 | tee '$out/smoke.txt' | awk '!/^PASS/'" ;;
     3) local dev; dev=$(device_name)
        echo "python -m peftkern bench --quick --json '$out/$dev.json' --plot '$out/$dev.png' 2>&1 | tee '$out/bench.txt' | tail -40" ;;
-    4) echo "PEFTKERN_AUTOTUNE=first python -m pytest tests/test_lora.py tests/test_qlora_kernels.py tests/test_dora_kernels.py tests/test_multi_lora_kernels.py tests/test_lora_persistent.py tests/test_sparse_kernels.py tests/test_adapter.py tests/test_dispatch.py tests -q -p no:cacheprovider 2>&1 | tee '$out/tests.txt' | tail -25" ;;
+    4) echo "PEFTKERN_AUTOTUNE=first python -m pytest tests/test_lora.py tests/test_qlora_kernels.py tests/test_dora_kernels.py tests/test_dora_variants.py tests/test_multi_lora_kernels.py tests/test_lora_persistent.py tests/test_sparse_kernels.py tests/test_adapter.py tests/test_dispatch.py tests -q -p no:cacheprovider 2>&1 | tee '$out/tests.txt' | tail -25" ;;
     5) echo "PEFTKERN_BUILD_EXT=1 python -m pip install --no-build-isolation --no-deps -e . >'$out/ext-install.log' 2>&1 && python -m peftkern info | grep extension && python -m pytest tests/test_sparse_diff.py tests/test_dropout_mask.py -q -p no:cacheprovider 2>&1 | tee '$out/ext-tests.txt' | tail -5" ;;
   esac
 }

@@ -17,7 +17,7 @@ dtypes and errors.
 from . import kernels as _kernels  # noqa: F401, I001  (first; the rest follows in isort's order)
 from .core.backend import backend_info, use_backend
 from .adapter import bottleneck_adapter
-from .ops.dora import dora_linear
+from .dora import dora_linear
 from .lora import lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .quant import QuantizedWeight

@@ -1,11 +1,12 @@
-"""peftkern.dora_linear (SPEC section 8) on the default backend (the reference path here).
+"""peftkern.dora_linear on the default backend (the fast CPU path here), and its ops on every backend.
 
 - equals PEFT's own DoRA Linear layer, output and every gradient (x, lora_A, lora_B, magnitude, bias), fp32 and
   fp64, several shapes, bias or not, dropout 0 and > 0 (PEFT's dropout module replaced by one applying the mask
   lora_linear draws for the same seed);
 - gradcheck in float64 (the norm held fixed through the op's weight_norm input: n is a constant in backward, so
   a finite difference through the public function would see it move);
-- opcheck of both op pairs, torch.compile(fullgraph=True) forward and backward;
+- opcheck of the op pair over the family's examples (dense and 4-bit bases) on every backend,
+  torch.compile(fullgraph=True) forward and backward;
 - no [out, in]-sized tensor allocated in forward or backward (dense and 4-bit weights, dropout on and off);
 - the eval-mode norm cache: hits, and every in-place change (lora_b through .data or an optimizer step, the
   weight, the magnitude, scaling) shows in the next output;
@@ -17,12 +18,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftkern
-from peftkern import QuantizedWeight
+from peftkern import QuantizedWeight, fourbit
 from peftkern.core import dropout as ref_dropout
-from peftkern.ops import dora as ops_dora
-from peftkern.reference import dora as ref_dora
+from peftkern.dora import cpu as dora_cpu, examples as dora_examples, op as dora_op
 
-from .conftest import ERROR_FLOOR, rel_err
+from .conftest import DEVICE, ERROR_FLOOR, available_backends, rel_err
 
 peft = pytest.importorskip("peft", reason="the comparison with PEFT's DoRA layer needs peft (in the test extras)")
 
@@ -111,8 +111,9 @@ def test_matches_peft_dora_layer(dtype, p, shape, bias):
         assert rel_err(ours, theirs) < bound, name
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_gradcheck_float64(p):
+def test_gradcheck_float64(p, backend):
     torch.manual_seed(0)
     m, k, n, r = 5, 11, 9, 3
     x, w = torch.randn(m, k, dtype=torch.float64), torch.randn(n, k, dtype=torch.float64)
@@ -123,13 +124,16 @@ def test_gradcheck_float64(p):
     leaves = [t.clone().requires_grad_() for t in (x, w, a, b, mag, bias)]
 
     def op(x_, w_, a_, b_, m_, bias_):
-        return torch.ops.peftkern.dora_linear_fwd(x_, w_, a_, b_, m_, bias_, norm, 0.6, p, seed, True)[0]
+        return dora_op.forward_op(x=x_, **fourbit.op_args(w_), lora_a=a_, lora_b=b_, magnitude=m_, bias=bias_,
+                                  weight_norm=norm, scaling=0.6, dropout_p=p, seed=seed, keep_z=True)[0]
 
-    assert torch.autograd.gradcheck(op, leaves)
-    # through the public function, for the inputs the norm does not depend on
-    assert torch.autograd.gradcheck(
-        lambda x_, m_, bias_: peftkern.dora_linear(x_, w, a, b, m_, scaling=0.6, bias=bias_, dropout_p=p, seed=11),
-        [leaves[0], leaves[4], leaves[5]])
+    with peftkern.use_backend(backend):
+        assert torch.autograd.gradcheck(op, leaves)
+        # through the public function, for the inputs the norm does not depend on
+        assert torch.autograd.gradcheck(
+            lambda x_, m_, bias_: peftkern.dora_linear(x_, w, a, b, m_, scaling=0.6, bias=bias_, dropout_p=p,
+                                                       seed=11),
+            [leaves[0], leaves[4], leaves[5]])
 
 
 def test_norm_is_the_row_norm_of_the_merged_weight_and_a_constant():
@@ -137,28 +141,27 @@ def test_norm_is_the_row_norm_of_the_merged_weight_and_a_constant():
     x, w = torch.randn(4, 30, dtype=torch.float64), torch.randn(20, 30, dtype=torch.float64)
     a, b = torch.randn(2, 30, dtype=torch.float64).requires_grad_(), torch.randn(20, 2, dtype=torch.float64)
     mag = torch.rand(20, dtype=torch.float64)
-    _, _, _, n = torch.ops.peftkern.dora_linear_fwd(x, w, a, b, mag, None, None, 0.8, 0.0, None, False)
+    _, _, _, n = torch.ops.peftkern.dora_linear_fwd(x=x, **fourbit.op_args(w), lora_a=a, lora_b=b, magnitude=mag,
+                                                    bias=None, weight_norm=None, scaling=0.8, dropout_p=0.0,
+                                                    seed=None, keep_z=False)
     assert torch.allclose(n, torch.linalg.vector_norm(w + 0.8 * b @ a, dim=1), rtol=1e-13, atol=0)
     assert not n.requires_grad
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("case", sorted(dora_examples.cases()))
+def test_opcheck(backend, case):
+    """torch.library.opcheck on both ops, over the family's representative arguments (dense and 4-bit bases, bias,
+    dropout, a frozen magnitude with a given norm)."""
+    if backend not in available_backends("dora_linear", torch.float32):
+        pytest.skip(f"backend {backend} unavailable here")
     torch.manual_seed(2)
-    x, w = torch.randn(5, 16), torch.randn(12, 16)
-    a, b = torch.randn(3, 16, requires_grad=True), torch.randn(12, 3, requires_grad=True)
-    mag, bias = torch.rand(12, requires_grad=True), torch.randn(12)
-    for p, seed, norm in ((0.0, None, None), (0.2, torch.tensor(7), None), (0.0, None, torch.rand(12) + 0.5)):
-        torch.library.opcheck(torch.ops.peftkern.dora_linear_fwd.default,
-                              (x, w, a, b, mag, bias, norm, 0.5, p, seed, True))
-        y, z, s_down, n = torch.ops.peftkern.dora_linear_fwd(x, w, a, b, mag, bias, norm, 0.5, p, seed, True)
-        dy = torch.randn_like(y)
-        torch.library.opcheck(torch.ops.peftkern.dora_linear_bwd.default,
-                              (dy, x, w, a.detach(), b.detach(), mag.detach(), n, s_down, z, 0.5, p, seed,
-                               True, True, True, True, True, True, "reference"))
-    qw = QuantizedWeight.quantize(w, blocksize=64)
-    torch.library.opcheck(torch.ops.peftkern.qdora_linear_fwd.default,
-                          (x, qw.packed, qw.absmax, qw.code, qw.absmax2, qw.code2, qw.offset, 12, 64, qw.dtype,
-                           a, b, mag, bias, None, 0.5, 0.2, torch.tensor(3), True))
+    fwd = dora_examples.cases(device=DEVICE)[case]
+    with peftkern.use_backend(backend):
+        torch.library.opcheck(torch.ops.peftkern.dora_linear_fwd.default, (), fwd)
+        outputs = torch.ops.peftkern.dora_linear_fwd(**fwd)
+        bwd = dora_examples.backward_args(fwd, outputs, backend)
+        torch.library.opcheck(torch.ops.peftkern.dora_linear_bwd.default, (), bwd)
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
@@ -202,10 +205,24 @@ class _Shapes(TorchDispatchMode):
         return out
 
 
+def _named(x, weight, a, b, mag, bias, p, *, dy, seed=5, backend="cpu"):
+    """The arguments dora_linear's implementations receive (forward, backward; the backward's n, S and z are
+    filled in from the forward's results with _replace) for a call over `weight` (a tensor or a QuantizedWeight)."""
+    seed_t = torch.tensor(seed)
+    fwd = dora_op.forward_op.named(x=x, **fourbit.op_args(weight), lora_a=a, lora_b=b, magnitude=mag, bias=bias,
+                                   weight_norm=None, scaling=0.5, dropout_p=p, seed=seed_t, keep_z=True)
+    empty = x.new_empty(0)
+    bwd = dora_op.backward_op.named(dy=dy, x=x, **fourbit.op_args(weight), lora_a=a, lora_b=b, magnitude=mag,
+                                    n=empty, s_down=empty, z=x.new_empty(dy.shape), scaling=0.5, dropout_p=p,
+                                    seed=seed_t, need_x=True, need_weight=False, need_lora_a=True, need_lora_b=True,
+                                    need_magnitude=True, need_bias=True, backend=backend)
+    return fwd, bwd
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_no_out_by_in_tensor_is_ever_allocated(quantized, p):
-    """Every op's output inside the reference forward and backward (called directly with the op's arguments: a
+    """Every op's output inside the fast CPU path's forward and backward (called directly with the op's arguments: a
     dispatch mode does not see inside a custom op) is recorded; none has the weight's element count (x, y, z and
     dx are smaller here: M < out, M < in). The recorder does see the dense weight a plain merge would make."""
     torch.manual_seed(4)
@@ -214,17 +231,12 @@ def test_no_out_by_in_tensor_is_ever_allocated(quantized, p):
     a, b, mag, bias = torch.randn(r, k), torch.randn(n, r), torch.rand(n) + 0.5, torch.randn(n)
     dy = torch.randn(m, n)
     full = n * k
-    if quantized:
-        qw = QuantizedWeight.quantize(w, blocksize=64)
-        parts = (qw.packed, qw.absmax, qw.code, qw.absmax2, qw.code2, qw.offset, n, 64, qw.dtype)
+    weight = QuantizedWeight.quantize(w, blocksize=64) if quantized else w
+    fwd, bwd = _named(x, weight, a, b, mag, bias, p, dy=dy)
 
-        def run():
-            y, z, s, nrm = ref_dora.qdora_fwd(x, *parts, a, b, mag, bias, None, 0.5, p, 5, True)
-            ref_dora.qdora_bwd(dy, x, *parts, a, b, mag, nrm, s, z, 0.5, p, 5, True, True, True, True, True)
-    else:
-        def run():
-            y, z, s, nrm = ref_dora.dora_fwd(x, w, a, b, mag, bias, None, 0.5, p, 5, True)
-            ref_dora.dora_bwd(dy, x, w, a, b, mag, nrm, s, z, 0.5, p, 5, True, False, True, True, True, True)
+    def run():
+        y, z, s, nrm = dora_cpu.forward(fwd)
+        dora_cpu.backward(bwd._replace(n=nrm, s_down=s, z=z))
     with _Shapes() as rec:
         run()
     assert rec.shapes, "nothing recorded"
@@ -304,6 +316,37 @@ def test_autocast_keeps_the_magnitude_in_float32():
     assert rel_err(y, want) < 2 * 2 ** -8 + ERROR_FLOOR[torch.bfloat16]
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_backend_matches_the_oracle(backend, quantized, p):
+    """The fast CPU path and the Triton backend (dense and 4-bit bases through the one op) against the oracle
+    (the reference backend in float64 on the same inputs): output and every gradient within 2x the reference's own
+    float32 error plus the floor."""
+    if backend not in available_backends("dora_linear", torch.float32):
+        pytest.skip(f"backend {backend} unavailable here")
+    torch.manual_seed(14)
+    m, k, n, r = 13, 64, 24, 3
+    w = torch.randn(n, k) / 8
+    weight = QuantizedWeight.quantize(w, blocksize=64) if quantized else w
+    x, bias, dy = torch.randn(m, k), torch.randn(n), torch.randn(m, n)
+    a, b, mag = torch.randn(r, k) / 8, torch.randn(n, r) / 2, torch.rand(n) + 0.5
+
+    def run(name, dt):
+        base = weight if quantized else weight.to(dt)
+        leaves = [t.to(dt, copy=True).requires_grad_() for t in (x, a, b, mag, bias)]
+        with peftkern.use_backend(name):
+            y = peftkern.dora_linear(leaves[0], base, *leaves[1:4], scaling=0.7, bias=leaves[4], dropout_p=p,
+                                     seed=21)
+            y.backward(dy.to(dt))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    got, own, oracle = run(backend, torch.float32), run("reference", torch.float32), run("reference", torch.float64)
+    for name, g, e, o in zip(["y", "x", "lora_a", "lora_b", "magnitude", "bias"], got, own, oracle):
+        assert g.dtype == torch.float32, name
+        assert rel_err(g, o) < 2 * rel_err(e, o) + ERROR_FLOOR[torch.float32], name
+
+
 # ---- the eval-mode norm cache --------------------------------------------------------------------
 
 def _eval_inputs(seed=8):
@@ -325,11 +368,11 @@ def _fresh(x, w, a, b, mag, scaling=0.5):
 
 
 def test_eval_cache_hits_and_equals_the_uncached_result():
-    ops_dora.clear_norm_cache()
+    dora_op.clear_norm_cache()
     x, w, a, b, mag = _eval_inputs()
     y1 = _eval_call(x, w, a, b, mag)
-    assert len(ops_dora._norm_cache) == 1
-    entry_n = ops_dora._norm_cache.get(w, a, b, 0.5, x.dtype, None)
+    assert len(dora_op._norm_cache) == 1
+    entry_n = dora_op._norm_cache.get(w, a, b, 0.5, x.dtype, None)
     assert entry_n is not None
     y2 = _eval_call(x, w, a, b, mag)
     assert torch.equal(y1, y2) and torch.equal(y1, _fresh(x, w, a, b, mag))
@@ -338,7 +381,7 @@ def test_eval_cache_hits_and_equals_the_uncached_result():
 @pytest.mark.parametrize("change", ["lora_b.data", "lora_b optimizer step", "lora_a copy_", "weight no_grad add_",
                                     "magnitude.data", "scaling", "lora_b replaced"])
 def test_eval_cache_never_serves_a_stale_norm(change):
-    ops_dora.clear_norm_cache()
+    dora_op.clear_norm_cache()
     x, w, a, b, mag = _eval_inputs()
     scaling = 0.5
     before = _eval_call(x, w, a, b, mag)
@@ -402,19 +445,19 @@ def test_eval_cache_entries_go_with_their_tensors():
     weakly and are dropped when one of them is garbage-collected."""
     import gc
 
-    ops_dora.clear_norm_cache()
+    dora_op.clear_norm_cache()
     x, w, a, b, mag = _eval_inputs()
     _eval_call(x, w, a, b, mag)
-    assert len(ops_dora._norm_cache) == 1
+    assert len(dora_op._norm_cache) == 1
     del b
     gc.collect()
-    assert len(ops_dora._norm_cache) == 0
+    assert len(dora_op._norm_cache) == 0
     b2 = nn.Parameter(torch.randn(16, 3))
     _eval_call(x, w, a, b2, mag)
-    assert len(ops_dora._norm_cache) == 1
+    assert len(dora_op._norm_cache) == 1
     del w
     gc.collect()
-    assert len(ops_dora._norm_cache) == 0
+    assert len(dora_op._norm_cache) == 0
 
 
 @pytest.mark.parametrize("mode", ["fused", "composite"])
@@ -422,10 +465,8 @@ def test_eval_cache_entries_go_with_their_tensors():
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_triton_backend_through_the_op(mode, dtype, p, monkeypatch):
     """The public function on the Triton backend (the interpreter here), each variant forced: output and every
-    gradient within ENGINEERING.md's bound of the float64 reference (2x PyTorch's own error in the dtype, through
-    the same formula on the reference backend, plus the floor); the dropout mask is the reference's."""
-    from .conftest import available_backends
-
+    gradient within the bound of the float64 reference (2x PyTorch's own error in the dtype, through the same
+    formula on the fast CPU path, plus the floor); the dropout mask is the reference's."""
     if "triton" not in available_backends("dora_linear", dtype):
         pytest.skip("the Triton backend cannot run here (Triton missing)")
     monkeypatch.setenv("PEFTKERN_DISPATCH", mode)
@@ -443,7 +484,7 @@ def test_triton_backend_through_the_op(mode, dtype, p, monkeypatch):
             y.backward(dy.to(dt))
         return [y.detach()] + [t.grad for t in leaves]
 
-    got, torch_own, oracle = run("triton", dtype), run("reference", dtype), run("reference", torch.float64)
+    got, torch_own, oracle = run("triton", dtype), run("cpu", dtype), run("reference", torch.float64)
     for name, g, e, o in zip(["y", "x", "lora_a", "lora_b", "magnitude"], got, torch_own, oracle):
         assert rel_err(g, o) < 2 * rel_err(e, o) + ERROR_FLOOR[dtype], name
 
@@ -453,11 +494,9 @@ def test_triton_backend_through_the_op(mode, dtype, p, monkeypatch):
 def test_no_out_by_in_tensor_on_the_triton_paths(variant, p):
     """Both Triton variants, forward and backward, every torch allocation recorded (on CPU the kernels run in the
     interpreter): nothing of the weight's size; the norm is formed tile by tile in the kernel's registers."""
-    from .conftest import available_backends
-
     if "triton" not in available_backends("dora_linear", torch.float32):
         pytest.skip("the Triton backend is unavailable here (Triton missing)")
-    from peftkern.impls import triton_dora
+    from peftkern.dora import triton as dora_triton
 
     impl = peftkern.core.dispatch.variants("dora_linear", "triton")[variant]
     torch.manual_seed(13)
@@ -465,10 +504,11 @@ def test_no_out_by_in_tensor_on_the_triton_paths(variant, p):
     x, w = torch.randn(m, k), torch.randn(n, k)
     a, b, mag, bias = torch.randn(r, k), torch.randn(n, r), torch.rand(n) + 0.5, torch.randn(n)
     dy = torch.randn(m, n)
+    fwd, bwd = _named(x, w, a, b, mag, bias, p, dy=dy, backend="triton")
     with peftkern.use_backend("triton"), _Shapes() as rec:
-        y, z, s_down, nrm = impl.forward(x, w, a, b, mag, bias, None, 0.5, p, 5, True)
-        grads = impl.backward(dy, x, w, a, b, mag, nrm, s_down, z, 0.5, p, 5, True, False, True, True, True, True)
-    assert triton_dora is not None and rec.shapes
+        y, z, s_down, nrm = impl.forward(fwd)
+        grads = impl.backward(bwd._replace(n=nrm, s_down=s_down, z=z))
+    assert impl.forward is getattr(dora_triton, f"forward_{variant}") and rec.shapes
     biggest = max(torch.Size(s).numel() for s in rec.shapes)
     assert biggest < n * k, f"a tensor of {biggest} elements (the weight has {n * k})"
     assert y.shape == (m, n) and grads[0].shape == (m, k) and grads[4].shape == (n,)

@@ -1,5 +1,5 @@
-"""dora_linear at degenerate sizes (issue 22, item 5), on every path: the reference (CPU's default), both Triton
-variants (the interpreter here) and the 4-bit twin op qdora_linear.
+"""dora_linear at degenerate sizes, on every path: the reference (the oracle), the fast CPU path (CPU's default),
+both Triton variants (the interpreter here) and a 4-bit base through the same op.
 
 - in_features = 0: every row of W + ΔW is empty, so n = 0 and c = m / n would be 0/0. The product terms are empty
   sums, so the layer is its base linear: y = bias (zeros without one), forward and backward finite, dbias = Σ dy,
@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 import peftkern
+from peftkern.dora import op as dora_op
 from peftkern.nn import DoRALinear, LoRALinear
 
 from .conftest import ERROR_FLOOR, available_backends, rel_err
 
-PATHS = [("reference", None), ("triton", "fused"), ("triton", "composite")]
+PATHS = [("reference", None), ("cpu", None), ("triton", "fused"), ("triton", "composite")]
 
 
 def _path_id(path):
@@ -126,12 +127,12 @@ def test_a_zero_row_of_the_adapted_weight_gives_its_bias(path, p, monkeypatch):
             assert rel_err(got, want) < 1e-5, name
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_4bit_twin_op_with_zero_in_features(backend, p):
-    """qdora_linear_fwd/bwd called directly with a [9, 0] weight's raw parts (empty codes and absmax; a
+def test_4bit_base_with_zero_in_features(backend, p):
+    """dora_linear_fwd/bwd called directly with a [9, 0] 4-bit weight's raw parts (empty codes and absmax; a
     QuantizedWeight itself refuses a zero dimension): y is the bias, gradients as in the dense case."""
-    if backend not in available_backends("qdora_linear", torch.float32):
+    if backend not in available_backends("dora_linear", torch.float32):
         pytest.skip(f"the {backend} backend cannot run here")
     code = peftkern.QuantizedWeight.quantize(torch.randn(4, 64)).code
     g = torch.Generator().manual_seed(4)
@@ -141,9 +142,10 @@ def test_4bit_twin_op_with_zero_in_features(backend, p):
     bias = torch.randn(9, generator=g).requires_grad_()
     seed = torch.tensor(7) if p > 0 else None
     with peftkern.use_backend(backend):
-        y, _z, _s, n = torch.ops.peftkern.qdora_linear_fwd(
-            x, torch.empty(0, dtype=torch.uint8), torch.empty(0), code, None, None, None, 9, 64, torch.float32,
-            a, b, mag, bias, None, 0.7, p, seed, True)
+        y, _z, _s, n = dora_op.forward_op(
+            x=x, weight=torch.empty(0, dtype=torch.uint8), quant=[torch.empty(0), code], out_features=9, blocksize=64,
+            weight_dtype=torch.float32, lora_a=a, lora_b=b, magnitude=mag, bias=bias, weight_norm=None, scaling=0.7,
+            dropout_p=p, seed=seed, keep_z=True)
         dy = torch.randn(5, 9, generator=g)
         y.backward(dy)
     assert torch.equal(y, bias.detach().expand(5, 9)) and torch.equal(n, torch.zeros(9))

@@ -1,5 +1,5 @@
 """peftkern.integrations.peft on DoRA adapters (PEFT's DoraLinearVariant, use_dora=True): tiny randomly
-initialised transformers models (no hub downloads), CPU, the default backend (the reference path here).
+initialised transformers models (no hub downloads), CPU, the default backend (the fast CPU path here).
 
 - patched equals unpatched PEFT: logits, loss and every adapter gradient (lora_A, lora_B, magnitude) on nn.Linear
   (Llama), Conv1D (GPT-2, fan_in_fan_out) and bitsandbytes Linear4bit bases (PEFT's generic class and its bnb
@@ -11,7 +11,7 @@ initialised transformers models (no hub downloads), CPU, the default backend (th
   (ENABLE_DORA_CACHING) off and on; dora_linear's norm cache hits call after call (no entry per call);
 - several active adapters (DoRA after DoRA, DoRA after LoRA, LoRA after DoRA), merging, disabling, mixed-batch
   adapter_names, hooks on the magnitude layer, disabled input casting;
-- half-precision bases with float32 adapters and CPU autocast: within ENGINEERING.md's bound of a float64 oracle
+- half-precision bases with float32 adapters and CPU autocast: within the project's bound of a float64 oracle
   (2x PEFT's own error in the same dtypes, plus the floor);
 - Embedding DoRA and LoRA variants other than DoRA stay on PEFT's path, reported.
 """
@@ -35,8 +35,8 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear, LoraLayer
 
 import peftkern.integrations.peft as integration  # noqa: E402
 from peftkern import QuantizedWeight  # noqa: E402
+from peftkern.dora import op as dora_op  # noqa: E402
 from peftkern.integrations.peft import FusedLoraLinear, LayersNotPatchedWarning, patch, unpatch  # noqa: E402
-from peftkern.ops import dora as ops_dora  # noqa: E402
 
 from .conftest import ERROR_FLOOR, rel_err  # noqa: E402
 from .test_dora import _MaskDropout  # noqa: E402
@@ -252,11 +252,11 @@ def test_eval_mode_norm_cache_hits_across_calls():
     QuantizedWeight): one norm cache entry per layer, however many calls."""
     model = dora_model().eval()
     patch(model)
-    ops_dora.clear_norm_cache()
+    dora_op.clear_norm_cache()
     with torch.no_grad():
         for seed in range(3):
             model(input_ids=ids_for(seed))
-    assert len(ops_dora._norm_cache) == N_LAYERS
+    assert len(dora_op._norm_cache) == N_LAYERS
 
 
 # ---- 3. several adapters, merging, disabling, mixed batches, hooks, casting ----------------------------------------
@@ -346,7 +346,7 @@ def test_disabled_input_casting_with_bf16_base_and_fp32_dora_adapters_raises_as_
 # ---- 4. half precision and autocast: within the dtype's tolerance of a float64 oracle ------------------------------
 
 def _within_bound(got, peft_own, oracle, dtype, names=("logits", "loss")):
-    """ENGINEERING.md: peftkern's error against the float64 oracle is at most twice PEFT's own, plus the floor.
+    """The bound: peftkern's error against the float64 oracle is at most twice PEFT's own, plus the floor.
     got, peft_own, oracle: (output, loss or input gradient, {parameter: gradient})."""
     assert got[0].dtype == peft_own[0].dtype and got[1].dtype == peft_own[1].dtype
     assert got[2].keys() == peft_own[2].keys() == oracle[2].keys() and got[2]
@@ -458,11 +458,11 @@ def test_gpt2_conv1d_dora_matches_peft(dora_calls):
     # eval mode: one norm cache entry per layer over repeated calls; a replaced weight is seen
     for m in (model, twin):
         m.eval()
-    ops_dora.clear_norm_cache()
+    dora_op.clear_norm_cache()
     with torch.no_grad():
         for _ in range(3):
             assert rel_err(model(input_ids=ids).logits, twin(input_ids=ids).logits) < 1e-5
-        assert len(ops_dora._norm_cache) == 4
+        assert len(dora_op._norm_cache) == 4
         for m in (model, twin):
             conv = m.base_model.model.transformer.h[0].attn.c_attn.base_layer
             conv.weight = nn.Parameter(conv.weight * 1.25, requires_grad=False)

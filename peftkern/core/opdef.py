@@ -90,15 +90,9 @@ class Op:
 
 # ---- autograd ---------------------------------------------------------------------------------------
 
-def wire_autograd(fwd: Op, bwd: Op, *, derived: Optional[dict] = None, passthrough: Optional[dict] = None) -> None:
-    """Register bwd as fwd's backward, matching arguments and results by name (module docstring).
-
-    derived: {backward argument: function of the forward's named arguments}, for a backward argument that is no
-        forward input or output (bottleneck_adapter's `residual_is_h = residual is None`).
-    passthrough: {forward input: forward output}, an input whose gradient is the gradient reaching that output,
-        unchanged (an adapter's residual): handed to autograd as it is, no copy and no backward result for it."""
-    derived, passthrough = dict(derived or {}), dict(passthrough or {})
-    saved = [n for n in bwd.names if n in fwd.names or n in fwd.returns]
+def _check_names(fwd: Op, bwd: Op, saved: list, derived: dict, passthrough: dict, constants: tuple) -> None:
+    """wire_autograd's names, checked when the family is imported: each backward argument resolvable, each result
+    d<forward input>, passthrough and constants naming forward inputs and outputs."""
     for n in bwd.names:
         resolvable = (n in saved or n in derived or n == "backend" or (n.startswith("need_") and n[5:] in fwd.names)
                       or (n.startswith("d") and n[1:] in fwd.returns))
@@ -111,6 +105,24 @@ def wire_autograd(fwd: Op, bwd: Op, *, derived: Optional[dict] = None, passthrou
     for n, out in passthrough.items():
         if n not in fwd.names or out not in fwd.returns:
             raise ValueError(f"{fwd.name}: passthrough {n!r} -> {out!r} names no forward input and output")
+    unknown = set(constants) - set(fwd.returns)
+    if unknown:
+        raise ValueError(f"{fwd.name}: constants {sorted(unknown)} name no forward output")
+
+
+def wire_autograd(fwd: Op, bwd: Op, *, derived: Optional[dict] = None, passthrough: Optional[dict] = None,
+                  constants: tuple = ()) -> None:
+    """Register bwd as fwd's backward, matching arguments and results by name (module docstring).
+
+    derived: {backward argument: function of the forward's named arguments}, for a backward argument that is no
+        forward input or output (bottleneck_adapter's `residual_is_h = residual is None`).
+    passthrough: {forward input: forward output}, an input whose gradient is the gradient reaching that output,
+        unchanged (an adapter's residual): handed to autograd as it is, no copy and no backward result for it.
+    constants: forward outputs autograd treats as constants (ctx.mark_non_differentiable): state saved for the
+        backward, or a value held fixed in it (dora_linear's weight norm), that no gradient flows through."""
+    derived, passthrough = dict(derived or {}), dict(passthrough or {})
+    saved = [n for n in bwd.names if n in fwd.names or n in fwd.returns]
+    _check_names(fwd, bwd, saved, derived, passthrough, constants)
     targets = [fwd.names.index(r[1:]) for r in bwd.returns]
 
     def setup_context(ctx, inputs, output):
@@ -131,6 +143,8 @@ def wire_autograd(fwd: Op, bwd: Op, *, derived: Optional[dict] = None, passthrou
         named = fwd.Args(*inputs)
         plain.update({n: fn(named) for n, fn in derived.items()})
         ctx.save_for_backward(*tensors)
+        if constants:
+            ctx.mark_non_differentiable(*(values[n] for n in constants))
         ctx.layout, ctx.plain = layout, plain
         lead = values[fwd._device_arg]
         # the backend that ran the forward runs the backward, so a use_backend block around the forward alone

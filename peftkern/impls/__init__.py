@@ -7,8 +7,6 @@ order). A new kernel is a new `dispatch.register(...)` here; the ops need no cha
 """
 from . import (  # noqa: F401
     reference,
-    triton_dora,
     triton_multi_lora,
     triton_multi_qlora,
-    triton_qdora,
 )

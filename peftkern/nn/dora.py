@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.dora import dora_linear, row_norms
-from ..reference.dora import column_scale as _dora_column_scale
+from ..dora import dora_linear, row_norms
+from ..dora.cpu import column_scale as _dora_column_scale
 from .lora import LoRALinear
 
 

@@ -33,7 +33,7 @@ DoRA (use_dora=True, PEFT's `DoraLinearVariant`)
     layer is in training mode (PEFT's rule for DoRA; for plain LoRA it is the dropout module's mode). In eval
     mode dora_linear caches that norm, keyed so that any change of lora_A/lora_B (even through `.data`), of the
     scaling, or an in-place change of the base weight is seen; a write into the *base weight* through `.data` is
-    the one change it cannot see (`peftkern.ops.dora.clear_norm_cache()` after such a write). PEFT's own cache
+    the one change it cannot see (`peftkern.dora.clear_norm_cache()` after such a write). PEFT's own cache
     (`peft.tuners.lora.dora.ENABLE_DORA_CACHING = True`) is keyed by adapter name only and serves a stale norm
     after such changes; while it is on, eval-mode calls run on PEFT's forward, so patched and unpatched models
     compute the same thing with it on and off. DoRA on Embedding and Conv layers stays on PEFT's path (those
@@ -89,11 +89,11 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ...core import checks as _checks
-from ...lora import lora_linear
 
 # the fused forwards below call lora_linear, dora_linear and multi_lora_linear through this module's globals, so
 # replacing them here (a test's spy, PEFT's suite plugin counting fused calls) reaches every patched layer
-from ...ops.dora import dora_linear
+from ...dora import dora_linear
+from ...lora import lora_linear
 from ...ops.multi_lora import multi_lora_linear
 from .base_weight import _fusable_base
 from .eligibility import (

@@ -1,10 +1,12 @@
-"""peftkern.dora_linear (SPEC section 8): input checks -> custom ops (forward, backward) -> fakes -> autograd.
+"""peftkern.dora_linear: the two custom ops (forward, backward) with their fakes, the eval-mode norm cache, and the
+public function.
 
 DoRA scales each output column j of a LoRA linear by c_j = magnitude_j / n_j, n_j = ‖W_j + s·(B·A)_j‖₂, with n a
-constant in backward (PEFT's DoRA Linear, the DoRA paper's section 4.3). The forward op returns, beside y:
-z (the pre-scale product the magnitude's gradient needs, [M, N], kept only when the magnitude requires grad),
-S = dropout(x)·Aᵀ ([M, r], as lora_linear keeps) and n ([N]). The dropout mask is lora_linear's, regenerated
-from the seed. A 4-bit base (QuantizedWeight) runs through the twin ops peftkern::qdora_linear_fwd/bwd.
+constant in backward (PEFT's DoRA Linear, the DoRA paper's section 4.3). One op pair serves a dense base weight and
+a 4-bit one (peftkern.QuantizedWeight): the base travels as the five arguments of peftkern/fourbit.py. The forward
+op returns, beside y: z (the pre-scale product the magnitude's gradient needs, [M, N], kept only when the
+magnitude requires grad), S = dropout(x)·Aᵀ ([M, r], as lora_linear keeps) and n ([N]). The dropout mask is
+lora_linear's, regenerated from the seed.
 
 In eval mode (training=False) n is cached per (weight, lora_a, lora_b, scaling, dtype): see _NormCache for what
 invalidates an entry.
@@ -21,96 +23,70 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core import backend as _backend, checks as _checks, dispatch, rules
-from ..lora.op import check_tensors
-from ..quant import QuantizedWeight
-from . import _autograd, qdora
-from ._autocast import register_autocast
+from ..core import checks, dispatch, rules
+from ..core.opdef import Op, grad_slot, wire_autograd
+from ..lora.op import check_tensors, prepare as _lora_prepare
+from ..quant import QuantizedWeight, fourbit
 
 FAMILY = "dora_linear"
 
-
-def _key(x: Tensor, weight: Tensor, lora_a: Tensor, bias: Optional[Tensor], dropout_p: float, *flags) -> tuple:
-    """What decides which variant is faster (peftkern.core.dispatch)."""
-    return (dispatch.token_bucket(x.shape[0]), *weight.shape, lora_a.shape[0], x.dtype, lora_a.dtype,
-            bias is not None, dropout_p > 0.0, dispatch.layout(x, weight), *flags)
+_BASE = fourbit.SCHEMA
+_ADAPTER = "Tensor lora_a, Tensor lora_b, Tensor magnitude"
+_DROPOUT = "float scaling, float dropout_p, Tensor? seed"
 
 
-@torch.library.custom_op("peftkern::dora_linear_fwd", mutates_args=())
-def dora_linear_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor,
-                    bias: Optional[Tensor], weight_norm: Optional[Tensor], scaling: float, dropout_p: float,
-                    seed: Optional[Tensor], keep_z: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    seed_v = int(seed.item()) if seed is not None else 0
-    backend = _backend.select(FAMILY, x.device, x.dtype)
-    return dispatch.call(FAMILY, "forward", backend,
-                         lambda: _key(x, weight, lora_a, bias, dropout_p, keep_z, weight_norm is None),
-                         x, weight, lora_a, lora_b, magnitude, bias, weight_norm, scaling, dropout_p, seed_v, keep_z)
+def _key(a) -> tuple:
+    """What decides which variant is faster (core/dispatch.py)."""
+    flags = tuple(getattr(a, n) for n in a._fields if n.startswith("need_"))
+    if "keep_z" in a._fields:
+        flags = (a.keep_z, a.weight_norm is None) + flags
+    dense = a.weight if isinstance(a.weight, Tensor) else None
+    return (dispatch.token_bucket(a.x.shape[0]), a.out_features, a.x.shape[1], a.lora_a.shape[0], a.x.dtype,
+            a.lora_a.dtype, getattr(a, "bias", None) is not None, a.dropout_p > 0.0, dispatch.layout(a.x, dense),
+            a.blocksize, *flags)
 
 
-def fake_outputs(x, out_features: int, lora_a, keep_z: bool):
-    """(y, z, S, n) as the forward ops return them (shared with ops/qdora.py's fake)."""
-    acc = rules.acc_dtype(x.dtype)
-    return (x.new_empty((x.shape[0], out_features)),
-            x.new_empty((x.shape[0], out_features) if keep_z else (0,)),
-            x.new_empty((x.shape[0], lora_a.shape[0]), dtype=acc),
-            x.new_empty((out_features,), dtype=acc))
+def prepare(a):
+    """The variants' view of the arguments (lora_linear's: the base weight resolved to a tensor or a checked
+    fourbit.FourBit, the seed as an int, dy contiguous); a backward asked for the magnitude's gradient without the z
+    the forward keeps for it is refused here, whichever backend runs."""
+    a = _lora_prepare(a)
+    if "need_magnitude" in a._fields and a.need_magnitude and a.z.numel() != a.dy.numel():
+        raise RuntimeError("dora_linear_bwd: the magnitude's gradient needs z, which the forward did not keep "
+                           "(keep_z=False)")
+    return a
 
 
-@dora_linear_fwd.register_fake
-def _(x, weight, lora_a, lora_b, magnitude, bias, weight_norm, scaling, dropout_p, seed, keep_z):
-    return fake_outputs(x, weight.shape[0], lora_a, keep_z)
+def _fake_forward(a):
+    acc = rules.acc_dtype(a.x.dtype)
+    m, n = a.x.shape[0], a.out_features
+    return (a.x.new_empty((m, n)), a.x.new_empty((m, n) if a.keep_z else (0,)),
+            a.x.new_empty((m, a.lora_a.shape[0]), dtype=acc), a.x.new_empty((n,), dtype=acc))
 
 
-@torch.library.custom_op("peftkern::dora_linear_bwd", mutates_args=())
-def dora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor,
-                    weight_norm: Tensor, s_down: Tensor, z: Tensor, scaling: float, dropout_p: float,
-                    seed: Optional[Tensor], need_x: bool, need_weight: bool, need_a: bool, need_b: bool,
-                    need_magnitude: bool, need_bias: bool, backend: str
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    seed_v = int(seed.item()) if seed is not None else 0
-    dy = dy.contiguous()
-    needs = (need_x, need_weight, need_a, need_b, need_magnitude, need_bias)
-    return dispatch.call(FAMILY, "backward", backend, lambda: _key(x, weight, lora_a, None, dropout_p, *needs),
-                         dy, x, weight, lora_a, lora_b, magnitude, weight_norm, s_down, z, scaling, dropout_p,
-                         seed_v, *needs)
+def _fake_backward(a):
+    return (grad_slot(a.need_x, a.x, a.x.shape, a.x),
+            grad_slot(a.need_weight and not a.quant, a.x, a.weight.shape, a.x),
+            grad_slot(a.need_lora_a, a.lora_a, a.lora_a.shape, a.x),
+            grad_slot(a.need_lora_b, a.lora_b, a.lora_b.shape, a.x),
+            grad_slot(a.need_magnitude, a.magnitude, a.magnitude.shape, a.x),
+            grad_slot(a.need_bias, a.x, (a.out_features,), a.x))
 
 
-def fake_grads(x, weight_shape, lora_a, lora_b, magnitude, need_x, need_weight, need_a, need_b, need_magnitude,
-               need_bias):
-    return (x.new_empty(x.shape if need_x else (0,)),
-            x.new_empty(weight_shape if need_weight else (0,)),
-            lora_a.new_empty(lora_a.shape if need_a else (0,)),
-            lora_b.new_empty(lora_b.shape if need_b else (0,)),
-            magnitude.new_empty(magnitude.shape if need_magnitude else (0,)),
-            x.new_empty((lora_b.shape[0],) if need_bias else (0,)))
+# the 4-bit storage, the magnitude and the norm are not values to cast: the magnitude and the norm are column
+# scales applied in float32 (as PEFT keeps them)
+forward_op = Op(f"dora_linear_fwd(Tensor x, {_BASE}, {_ADAPTER}, Tensor? bias, Tensor? weight_norm, {_DROPOUT}, "
+                "bool keep_z) -> (Tensor y, Tensor z, Tensor s_down, Tensor n)",
+                family=FAMILY, key=_key, prepare=prepare, autocast_keep=("quant", "magnitude", "weight_norm"),
+                fake=_fake_forward)
 
-
-@dora_linear_bwd.register_fake
-def _(dy, x, weight, lora_a, lora_b, magnitude, weight_norm, s_down, z, scaling, dropout_p, seed, need_x,
-      need_weight, need_a, need_b, need_magnitude, need_bias, backend):
-    return fake_grads(x, weight.shape, lora_a, lora_b, magnitude, need_x, need_weight, need_a, need_b,
-                      need_magnitude, need_bias)
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, magnitude, bias, weight_norm, scaling, dropout_p, seed, keep_z = inputs
-    _y, z, s_down, n = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, n, s_down, z, seed)
-    ctx.mark_non_differentiable(z, s_down, n)  # n is a constant (DoRA section 4.3); z and S are saved state
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
-    ctx.backend = _backend.select(FAMILY, x.device, x.dtype)  # the forward's backend runs the backward
-
-
-def _backward(ctx, dy, _dz, _ds, _dn):
-    x, weight, lora_a, lora_b, magnitude, n, s_down, z, seed = ctx.saved_tensors
-    grads = torch.ops.peftkern.dora_linear_bwd(dy, x, weight, lora_a, lora_b, magnitude, n, s_down, z, ctx.scaling,
-                                               ctx.dropout_p, seed, *ctx.needs_input_grad[:6], ctx.backend)
-    return _autograd.grads_or_none(ctx, grads)
-
-
-dora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
-# the magnitude and the norm are column scales applied in fp32 (as PEFT keeps them): autocast leaves them alone
-register_autocast("dora_linear_fwd", torch.ops.peftkern.dora_linear_fwd.default, keep=(4, 6))
+backward_op = Op(f"dora_linear_bwd(Tensor dy, Tensor x, {_BASE}, {_ADAPTER}, Tensor n, Tensor s_down, Tensor z, "
+                 f"{_DROPOUT}, bool need_x, bool need_weight, bool need_lora_a, bool need_lora_b, "
+                 "bool need_magnitude, bool need_bias, str backend) -> (Tensor dx, Tensor dweight, Tensor dlora_a, "
+                 "Tensor dlora_b, Tensor dmagnitude, Tensor dbias)",
+                 family=FAMILY, phase="backward", key=_key, prepare=prepare, fake=_fake_backward)
+# n is a constant (DoRA section 4.3); z and S are saved state
+wire_autograd(forward_op, backward_op, constants=("z", "s_down", "n"))
 
 
 # ---- the eval-mode norm cache ---------------------------------------------------------------------
@@ -125,7 +101,7 @@ class _NormCache:
     what users change, and comparing them also catches writes through `.data`, which bypass the version counter
     (they are small: r·(in + out) elements, against the out·in·r work of the norm). The magnitude is not part of
     the key: n does not depend on it, and it is read afresh at every call. A write through `.data` into the
-    *base weight* itself is the one change this cannot see; peftkern.ops.dora.clear_norm_cache() drops every
+    *base weight* itself is the one change this cannot see; peftkern.dora.clear_norm_cache() drops every
     entry. An entry is dropped as soon as its weight or an adapter is garbage-collected, and the least recently
     used entries go beyond MAX_ENTRIES.
     """
@@ -213,36 +189,29 @@ def row_norms(weight, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
     """‖weight + scaling·lora_b·lora_a‖₂ per output row, in float32 (float64 for a float64 weight), without the
     dense sum: what DoRA's magnitude is initialised to (peftkern.nn.DoRALinear, as PEFT does). `weight` a tensor
     or a QuantizedWeight (dequantized a block of rows at a time in its own dtype). No gradient."""
-    from ..quant import fourbit
-    from ..reference import dora as ref_dora
+    from .cpu import weight_norm
     with torch.no_grad():
+        acc = rules.acc_dtype(weight.dtype)
         if isinstance(weight, QuantizedWeight):
             state = (weight.absmax2, weight.code2, weight.offset) if weight.double_quant else (None, None, None)
-            dense_dtype = weight.dtype
             weight = fourbit.packed_weight(weight.packed, weight.absmax, weight.code, *state, weight.shape[0],
-                                              weight.shape[1], weight.blocksize, weight.dtype, weight.dtype)
-        else:
-            dense_dtype = weight.dtype
-        acc = rules.acc_dtype(dense_dtype)
-        return ref_dora.weight_norm(weight, lora_a.detach(), lora_b.detach(), float(scaling), acc, lora_a.device)
+                                           weight.shape[1], weight.blocksize, weight.dtype, weight.dtype)
+        return weight_norm(weight, lora_a.detach(), lora_b.detach(), float(scaling), acc, lora_a.device)
 
 
 # ---- the public function --------------------------------------------------------------------------
 
 def _check(x, weight, lora_a, lora_b, magnitude, bias) -> None:
     # lora_linear's own checks of x, weight, adapters and bias; then the magnitude
-    if isinstance(weight, QuantizedWeight):
-        check_tensors(x, weight, lora_a, lora_b, bias)
-    else:
-        check_tensors(x, weight, lora_a, lora_b, bias)
-    _checks.tensor("magnitude", magnitude, ndim=1)
-    _checks.shape("magnitude", magnitude, (weight.shape[0],), "[out_features]")
-    _checks.same_device("x", x, magnitude=magnitude)
-    _checks.input_dtypes("x", x, frozen={}, adapters=dict(magnitude=magnitude))
+    check_tensors(x, weight, lora_a, lora_b, bias)
+    checks.tensor("magnitude", magnitude, ndim=1)
+    checks.shape("magnitude", magnitude, (weight.shape[0],), "[out_features]")
+    checks.same_device("x", x, magnitude=magnitude)
+    checks.input_dtypes("x", x, frozen={}, adapters=dict(magnitude=magnitude))
 
 
 def _autocast_dtype(device: torch.device):
-    return torch.get_autocast_dtype(device.type) if _checks.autocast_active(device) else None
+    return torch.get_autocast_dtype(device.type) if checks.autocast_active(device) else None
 
 
 def dora_linear(x: Tensor, weight, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, *, scaling: float = 1.0,
@@ -266,7 +235,7 @@ def dora_linear(x: Tensor, weight, lora_a: Tensor, lora_b: Tensor, magnitude: Te
     Returns [..., out_features] in x's dtype. Gradients reach x, lora_a, lora_b, magnitude, and weight and bias when
     they require grad (a QuantizedWeight is frozen). n is computed in float32 (float64 for float64 x) from the
     current adapters a block of rows at a time: no [out, in] tensor (W + ΔW or ΔW) is ever made. With
-    training=False n is cached (see _NormCache in this module for exactly what invalidates it).
+    training=False n is cached (see _NormCache in peftkern/dora/op.py for exactly what invalidates it).
 
     Dtypes: as lora_linear; magnitude follows the adapter rule (x's dtype, or float32 beside float16/bfloat16 x).
     Inside torch.autocast the magnitude stays in its own dtype (a column scale applied in float32), everything
@@ -278,9 +247,10 @@ def dora_linear(x: Tensor, weight, lora_a: Tensor, lora_b: Tensor, magnitude: Te
     that cannot run the call.
     """
     _check(x, weight, lora_a, lora_b, magnitude, bias)
-    scaling, dropout_p, seed = _checks.scalars(scaling, dropout_p, training, seed)
-    p, seed_t = _checks.dropout_and_seed(dropout_p, training, seed)
+    scaling, dropout_p, seed = checks.scalars(scaling, dropout_p, training, seed)
+    p, seed_t = checks.dropout_and_seed(dropout_p, training, seed)
     lead = x.shape[:-1]
+    # an explicit row count: reshape(-1, 0) is ambiguous when in_features is 0 (which F.linear allows)
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     keep_z = torch.is_grad_enabled() and magnitude.requires_grad
     cached = None
@@ -288,11 +258,9 @@ def dora_linear(x: Tensor, weight, lora_a: Tensor, lora_b: Tensor, magnitude: Te
     if use_cache:
         cache_args = (weight, lora_a, lora_b, float(scaling), x.dtype, _autocast_dtype(x.device))
         cached = _norm_cache.get(*cache_args)
-    if isinstance(weight, QuantizedWeight):
-        y, n = qdora.forward(x2, weight, lora_a, lora_b, magnitude, bias, cached, float(scaling), p, seed_t, keep_z)
-    else:
-        y, _, _, n = torch.ops.peftkern.dora_linear_fwd(x2, weight, lora_a, lora_b, magnitude, bias, cached,
-                                                        float(scaling), p, seed_t, keep_z)
+    y, _, _, n = forward_op(x=x2, **fourbit.op_args(weight), lora_a=lora_a, lora_b=lora_b, magnitude=magnitude,
+                            bias=bias, weight_norm=cached, scaling=float(scaling), dropout_p=p, seed=seed_t,
+                            keep_z=keep_z)
     if use_cache and cached is None:
         _norm_cache.put(*cache_args, n)
     return y.view(*lead, weight.shape[0])

@@ -1,31 +1,31 @@
-"""DoRA in plain torch (SPEC section 8): the CPU path and the tests' oracle (run it on float64 inputs).
+"""dora_linear's fast torch path (the "cpu" backend, for dense and 4-bit bases; the Triton backend's 4-bit
+composite runs it too).
 
 With c = magnitude / n, n_j = ‖W_j + s·(B·A)_j‖₂ (a constant in backward), d = dropout(x), S = d·Aᵀ, R = s·S·Bᵀ:
 
     p = 0 (or eval):  z = x·Wᵀ + R                y = c ⊙ z + bias
     p > 0:            z = d·Wᵀ + R                y = x·Wᵀ + bias + (c − 1) ⊙ (d·Wᵀ) + c ⊙ R
 
-(PEFT's DoRA Linear; the second form is the first when d = x.) A row with n_j = 0 (W_j + s·(B·A)_j is zero, as every
-row is when in_features = 0) has no direction: its DoRA row m_j·V_j/‖V_j‖ is taken as zero, F.normalize's
-convention, so c_j = 0 there (not 0/0) and that output column is its bias; see column_scale. z is what the
-magnitude's gradient needs,
-dmag = Σ_m dy ⊙ z / n; it is kept only when the magnitude requires grad. The rest of the backward is LoRA's on
-gc = dy ⊙ c (reference/lora.py's own code), plus, with dropout, the base path's two products:
-dx = dy·W + mask ⊙ ((gc − dy)·W + dS·A) / (1 − p).
+(PEFT's DoRA Linear; the second form is the first when d = x.) A row with n_j = 0 has c_j = 0 (column_scale). z is
+what the magnitude's gradient needs, dmag = Σ_m dy ⊙ z / n; it is kept only when the magnitude requires grad. The
+rest of the backward is LoRA's on gc = dy ⊙ c (lora/cpu.py's own code), plus, with dropout, the base path's two
+products: dx = dy·W + mask ⊙ ((gc − dy)·W + dS·A) / (1 − p).
 
-The weight may be a dense tensor or reference/qlora.py's packed 4-bit weight (anything with `row_blocks()`,
-`linear()` and `grad_input()`). Neither W + ΔW nor ΔW is ever formed whole: the norm is taken a block of rows at
-a time (at most 16 MiB of float32 and at most half the rows), in the accumulation dtype, as PEFT's dense formula
-computes it (no expansion whose terms could cancel). With dropout, dropout(x) is made a block of rows at a time
-from the regenerated mask, as in reference/lora.py: keep ⊙ x exactly (no rounding) times 1/(1 − p) in float32.
+The weight may be a dense tensor or a fourbit.PackedWeight (anything with `row_blocks()`, `linear()` and
+`grad_input()`). Neither W + ΔW nor ΔW is ever formed whole: the norm is taken a block of rows at a time (at most
+16 MiB of float32 and at most half the rows), in the accumulation dtype, as PEFT's dense formula computes it (no
+expansion whose terms could cancel). With dropout, dropout(x) is made a block of rows at a time from the
+regenerated mask, as in lora/cpu.py: keep ⊙ x exactly (no rounding) times 1/(1 − p) in float32.
+
+column_scale and magnitude_grad are the zero-norm convention every fast path (this one, the Triton variants,
+peftkern.nn's merge) computes c and dmag through.
 """
 from __future__ import annotations
 
 import torch
 
-from ..core import cpu, rules
+from ..core import cpu, dispatch, rules
 from ..lora import cpu as lora_cpu
-from ..quant import fourbit
 
 
 def _weight_rows(weight, dtype: torch.dtype):
@@ -151,14 +151,12 @@ def _scaled_grad(dy: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def dora_bwd(dy, x, weight, lora_a, lora_b, magnitude, n, s_down, z, scaling: float, dropout_p: float, seed: int,
              need_x: bool, need_weight: bool, need_a: bool, need_b: bool, need_magnitude: bool, need_bias: bool):
-    """(dx, dweight, dA, dB, dmagnitude, dbias); entries not needed are distinct empty tensors."""
+    """(dx, dweight, dA, dB, dmagnitude, dbias); entries not needed are distinct empty tensors. z is kept (an
+    [M, N] tensor) when need_magnitude: the op's prepare refuses the call otherwise."""
     acc = rules.acc_dtype(x.dtype)
     c = column_scale(magnitude, n, acc)
     dx, dw, da, db, dmag, dbias = (x.new_empty(0) for _ in range(6))
     if need_magnitude:
-        if z.numel() != dy.numel():
-            raise RuntimeError("dora_linear_bwd: the magnitude's gradient needs z, which the forward did not keep "
-                               "(keep_z=False)")
         dmag = magnitude_grad(_column_dot(dy, z, acc), n).to(magnitude.dtype)
     if need_bias:
         dbias = dy.sum(dim=0, dtype=acc).to(x.dtype)
@@ -201,22 +199,23 @@ def dora_bwd(dy, x, weight, lora_a, lora_b, magnitude, n, s_down, z, scaling: fl
     return dx, dw, da, db, dmag, dbias
 
 
-# ---- over a 4-bit base (ops/qdora.py): the weight's raw parts in, reference/qlora.py's packed weight used ----
+# ---- the implementations, named arguments -------------------------------------------------------------
 
-def qdora_fwd(x, packed, absmax, code, absmax2, code2, offset, out_features: int, blocksize: int, weight_dtype,
-              lora_a, lora_b, magnitude, bias, weight_norm_in, scaling: float, dropout_p: float, seed: int,
-              keep_z: bool):
-    weight = fourbit.packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
-                                  weight_dtype, x.dtype)
-    return dora_fwd(x, weight, lora_a, lora_b, magnitude, bias, weight_norm_in, scaling, dropout_p, seed, keep_z)
+def _base(a):
+    """The weight dora_fwd / dora_bwd take: the dense tensor, or the 4-bit one's blocked products in x's dtype."""
+    return a.weight if isinstance(a.weight, torch.Tensor) else a.weight.packed_weight(a.x.dtype)
 
 
-def qdora_bwd(dy, x, packed, absmax, code, absmax2, code2, offset, out_features: int, blocksize: int, weight_dtype,
-              lora_a, lora_b, magnitude, n, s_down, z, scaling: float, dropout_p: float, seed: int, need_x: bool,
-              need_a: bool, need_b: bool, need_magnitude: bool, need_bias: bool):
-    """(dx, dA, dB, dmagnitude, dbias): the 4-bit base is frozen, no dweight."""
-    weight = fourbit.packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
-                                  weight_dtype, x.dtype)
-    dx, _, da, db, dmag, dbias = dora_bwd(dy, x, weight, lora_a, lora_b, magnitude, n, s_down, z, scaling, dropout_p,
-                                          seed, need_x, False, need_a, need_b, need_magnitude, need_bias)
-    return dx, da, db, dmag, dbias
+def forward(a):
+    return dora_fwd(a.x, _base(a), a.lora_a, a.lora_b, a.magnitude, a.bias, a.weight_norm, a.scaling, a.dropout_p,
+                    a.seed, a.keep_z)
+
+
+def backward(a):
+    need_weight = a.need_weight and isinstance(a.weight, torch.Tensor)  # a 4-bit base is frozen
+    return dora_bwd(a.dy, a.x, _base(a), a.lora_a, a.lora_b, a.magnitude, a.n, a.s_down, a.z, a.scaling,
+                    a.dropout_p, a.seed, a.need_x, need_weight, a.need_lora_a, a.need_lora_b, a.need_magnitude,
+                    a.need_bias)
+
+
+dispatch.register("dora_linear", "cpu", forward=forward, backward=backward)
