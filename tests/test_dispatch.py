@@ -319,3 +319,29 @@ def test_forced_fused_measures_among_the_fused_variants(timer, monkeypatch):
         oracle = lora_step(x.double(), w.double(), a.double(), b.double(), p=0.2)
     for got, ref, want in zip(persistent, classic, oracle):
         assert rel_err(got, want) <= 2 * rel_err(ref, want) + ERROR_FLOOR[torch.float16]
+
+
+def test_a_single_applicable_variant_runs_whatever_the_mode_asks(monkeypatch):
+    """A variant that says NotApplicable (the call is for another kind of input, e.g. a 4-bit base for a dense
+    kernel) is not a candidate; when only one variant applies it runs under every PEFTKERN_DISPATCH, as a family
+    with one variant always has. A variant that could apply but cannot run still makes a forced mode raise."""
+    family = "test_not_applicable_family"
+
+    def only(kind):
+        return lambda phase, a: None if a == kind else dispatch.NotApplicable(f"for {kind} inputs")
+
+    dispatch.register(family, "triton", "fused", forward=lambda a: "fused", unsupported=only("dense"))
+    dispatch.register(family, "triton", "composite", forward=lambda a: "composite", unsupported=only("dense"))
+    dispatch.register(family, "triton", "composite_4bit", forward=lambda a: "composite_4bit", unsupported=only("4bit"))
+    try:
+        for mode in ("measure", "fused", "composite"):
+            monkeypatch.setenv("PEFTKERN_DISPATCH", mode)
+            assert dispatch.call(family, "forward", "triton", tuple, "4bit") == "composite_4bit"
+        monkeypatch.setenv("PEFTKERN_DISPATCH", "composite")
+        assert dispatch.call(family, "forward", "triton", tuple, "dense") == "composite"
+        monkeypatch.setenv("PEFTKERN_DISPATCH", "fused")
+        assert dispatch.call(family, "forward", "triton", tuple, "dense") == "fused"
+        with pytest.raises(RuntimeError, match="cannot run"):  # no variant applies to this input
+            dispatch.call(family, "forward", "triton", tuple, "other")
+    finally:
+        dispatch._registry.pop(family)

@@ -18,9 +18,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftkern
-from peftkern import QuantizedWeight, fourbit
+from peftkern import QuantizedWeight
 from peftkern.core import dropout as ref_dropout
 from peftkern.dora import cpu as dora_cpu, examples as dora_examples, op as dora_op
+from peftkern.quant import fourbit
 
 from .conftest import DEVICE, ERROR_FLOOR, available_backends, rel_err
 

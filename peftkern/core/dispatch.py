@@ -54,6 +54,12 @@ TIMED_RUNS = 5  # median of five: one preempted run does not decide
 PREFER_FUSED_MARGIN = 0.03  # another variant replaces the fused one only when faster by more than 3%
 
 
+class NotApplicable(str):
+    """A reason a variant cannot run a call because the call is for another kind of input (a 4-bit base weight
+    for a dense-weight kernel): not a gap in the variant. Among the variants that apply to a call, a single one runs
+    whatever PEFTKERN_DISPATCH asks for, as a family with a single variant always has."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     """One way to run a family: `forward(*args)` and `backward(*args)` take the family's op arguments
@@ -250,7 +256,11 @@ def call(family: str, phase: str, backend: str, key: Callable[[], tuple], *args)
     if len(impls) == 1:
         (impl,) = impls.values()
         return getattr(impl, phase)(*args)
-    runnable = {name: impl for name, impl in impls.items() if impl.why_not(phase, args) is None}
+    reasons = {name: impl.why_not(phase, args) for name, impl in impls.items()}
+    applicable = [name for name, why in reasons.items() if not isinstance(why, NotApplicable)]
+    if len(applicable) == 1:
+        return getattr(impls[applicable[0]], phase)(*args)
+    runnable = {name: impl for name, impl in impls.items() if reasons[name] is None}
     if mode != "measure":
         forced = {name: impl for name, impl in runnable.items() if kind_of(name) == mode}
         if not forced:

@@ -121,11 +121,15 @@ def _backward(dx_fn):
 
 
 def _dense_only(phase, a):
-    return None if isinstance(a.weight, torch.Tensor) else "the base weight is 4-bit (composite_4bit runs it)"
+    if isinstance(a.weight, torch.Tensor):
+        return None
+    return dispatch.NotApplicable("the base weight is 4-bit (composite_4bit runs it)")
 
 
 def _four_bit_only(phase, a):
-    return "the base weight is dense (the dense variants run it)" if isinstance(a.weight, torch.Tensor) else None
+    if isinstance(a.weight, torch.Tensor):
+        return dispatch.NotApplicable("the base weight is dense (the dense variants run it)")
+    return None
 
 
 dispatch.register("dora_linear", "triton", "fused", forward=forward_fused, backward=_backward(_dx_fused),

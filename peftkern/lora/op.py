@@ -27,8 +27,8 @@ def _key(a) -> tuple:
     """What decides which variant is faster (core/dispatch.py)."""
     flags = tuple(getattr(a, n) for n in a._fields if n.startswith("need_"))
     return (dispatch.token_bucket(a.x.shape[0]), a.out_features, a.x.shape[1], a.lora_a.shape[0], a.x.dtype,
-            a.lora_a.dtype, getattr(a, "bias", None) is not None, a.dropout_p > 0.0, dispatch.layout(a.x, a.weight),
-            a.blocksize, *flags)
+            a.lora_a.dtype, getattr(a, "bias", None) is not None, a.dropout_p > 0.0,
+            dispatch.layout(a.x, a.weight if isinstance(a.weight, Tensor) else None), a.blocksize, *flags)
 
 
 def prepare(a):

@@ -108,7 +108,9 @@ def _dx_persistent(a, ds):
 
 
 def _dense_only(phase, a):
-    return None if isinstance(a.weight, torch.Tensor) else "the base weight is 4-bit (the *_4bit variants run it)"
+    if isinstance(a.weight, torch.Tensor):
+        return None
+    return dispatch.NotApplicable("the base weight is 4-bit (the *_4bit variants run it)")
 
 
 def _persistent_unsupported(phase, a):
@@ -152,14 +154,16 @@ def _dx_fused_4bit(a, ds):
 def _fused_4bit_unsupported(phase, a):
     """The kernel dequantizes into fp16, bf16 or fp32 (a float64 QuantizedWeight runs on the composite path)."""
     if isinstance(a.weight, torch.Tensor):
-        return "the base weight is dense (the dense variants run it)"
+        return dispatch.NotApplicable("the base weight is dense (the dense variants run it)")
     if a.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"the 4-bit GEMM dequantizes to float16, bfloat16 or float32, not the weight's {a.weight.dtype}"
     return None
 
 
 def _four_bit_only(phase, a):
-    return "the base weight is dense (the dense variants run it)" if isinstance(a.weight, torch.Tensor) else None
+    if isinstance(a.weight, torch.Tensor):
+        return dispatch.NotApplicable("the base weight is dense (the dense variants run it)")
+    return None
 
 
 dispatch.register("lora_linear", "triton", "fused", forward=forward_fused, backward=_backward(_dx_fused),
