@@ -1,4 +1,8 @@
-"""Every ```python block of the README and of docs/*.md runs as written."""
+"""Every ```python block of the README and of docs/*.md runs as written.
+
+A ```py block is a fragment of a package file (relative imports, `...` bodies), shown but not run:
+docs/adding-a-family.md uses them for the files a new family writes.
+"""
 import pathlib
 import re
 
@@ -66,3 +70,14 @@ def test_results_tables_are_generated_from_the_committed_json():
                  "cpu-2core-multi-lora.json"):
         results = json.loads((ROOT / "benchmarks/results" / name).read_text(encoding="utf-8"))
         assert results_table.table(results) in BENCHMARKS_DOC.read_text(encoding="utf-8"), name
+
+
+FRAGMENTS = [(path.relative_to(ROOT).as_posix(), index, code) for path in PAGES
+             for index, code in enumerate(re.findall(r"```py\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S))]
+
+
+@pytest.mark.parametrize(("page", "index", "code"), FRAGMENTS, ids=[f"{page}-{index}" for page, index, _ in FRAGMENTS])
+def test_fragment_is_valid_python(page, index, code):
+    import ast
+
+    ast.parse(code, filename=f"{page} fragment {index}")  # a fragment is not run, but it must still be Python
