@@ -19,7 +19,7 @@ from .core.backend import backend_info, use_backend
 from .ops.adapter import bottleneck_adapter
 from .ops.dora import dora_linear
 from .lora import lora_linear
-from .ops.multi_lora import multi_lora_linear
+from .multi_lora import multi_lora_linear
 from .quant import QuantizedWeight
 from .ops.sparse_diff import sparse_diff_apply_, sparse_diff_linear, sparse_diff_restore_
 from .sparse_diff import SparseDiff, apply_sparse_diffs_, restore_sparse_diffs_, sparse_diffs_applied

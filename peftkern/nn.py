@@ -9,9 +9,9 @@ from torch import nn
 
 from .core import checks as _checks
 from .lora import lora_linear
+from .multi_lora import multi_lora_linear
 from .ops.adapter import bottleneck_adapter
 from .ops.dora import dora_linear, row_norms
-from .ops.multi_lora import multi_lora_linear
 from .ops.sparse_diff import sparse_diff_linear
 from .reference.activations import CODES as _ACTIVATIONS, NAMES as _ACTIVATION_NAMES
 from .reference.dora import column_scale as _dora_column_scale

@@ -10,8 +10,6 @@ from . import (  # noqa: F401
     reference,
     triton_adapter,
     triton_dora,
-    triton_multi_lora,
-    triton_multi_qlora,
     triton_qdora,
     triton_sparse,
 )

@@ -95,8 +95,8 @@ from torch.nn.modules import module as _torch_module
 
 from ..core import checks as _checks
 from ..lora import lora_linear
+from ..multi_lora import multi_lora_linear
 from ..ops.dora import dora_linear
-from ..ops.multi_lora import multi_lora_linear
 from ..quant import QuantizedWeight
 
 __all__ = ["patch", "unpatch", "unsupported_reason", "FusedLoraLinear", "LayersNotPatchedWarning"]
