@@ -11,7 +11,10 @@ _ops = {}
 
 
 def _forward(a):
-    return sum(s * t for s, t in zip(a.scales, a.mats)) + a.x
+    y = a.x
+    for s, t in zip(a.scales, a.mats):
+        y = y + s * t
+    return y
 
 
 def _backward(a):
