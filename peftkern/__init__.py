@@ -19,12 +19,11 @@ from .core.backend import backend_info, use_backend
 from .adapter import bottleneck_adapter
 from .dora import dora_linear
 from .lora import lora_linear
-from .ops.multi_lora import multi_lora_linear
+from .multi_lora import multi_lora_linear
 from .quant import QuantizedWeight
 from .sparse_diff import (SparseDiff, apply_sparse_diffs_, restore_sparse_diffs_, sparse_diff_apply_,
                           sparse_diff_linear, sparse_diff_restore_, sparse_diffs_applied)
 from . import nn
-from . import impls as _impls  # noqa: F401  (registers every implementation with peftkern.core.dispatch)
 
 __version__ = "0.1.0"
 __all__ = ["lora_linear", "dora_linear", "multi_lora_linear", "QuantizedWeight", "bottleneck_adapter", "SparseDiff",

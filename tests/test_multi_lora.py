@@ -1,11 +1,13 @@
-"""peftkern.multi_lora_linear (SPEC section 9) on the reference/CPU backend:
+"""peftkern.multi_lora_linear on the cpu backend (the fast torch path) and the reference backend (the oracle):
 
 - every row equals lora_linear with that row's adapter (same seed: dropout included), ids per sequence, per
   token and one for all, −1 rows, ranks that differ, bias or not, non-contiguous x, int32 and int64 ids;
 - gradients of every adapter, x, weight and bias against a float64 oracle built from lora_linear alone; an
   adapter no row uses gets a zero gradient; frozen adapters get none;
 - both CPU paths (the grouped BLAS path and the compiled row kernel, csrc/multi_lora.cpp) agree;
-- gradcheck in float64 (dropout on), opcheck of both ops, torch.compile(fullgraph=True) forward and backward;
+- the oracle (multi_lora/reference.py) itself against lora_linear row by row, and gradcheck of it;
+- gradcheck in float64 (dropout on), opcheck of both ops over examples.cases() on every backend, with per-adapter
+  gradient flags, torch.compile(fullgraph=True) forward and backward;
 - half-precision x beside float32 adapters, autocast;
 - bad input raises the named exception, IndexError for ids outside [−1, n).
 The Triton kernels are tested in tests/test_multi_lora_kernels.py.
@@ -15,9 +17,10 @@ import torch
 
 import peftkern
 from peftkern.core import backend as _backend
-from peftkern.reference import multi_lora as ref
+from peftkern.multi_lora import cpu as multi_cpu, examples, op as multi_op
+from peftkern.quant import fourbit
 
-from .conftest import rel_err
+from .conftest import DEVICE, available_backends, rel_err
 
 K, N = 33, 17
 
@@ -55,13 +58,13 @@ def cpu_path(request, monkeypatch):
     """The grouped BLAS path, the compiled row kernel (taken for few rows per adapter when built), or the
     segment-by-segment forward (taken when every adapter's rows are contiguous and long)."""
     if request.param in ("grouped", "segments"):
-        monkeypatch.setattr(ref, "ROWS_KERNEL_MAX_ROWS_PER_ADAPTER", 0)
-        monkeypatch.setattr(ref, "SEGMENT_MIN_ROWS", 1 if request.param == "segments" else 10**9)
+        monkeypatch.setattr(multi_cpu, "ROWS_KERNEL_MAX_ROWS_PER_ADAPTER", 0)
+        monkeypatch.setattr(multi_cpu, "SEGMENT_MIN_ROWS", 1 if request.param == "segments" else 10**9)
     else:
         ext = _backend.extension()
         if ext is None or not hasattr(ext, "multi_lora_rows"):
             pytest.skip("the compiled extension (peftkern._C) is not built: no row kernel to test")
-        monkeypatch.setattr(ref, "ROWS_KERNEL_MAX_ROWS_PER_ADAPTER", 10**9)
+        monkeypatch.setattr(multi_cpu, "ROWS_KERNEL_MAX_ROWS_PER_ADAPTER", 10**9)
     return request.param
 
 
@@ -129,6 +132,54 @@ def test_gradcheck_float64(p, cpu_path):
     assert torch.autograd.gradcheck(fn, (x, w, bias, *lora_a, *lora_b))
 
 
+@pytest.mark.parametrize("ids_kind", list(IDS))
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_oracle_equals_lora_linear_row_by_row_and_the_cpu_backend(ids_kind, p, quantized):
+    """The reference backend (the plain-torch oracle) gives each row lora_linear's row for its adapter, and agrees
+    with the cpu backend on the result and every gradient (dense and 4-bit bases)."""
+    from peftkern import QuantizedWeight
+
+    ranks, k = [3, 1, 8], 64
+    x = torch.randn(5, 7, k, dtype=torch.float64)
+    w = torch.randn(N, k, dtype=torch.float64) / k ** 0.5
+    weight = QuantizedWeight.quantize(w, blocksize=64) if quantized else w
+    dense = weight.dequantize() if quantized else w
+    bias = torch.randn(N, dtype=torch.float64)
+    lora_a = [torch.randn(r, k, dtype=torch.float64) / k ** 0.5 for r in ranks]
+    lora_b = [torch.randn(N, r, dtype=torch.float64) for r in ranks]
+    ids, scalings, dy = IDS[ids_kind](len(ranks)), [0.5, 2.0, -1.25], torch.randn(5, 7, N, dtype=torch.float64)
+    results = {}
+    for backend in ("reference", "cpu"):
+        tensors = [t.clone().requires_grad_() for t in (x, bias, *lora_a, *lora_b)]
+        with peftkern.use_backend(backend):
+            y = peftkern.multi_lora_linear(tensors[0], weight, tensors[2:5], tensors[5:], ids, scalings=scalings,
+                                           bias=tensors[1], dropout_p=p, seed=11)
+            y.backward(dy)
+        results[backend] = [y.detach()] + [t.grad for t in tensors]
+    with peftkern.use_backend("reference"):
+        want = _oracle(x, dense, lora_a, lora_b, ids, scalings, bias, p, 11)
+    assert rel_err(results["reference"][0], want) < 1e-12
+    for got, oracle in zip(results["cpu"], results["reference"]):
+        assert rel_err(got, oracle) < 1e-12
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_gradcheck_float64_reference(p):
+    x = torch.randn(3, 4, K, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(N, K, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(N, dtype=torch.float64, requires_grad=True)
+    lora_a, lora_b = _adapters([2, 1, 3])
+    ids = torch.tensor([[2, 0, -1, 2], [1, 1, 0, -1], [0, 2, 2, 2]], dtype=torch.int32)
+
+    def fn(x_, w_, bias_, *ab):
+        return peftkern.multi_lora_linear(x_, w_, ab[:3], ab[3:], ids, scalings=[0.5, -2.0, 1.5], bias=bias_,
+                                          dropout_p=p, seed=9)
+
+    with peftkern.use_backend("reference"):
+        assert torch.autograd.gradcheck(fn, (x, w, bias, *lora_a, *lora_b))
+
+
 def test_unused_adapter_gets_a_zero_gradient_and_frozen_ones_none():
     x = torch.randn(6, K)
     w = torch.randn(N, K)
@@ -165,15 +216,16 @@ def test_the_two_cpu_paths_agree():
     w = torch.randn(N, K)
     lora_a, lora_b = _adapters([3, 5, 1, 2], torch.float32, grad=False)
     ids = torch.randint(-1, 4, (40,))
-    args = (x, w, lora_a, lora_b, ids, None, [0.3, 1.0, -2.0, 0.9], 0.0, None)
-    old = ref.ROWS_KERNEL_MAX_ROWS_PER_ADAPTER
+    args = dict(x=x, **fourbit.op_args(w), lora_a=lora_a, lora_b=lora_b, row_ids=ids, bias=None,
+                scalings=[0.3, 1.0, -2.0, 0.9], dropout_p=0.0, seed=None)
+    old = multi_cpu.ROWS_KERNEL_MAX_ROWS_PER_ADAPTER
     try:
-        ref.ROWS_KERNEL_MAX_ROWS_PER_ADAPTER = 0
-        grouped = torch.ops.peftkern.multi_lora_linear_fwd(*args)
-        ref.ROWS_KERNEL_MAX_ROWS_PER_ADAPTER = 10**9
-        rows = torch.ops.peftkern.multi_lora_linear_fwd(*args)
+        multi_cpu.ROWS_KERNEL_MAX_ROWS_PER_ADAPTER = 0
+        grouped = multi_op.forward_op(**args)
+        multi_cpu.ROWS_KERNEL_MAX_ROWS_PER_ADAPTER = 10**9
+        rows = multi_op.forward_op(**args)
     finally:
-        ref.ROWS_KERNEL_MAX_ROWS_PER_ADAPTER = old
+        multi_cpu.ROWS_KERNEL_MAX_ROWS_PER_ADAPTER = old
     for g, r in zip(grouped, rows):
         assert rel_err(r, g) < 1e-6
 
@@ -217,18 +269,36 @@ def test_autocast_casts_like_f_linear():
     assert lora_a[0].grad.dtype == torch.float32
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_opcheck_with_per_adapter_gradient_flags(backend):
+    if backend not in available_backends("multi_lora_linear", torch.float32):
+        pytest.skip(f"backend {backend} unavailable here")
     x, w, bias = torch.randn(7, K), torch.randn(N, K), torch.randn(N)
     lora_a, lora_b = _adapters([3, 2], torch.float32)
     ids = torch.tensor([0, 1, 1, -1, 0, 1, 0])
-    for p, seed in ((0.0, None), (0.3, torch.tensor(4))):
-        torch.library.opcheck(torch.ops.peftkern.multi_lora_linear_fwd.default,
-                              (x, w, lora_a, lora_b, ids, bias, [0.5, 2.0], p, seed))
-        y, s_down = torch.ops.peftkern.multi_lora_linear_fwd(x, w, lora_a, lora_b, ids, bias, [0.5, 2.0], p, seed)
-        torch.library.opcheck(torch.ops.peftkern.multi_lora_linear_bwd.default,
-                              (torch.randn_like(y), x, w, [t.detach() for t in lora_a], [t.detach() for t in lora_b],
-                               ids, s_down, [0.5, 2.0], p, seed, True, True, [True, False], [False, True], True,
-                               "reference"))
+    with peftkern.use_backend(backend):
+        for p, seed in ((0.0, None), (0.3, torch.tensor(4))):
+            fwd = dict(x=x, **fourbit.op_args(w), lora_a=lora_a, lora_b=lora_b, row_ids=ids, bias=bias,
+                       scalings=[0.5, 2.0], dropout_p=p, seed=seed)
+            torch.library.opcheck(torch.ops.peftkern.multi_lora_linear_fwd.default, (), fwd)
+            _, s_down = multi_op.forward_op(**fwd)
+            bwd = examples.backward_args(fwd, s_down, backend, need_lora_a=[True, False], need_lora_b=[False, True])
+            torch.library.opcheck(torch.ops.peftkern.multi_lora_linear_bwd.default, (), bwd)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("case", sorted(examples.cases()))
+def test_opcheck(backend, case):
+    """torch.library.opcheck on both ops, over the family's representative arguments (dense and 4-bit bases, ranks
+    that differ, rows with no adapter, with and without bias and dropout)."""
+    if backend not in available_backends("multi_lora_linear", torch.float32):
+        pytest.skip(f"backend {backend} unavailable here")
+    fwd = examples.cases(device=DEVICE)[case]
+    with peftkern.use_backend(backend):
+        torch.library.opcheck(torch.ops.peftkern.multi_lora_linear_fwd.default, (), fwd)
+        _, s_down = multi_op.forward_op(**fwd)
+        bwd = examples.backward_args(fwd, s_down, backend)
+        torch.library.opcheck(torch.ops.peftkern.multi_lora_linear_bwd.default, (), bwd)
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
@@ -350,13 +420,15 @@ def test_quantized_ops_opcheck_and_bad_weight():
     lora_a = [torch.randn(3, 64, requires_grad=True)]
     lora_b = [torch.randn(N, 3, requires_grad=True)]
     ids = torch.tensor([0, -1, 0, 0, -1])
-    parts = (qw.packed, qw.absmax, qw.code, qw.absmax2, qw.code2, qw.offset, N, 64, qw.dtype)
-    torch.library.opcheck(torch.ops.peftkern.multi_qlora_linear_fwd.default,
-                          (x, *parts, lora_a, lora_b, ids, None, [2.0], 0.2, torch.tensor(3)))
-    y, s_down = torch.ops.peftkern.multi_qlora_linear_fwd(x, *parts, lora_a, lora_b, ids, None, [2.0], 0.0, None)
-    torch.library.opcheck(torch.ops.peftkern.multi_qlora_linear_bwd.default,
-                          (torch.randn_like(y), x, *parts, [t.detach() for t in lora_a], [t.detach() for t in lora_b],
-                           ids, s_down, [2.0], 0.0, None, True, [True], [True], False, "reference"))
+    fwd = dict(x=x, **fourbit.op_args(qw), lora_a=lora_a, lora_b=lora_b, row_ids=ids, bias=None, scalings=[2.0],
+               dropout_p=0.2, seed=torch.tensor(3))
+    torch.library.opcheck(torch.ops.peftkern.multi_lora_linear_fwd.default, (), fwd)
+    fwd.update(dropout_p=0.0, seed=None)
+    y, s_down = multi_op.forward_op(**fwd)
+    for backend in ("reference", "cpu"):
+        bwd = examples.backward_args(fwd, s_down, backend, dy=torch.randn_like(y))
+        assert bwd["need_weight"] is False  # a 4-bit base is frozen
+        torch.library.opcheck(torch.ops.peftkern.multi_lora_linear_bwd.default, (), bwd)
     with pytest.raises(ValueError, match="the QuantizedWeight stands for"):
         peftkern.multi_lora_linear(torch.randn(5, 32), qw, lora_a, lora_b, ids, scalings=[1.0])
 
@@ -367,12 +439,13 @@ def test_eager_inference_runs_the_op_body_directly_with_the_same_result(monkeypa
     traces or intercepts (a dispatch mode here), or a call that needs gradients, goes through the op."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from peftkern.ops import multi_lora as ops
+    ops = multi_op
 
     x, w, bias = torch.randn(6, K), torch.randn(N, K), torch.randn(N)
     lora_a, lora_b = _adapters([3, 2], torch.float32)  # parameters that require grad, as in a served model
     ids = torch.tensor([1, 0, -1, 1, 0, 0])
-    want, _ = torch.ops.peftkern.multi_lora_linear_fwd(x, w, lora_a, lora_b, ids, bias, [0.5, 2.0], 0.0, None)
+    want, _ = multi_op.forward_op(x=x, **fourbit.op_args(w), lora_a=lora_a, lora_b=lora_b, row_ids=ids, bias=bias,
+                                  scalings=[0.5, 2.0], dropout_p=0.0, seed=None)
     decisions = []
     original = ops._plain_eager_inference
     monkeypatch.setattr(ops, "_plain_eager_inference", lambda *a: decisions.append(original(*a)) or decisions[-1])

@@ -1,4 +1,4 @@
-"""multi_lora_linear's Triton kernels (kernels/multi_lora.py, peftkern/impls/triton_multi_lora.py) under the Triton
+"""multi_lora_linear's Triton kernels (kernels/multi_lora.py, peftkern/multi_lora/triton.py) under the Triton
 interpreter (float32/float16: the interpreter's bf16 dot is wrong, triton issue 11584), against the float64
 reference: forward and every gradient, ids per sequence and per token, −1 rows, ranks that differ (and above one
 rank tile), an adapter no row uses, frozen adapters, dropout with lora_linear's mask, float32 adapters beside float16
@@ -10,7 +10,8 @@ import torch
 
 import peftkern
 from peftkern.core import backend as _backend
-from peftkern.impls import triton_multi_lora as impl
+from peftkern.multi_lora import op as multi_op, triton as impl
+from peftkern.quant import fourbit
 
 from .conftest import DEVICE, ERROR_FLOOR, rel_err
 
@@ -172,6 +173,15 @@ def test_no_host_synchronisation_after_the_id_check(monkeypatch):
     ids = torch.tensor([1, 0, -1, 1, 0, 0])
     x, w, a, b = cast["x"], cast["w"], cast["a"], cast["bb"]
     monkeypatch.setattr(impl, "check_ids", lambda row_ids, n: None)
+    # the named arguments are made before the reads are forbidden (the op's prepare reads the seed tensor once)
+    fwd = multi_op.forward_op.named(x=x, **fourbit.op_args(w), lora_a=a, lora_b=b, row_ids=ids, bias=None,
+                                    scalings=[1.0, 2.0], dropout_p=0.2, seed=torch.tensor(7))
+    fwd_half = multi_op.forward_op.named(x=x.half(), **fourbit.op_args(w.half()), lora_a=a, lora_b=b,
+                                         row_ids=ids.int(), bias=None, scalings=[1.0, 2.0], dropout_p=0.0, seed=None)
+    bwd = multi_op.backward_op.named(dy=torch.ones(x.shape[0], N), x=x, **fourbit.op_args(w), lora_a=a, lora_b=b,
+                                     row_ids=ids, s_down=torch.empty(0), scalings=[1.0, 2.0], dropout_p=0.2,
+                                     seed=torch.tensor(7), need_x=True, need_weight=True, need_lora_a=[True, False],
+                                     need_lora_b=[True, True], need_bias=True, backend="triton")
 
     def forbidden(self, *args, **kwargs):
         raise AssertionError("a host synchronisation (a read of a tensor's value)")
@@ -183,14 +193,14 @@ def test_no_host_synchronisation_after_the_id_check(monkeypatch):
                  lambda: bool(probe), lambda: [0, 1, 2, 3][probe]):
         with pytest.raises(AssertionError, match="host synchronisation"):  # the patches do catch every read
             read()
-    y, s_down = impl._forward(True)(x, w, a, b, ids, None, [1.0, 2.0], 0.2, 7)
-    y2, _ = impl._forward(False)(x, w, a, b, ids, None, [1.0, 2.0], 0.2, 7)
-    grads = impl.backward(torch.ones_like(y), x, w, a, b, ids, s_down, [1.0, 2.0], 0.2, 7, True, True,
-                          [True, False], [True, True], True)
-    half = impl._forward(True)(x.half(), w.half(), a, b, ids.int(), None, [1.0, 2.0], 0.0, 0)  # fp32 adapters
+    y, s_down = impl.forward_fused(fwd)
+    y2, _ = impl.forward_composite(fwd)
+    grads = impl.backward(bwd._replace(s_down=s_down))
+    half = impl.forward_fused(fwd_half)  # fp32 adapters
     monkeypatch.undo()
     with peftkern.use_backend("reference"):
-        want_y, _ = torch.ops.peftkern.multi_lora_linear_fwd(x, w, a, b, ids, None, [1.0, 2.0], 0.2, torch.tensor(7))
+        want_y, _ = multi_op.forward_op(x=x, **fourbit.op_args(w), lora_a=a, lora_b=b, row_ids=ids, bias=None,
+                                        scalings=[1.0, 2.0], dropout_p=0.2, seed=torch.tensor(7))
     assert rel_err(y, want_y) < 1e-5 and rel_err(y2, want_y) < 1e-5 and grads[0].shape == x.shape
     assert grads[1].shape == w.shape and grads[2][1].numel() == 0 and half[0].dtype == torch.float16
 
@@ -201,7 +211,9 @@ def test_no_device_synchronisation_on_cuda():
     t = {k: (v.cuda() if isinstance(v, torch.Tensor) else [u.cuda() for u in v] if isinstance(v, list) else v)
          for k, v in cast.items()}
     ids = torch.randint(-1, 2, (64,), device="cuda")
-    impl._forward(True)(t["x"], t["w"], t["a"], t["bb"], ids, t["b"], [1.0, 2.0], 0.0, 0)  # warm-up: compiles
+    fwd = multi_op.forward_op.named(x=t["x"], **fourbit.op_args(t["w"]), lora_a=t["a"], lora_b=t["bb"], row_ids=ids,
+                                    bias=t["b"], scalings=[1.0, 2.0], dropout_p=0.0, seed=None)
+    impl.forward_fused(fwd)  # warm-up: compiles
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -311,7 +323,7 @@ def test_ids_are_validated_without_a_host_read_off_the_cpu():
     ids = torch.tensor([0, 1, -1, 2]).to("meta")
     impl.validate_ids(ids, 3)
     impl.validate_ids(ids[:0], 3)
-    with pytest.raises(IndexError, match="adapter_ids holds 3"):  # on CPU: the reference path's IndexError
+    with pytest.raises(IndexError, match="adapter_ids holds 3"):  # on CPU: the cpu path's IndexError
         impl.validate_ids(torch.tensor([0, 3]), 3)
 
 

@@ -1,8 +1,9 @@
 """Which implementation runs a peftkern op: one registry, one choice, measured where it matters.
 
-Every op family (lora_linear, bottleneck_adapter, sparse_diff_linear, sparse_diff_apply) is defined
-once, as custom ops in peftkern/ops/; its implementations register here, from peftkern/impls/, as
-(family, backend, variant) -> Implementation. An op body makes one call:
+Every op family (lora_linear, dora_linear, multi_lora_linear, bottleneck_adapter, sparse_diff_linear,
+sparse_diff_apply) is defined once, as custom ops in its folder's op.py (peftkern/<family>/); its implementations
+register here, from that folder's reference.py, cpu.py and triton.py, as (family, backend, variant) -> Implementation.
+An op body makes one call:
 
     dispatch.call(family, phase, backend, key, *args)      # phase: "forward" or "backward"
                                                            # key: a callable giving the measurement key
@@ -22,7 +23,7 @@ Two levels decide what runs:
      fused / composite   always that kind (RuntimeError, saying why, when none of its variants can run the
                call); where several variants of the kind can run it, they are measured among themselves
    The key is what decides which one is faster: op phase, device, dtypes, a power-of-two bucket of
-   the token count, the other dimensions, flags and layout (peftkern/ops build it).
+   the token count, the other dimensions, flags and layout (each op's declared `key`).
 
 Measuring runs each candidate on the call's real arguments (every implementation is a pure function
 of its inputs: sparse composite's in-place apply is restored bit-exactly before it returns), so the

@@ -14,7 +14,8 @@ Every implementation registered for the family (core/dispatch.py) receives the s
 arguments are found by name (wire_autograd): a forward input or output of that name (saved for backward),
 `d<output>` (the gradient reaching a forward output), `need_<input>` (whether autograd wants that input's
 gradient) and `backend` (the backend that ran the forward runs the backward). Its results are named
-`d<input>`, one per forward input that can take a gradient. A misspelt name fails when the family is imported,
+`d<input>`, one per forward input that can take a gradient. A Tensor[] input (a list of adapters) has a bool[]
+`need_<input>` and a Tensor[] `d<input>`, one entry per element. A misspelt name fails when the family is imported,
 not at the first backward.
 """
 from __future__ import annotations
@@ -82,6 +83,12 @@ class Op:
     def named(self, **kwargs):
         """The arguments an implementation receives for this call (tests call implementations directly)."""
         return self._prepare(self.Args(**kwargs))
+
+    def run(self, **kwargs):
+        """The op's body called directly, past torch's dispatcher (no autograd, autocast or fake): the same
+        result, without the dispatcher's per-call cost (a family may take this path where nothing can trace,
+        intercept, cast or differentiate the call)."""
+        return self._run(*self.Args(**kwargs))
 
     def __call__(self, **kwargs):
         """Call the op (through torch's dispatcher: autograd, autocast, fakes) with named arguments."""
@@ -163,14 +170,17 @@ def wire_autograd(fwd: Op, bwd: Op, *, derived: Optional[dict] = None, passthrou
             if n == "backend":
                 kwargs[n] = ctx.backend
             elif n.startswith("need_") and n[5:] in fwd.names:
-                kwargs[n] = bool(need[fwd.names.index(n[5:])])
+                flag = need[fwd.names.index(n[5:])]  # a list of flags for a Tensor[] input
+                kwargs[n] = [bool(f) for f in flag] if isinstance(flag, (list, tuple)) else bool(flag)
             else:
                 kwargs[n] = grads[fwd.returns.index(n[1:])]
         results = bwd(**kwargs)
         results = results if isinstance(results, (tuple, list)) else (results,)
         out = [[None] * len(v) if isinstance(v, list) else None for v in need]
         for pos, g in zip(targets, results):
-            if need[pos] is True:
+            if isinstance(need[pos], (list, tuple)):  # Tensor[]: one gradient per element, None where not needed
+                out[pos] = [gi if k else None for gi, k in zip(g, need[pos])]
+            elif need[pos] is True:
                 out[pos] = g
         for n, output in passthrough.items():
             pos = fwd.names.index(n)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..core import checks as _checks
-from ..ops.multi_lora import multi_lora_linear
+from ..multi_lora import multi_lora_linear
 from ._common import check_dense_linear, is_linear4bit, reset_base
 
 

@@ -1,5 +1,5 @@
 """The 4-bit format's constants and tables, and quantization as bitsandbytes' CPU path computes it, op for op (the
-format itself is described in peftkern.quant's docstring; dequantization is peftkern.reference.qlora's, shared with
+format itself is described in peftkern.quant's docstring; dequantization is peftkern.quant.fourbit's, shared with
 the ops)."""
 import functools
 

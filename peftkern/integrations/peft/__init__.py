@@ -94,7 +94,7 @@ from ...core import checks as _checks
 # replacing them here (a test's spy, PEFT's suite plugin counting fused calls) reaches every patched layer
 from ...dora import dora_linear
 from ...lora import lora_linear
-from ...ops.multi_lora import multi_lora_linear
+from ...multi_lora import multi_lora_linear
 from .base_weight import _fusable_base
 from .eligibility import (
     _adapter_reason,

@@ -1,11 +1,13 @@
-"""peftkern.multi_lora_linear (SPEC section 9): input checks -> custom ops (forward, backward) -> fakes -> autograd.
+"""peftkern.multi_lora_linear: the two custom ops (forward, backward) with their fakes, and the public function.
 
-Many LoRA adapters over one frozen base in one call: row t of x uses adapter row_ids[t] (−1: none). The ops take
-the adapters as lists (Tensor[] in the schema), so no copy or concatenation of them is made per call, and
-return one gradient per adapter. The forward also returns S = dropout(x)·A_iᵀ per row ([M, max rank], fp32,
-zero beyond a row's own rank), the activation backward needs, as lora_linear keeps. The ids are checked inside
-the forward op, where they are used (IndexError): that read of their minimum and maximum is the call's one host
-synchronisation, and being inside the op keeps torch.compile's graph whole.
+Many LoRA adapters over one frozen base in one call: row t of x uses adapter row_ids[t] (-1: none). One op pair serves
+a dense base weight and a 4-bit one (peftkern.QuantizedWeight): the base travels as the five arguments of
+peftkern/fourbit.py. The ops take the adapters as lists (Tensor[] in the schema), so no copy or concatenation of them
+is made per call, and return one gradient per adapter. The forward also returns S = dropout(x)·A_iᵀ per row ([M, max
+rank], fp32, zero beyond a row's own rank), the activation backward needs, as lora_linear keeps. The ids are checked
+inside the forward op, where the implementations use them (IndexError on CPU; an asynchronous device-side assert on
+a GPU, see triton.validate_ids): that read of their minimum and maximum is the call's one host synchronisation on
+CPU, and being inside the op keeps torch.compile's graph whole.
 """
 from __future__ import annotations
 
@@ -15,92 +17,54 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..core import backend as _backend, checks as _checks, dispatch, rules
-from ..quant import QuantizedWeight
-from . import multi_qlora
-from ._autocast import register_autocast
+from ..core import checks, dispatch, rules
+from ..core.opdef import Op, grad_slot, wire_autograd
+from ..quant import QuantizedWeight, fourbit
 
 FAMILY = "multi_lora_linear"
 ID_DTYPES = (torch.int32, torch.int64)
 
-
-def _key(x: Tensor, weight: Tensor, lora_a: Sequence[Tensor], bias: Optional[Tensor], dropout_p: float,
-         *flags) -> tuple:
-    """What decides which variant is faster (peftkern.core.dispatch)."""
-    return (dispatch.token_bucket(x.shape[0]), *weight.shape, len(lora_a), max(a.shape[0] for a in lora_a),
-            x.dtype, lora_a[0].dtype, bias is not None, dropout_p > 0.0, dispatch.layout(x, weight), *flags)
+_BASE = fourbit.SCHEMA
+_ADAPTERS = "Tensor[] lora_a, Tensor[] lora_b, Tensor row_ids"
+_DROPOUT = "float[] scalings, float dropout_p, Tensor? seed"
 
 
-@torch.library.custom_op("peftkern::multi_lora_linear_fwd", mutates_args=())
-def multi_lora_linear_fwd(x: Tensor, weight: Tensor, lora_a: list[Tensor], lora_b: list[Tensor], row_ids: Tensor,
-                          bias: Optional[Tensor], scalings: list[float], dropout_p: float,
-                          seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _forward(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed)
+def _key(a) -> tuple:
+    """What decides which variant is faster (core/dispatch.py)."""
+    flags = tuple(any(v) if isinstance(v, (list, tuple)) else v for n, v in zip(a._fields, a) if n.startswith("need_"))
+    return (dispatch.token_bucket(a.x.shape[0]), a.out_features, a.x.shape[1], len(a.lora_a),
+            max(t.shape[0] for t in a.lora_a), a.x.dtype, a.lora_a[0].dtype, getattr(a, "bias", None) is not None,
+            a.dropout_p > 0.0, dispatch.layout(a.x, a.weight), a.blocksize, *flags)
 
 
-def _forward(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed):
-    """The forward op's body (also run directly by _plain_eager_inference)."""
-    seed_v = int(seed.item()) if seed is not None else 0
-    backend = _backend.select(FAMILY, x.device, x.dtype)
-    return dispatch.call(FAMILY, "forward", backend, lambda: _key(x, weight, lora_a, bias, dropout_p),
-                         x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed_v)
+def prepare(a):
+    """The variants' view of the arguments: the base weight resolved (a tensor or a checked fourbit.FourBit), the
+    seed as an int, dy contiguous. The ids are checked by each variant, where it uses them."""
+    a = a._replace(weight=fourbit.resolve(a, a.x.shape[1]), seed=int(a.seed.item()) if a.seed is not None else 0)
+    return a._replace(dy=a.dy.contiguous()) if "dy" in a._fields else a
 
 
-@multi_lora_linear_fwd.register_fake
-def _(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed):
-    return (x.new_empty((x.shape[0], weight.shape[0])),
-            x.new_empty((x.shape[0], max(a.shape[0] for a in lora_a)), dtype=rules.acc_dtype(x.dtype)))
+def _adapter_grads(flags, tensors):
+    return [grad_slot(k, t, t.shape, t) for k, t in zip(flags, tensors)]
 
 
-@torch.library.custom_op("peftkern::multi_lora_linear_bwd", mutates_args=())
-def multi_lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: list[Tensor], lora_b: list[Tensor],
-                          row_ids: Tensor, s_down: Tensor, scalings: list[float], dropout_p: float,
-                          seed: Optional[Tensor], need_x: bool, need_weight: bool, need_a: list[bool],
-                          need_b: list[bool], need_bias: bool, backend: str
-                          ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], Tensor]:
-    seed_v = int(seed.item()) if seed is not None else 0
-    dy = dy.contiguous()
-    return dispatch.call(FAMILY, "backward", backend,
-                         lambda: _key(x, weight, lora_a, None, dropout_p, need_x, need_weight, any(need_a),
-                                      any(need_b), need_bias),
-                         dy, x, weight, lora_a, lora_b, row_ids, s_down, scalings, dropout_p, seed_v,
-                         need_x, need_weight, list(need_a), list(need_b), need_bias)
+forward_op = Op(f"multi_lora_linear_fwd(Tensor x, {_BASE}, {_ADAPTERS}, Tensor? bias, {_DROPOUT}) "
+                "-> (Tensor y, Tensor s_down)",
+                family=FAMILY, key=_key, prepare=prepare, autocast_keep=("quant",),
+                fake=lambda a: (a.x.new_empty((a.x.shape[0], a.out_features)),
+                                a.x.new_empty((a.x.shape[0], max(t.shape[0] for t in a.lora_a)),
+                                              dtype=rules.acc_dtype(a.x.dtype))))
 
-
-@multi_lora_linear_bwd.register_fake
-def _(dy, x, weight, lora_a, lora_b, row_ids, s_down, scalings, dropout_p, seed, need_x, need_weight, need_a,
-      need_b, need_bias, backend):
-    return (x.new_empty(x.shape if need_x else (0,)),
-            x.new_empty(weight.shape if need_weight else (0,)),
-            [a.new_empty(a.shape if need else (0,)) for a, need in zip(lora_a, need_a)],
-            [b.new_empty(b.shape if need else (0,)) for b, need in zip(lora_b, need_b)],
-            x.new_empty((weight.shape[0],) if need_bias else (0,)))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed = inputs
-    ctx.n = len(lora_a)
-    ctx.save_for_backward(x, weight, row_ids, output[1], seed, *lora_a, *lora_b)
-    ctx.mark_non_differentiable(output[1])
-    ctx.scalings, ctx.dropout_p = list(scalings), dropout_p
-    ctx.backend = _backend.select(FAMILY, x.device, x.dtype)  # the forward's backend runs the backward
-
-
-def _backward(ctx, dy, _ds):
-    x, weight, row_ids, s_down, seed, *adapters = ctx.saved_tensors
-    lora_a, lora_b = adapters[:ctx.n], adapters[ctx.n:]
-    need = ctx.needs_input_grad
-    need_a, need_b = [bool(v) for v in need[2]], [bool(v) for v in need[3]]
-    dx, dw, da, db, dbias = torch.ops.peftkern.multi_lora_linear_bwd(
-        dy, x, weight, lora_a, lora_b, row_ids, s_down, ctx.scalings, ctx.dropout_p, seed, need[0], need[1],
-        need_a, need_b, need[5], ctx.backend)
-    return (dx if need[0] else None, dw if need[1] else None,
-            [g if k else None for g, k in zip(da, need_a)], [g if k else None for g, k in zip(db, need_b)],
-            None, dbias if need[5] else None, None, None, None)
-
-
-multi_lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
-register_autocast("multi_lora_linear_fwd", torch.ops.peftkern.multi_lora_linear_fwd.default)
+backward_op = Op(f"multi_lora_linear_bwd(Tensor dy, Tensor x, {_BASE}, {_ADAPTERS}, Tensor s_down, {_DROPOUT}, "
+                 "bool need_x, bool need_weight, bool[] need_lora_a, bool[] need_lora_b, bool need_bias, str backend) "
+                 "-> (Tensor dx, Tensor dweight, Tensor[] dlora_a, Tensor[] dlora_b, Tensor dbias)",
+                 family=FAMILY, phase="backward", key=_key, prepare=prepare,
+                 fake=lambda a: (grad_slot(a.need_x, a.x, a.x.shape, a.x),
+                                 grad_slot(a.need_weight and not a.quant, a.x, a.weight.shape, a.x),
+                                 _adapter_grads(a.need_lora_a, a.lora_a),
+                                 _adapter_grads(a.need_lora_b, a.lora_b),
+                                 grad_slot(a.need_bias, a.x, (a.out_features,), a.x)))
+wire_autograd(forward_op, backward_op)
 
 
 # ---- the public function --------------------------------------------------------------------------
@@ -114,11 +78,11 @@ def _adapter_list(name: str, value) -> list:
 def _check(x, weight, lora_a, lora_b, adapter_ids, bias, scalings):
     quantized = isinstance(weight, QuantizedWeight)
     if not quantized:
-        _checks.tensor("weight", weight, ndim=2)
-    _checks.tensor("x", x, min_ndim=1)
+        checks.tensor("weight", weight, ndim=2)
+    checks.tensor("x", x, min_ndim=1)
     if bias is not None:
-        _checks.tensor("bias", bias, ndim=1)
-        _checks.shape("bias", bias, (weight.shape[0],), "[out_features]")
+        checks.tensor("bias", bias, ndim=1)
+        checks.shape("bias", bias, (weight.shape[0],), "[out_features]")
     if x.shape[-1] != weight.shape[1]:
         what = "the QuantizedWeight stands for a [out, in] = " if quantized else "weight is [out, in] = "
         raise ValueError(f"x's last dim must equal weight's in_features {weight.shape[1]} ({what}"
@@ -143,17 +107,17 @@ def _check(x, weight, lora_a, lora_b, adapter_ids, bias, scalings):
             ok = False
         if not ok:
             _explain_adapter(x, weight, lora_a, i, a, b)
-    _checks.tensor("lora_a[0]", first, ndim=2)  # a floating dtype, shared by every adapter (tested above)
-    _checks.same_device("x", x, **{"lora_a[0]": first})
+    checks.tensor("lora_a[0]", first, ndim=2)  # a floating dtype, shared by every adapter (tested above)
+    checks.same_device("x", x, **{"lora_a[0]": first})
     if quantized:
         if weight.device != x.device:
             raise RuntimeError(f"weight (a QuantizedWeight) is on {weight.device} but x is on {x.device}; "
                                f"move them to one device (QuantizedWeight.to(device))")
-        _checks.same_device("x", x, bias=bias)
+        checks.same_device("x", x, bias=bias)
     else:
-        _checks.same_device("x", x, weight=weight, bias=bias)
+        checks.same_device("x", x, weight=weight, bias=bias)
     # a 4-bit weight is dequantized into x's dtype: only the bias must match x
-    _checks.input_dtypes("x", x, frozen=dict(bias=bias) if quantized else dict(weight=weight, bias=bias),
+    checks.input_dtypes("x", x, frozen=dict(bias=bias) if quantized else dict(weight=weight, bias=bias),
                          adapters={"lora_a[0]": lora_a[0], "lora_b[0]": lora_b[0]})
     _check_ids(x, adapter_ids)
     return scalings
@@ -162,14 +126,14 @@ def _check(x, weight, lora_a, lora_b, adapter_ids, bias, scalings):
 def _explain_adapter(x, weight, lora_a, i, a, b) -> None:
     """Raise the error that says what is wrong with adapter i (lora_linear's checks, naming lora_a[i] / lora_b[i])."""
     for name, t in ((f"lora_a[{i}]", a), (f"lora_b[{i}]", b)):
-        _checks.tensor(name, t, ndim=2)
+        checks.tensor(name, t, ndim=2)
     r = a.shape[0]
     if r < 1:
         raise ValueError(f"lora_a[{i}] must have rank r >= 1 rows, got shape {tuple(a.shape)}")
-    _checks.shape(f"lora_a[{i}]", a, (r, weight.shape[1]), "[r, in_features]")
-    _checks.shape(f"lora_b[{i}]", b, (weight.shape[0], r), f"[out_features, r] with lora_a[{i}]'s r")
-    _checks.same_device("x", x, **{f"lora_a[{i}]": a, f"lora_b[{i}]": b})
-    _checks.same_device("lora_a[0]", lora_a[0], **{f"lora_a[{i}]": a, f"lora_b[{i}]": b})
+    checks.shape(f"lora_a[{i}]", a, (r, weight.shape[1]), "[r, in_features]")
+    checks.shape(f"lora_b[{i}]", b, (weight.shape[0], r), f"[out_features, r] with lora_a[{i}]'s r")
+    checks.same_device("x", x, **{f"lora_a[{i}]": a, f"lora_b[{i}]": b})
+    checks.same_device("lora_a[0]", lora_a[0], **{f"lora_a[{i}]": a, f"lora_b[{i}]": b})
     raise TypeError(f"every adapter tensor must have one dtype (lora_a[0]'s, {lora_a[0].dtype}); "
                     f"lora_a[{i}] is {a.dtype}, lora_b[{i}] is {b.dtype}")
 
@@ -181,7 +145,7 @@ def _adapter_scalings(scalings, n: int) -> list[float]:
         raise ValueError(f"scalings must hold one number per adapter ({n}), got {len(scalings)}")
     if all(type(v) is float and math.isfinite(v) for v in scalings):
         return list(scalings)
-    return [_checks.real_number(f"scalings[{i}]", v) for i, v in enumerate(scalings)]
+    return [checks.real_number(f"scalings[{i}]", v) for i, v in enumerate(scalings)]
 
 
 def _check_ids(x: Tensor, adapter_ids) -> None:
@@ -198,7 +162,7 @@ def _check_ids(x: Tensor, adapter_ids) -> None:
                          f"{tuple(adapter_ids.shape)}")
 
 
-def _plain_eager_inference(x, weight, bias, lora_a, lora_b, row_ids) -> bool:
+def _plain_eager_inference(x, base: dict, bias, lora_a, lora_b, row_ids) -> bool:
     """True when the forward op's body may run without going through the dispatcher: no gradient can be asked for
     (grad mode off, or no input requires it), nothing traces or intercepts the call (torch.compile, a
     TorchFunctionMode or TorchDispatchMode, a tensor subclass such as FakeTensor) and autocast is off (the op's
@@ -207,10 +171,10 @@ def _plain_eager_inference(x, weight, bias, lora_a, lora_b, row_ids) -> bool:
     (~90 µs at 32 adapters, measured) is a sizeable share of a step whose base product takes ~1 ms on a CPU."""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         return False
-    if torch._C._len_torch_dispatch_stack() > 0 or _checks.autocast_active(x.device):
+    if torch._C._len_torch_dispatch_stack() > 0 or checks.autocast_active(x.device):
         return False
     plain = (torch.Tensor, torch.nn.Parameter)
-    tensors = (x, weight, row_ids, *lora_a, *lora_b) if bias is None else (x, weight, bias, row_ids, *lora_a, *lora_b)
+    tensors = (x, base["weight"], *base["quant"], row_ids, *lora_a, *lora_b) + (() if bias is None else (bias,))
     if not all(type(t) in plain for t in tensors):
         return False
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
@@ -243,22 +207,21 @@ def multi_lora_linear(x: Tensor, weight, lora_a: Sequence[Tensor], lora_b: Seque
     Raises (before any work): IndexError for an id outside [−1, n); ValueError / TypeError / RuntimeError for
     shapes, dtypes and devices, naming the argument (lora_a[2], scalings[0], ...).
     """
-    quantized = isinstance(weight, QuantizedWeight)
     lora_a, lora_b = _adapter_list("lora_a", lora_a), _adapter_list("lora_b", lora_b)
     scalings = _check(x, weight, lora_a, lora_b, adapter_ids, bias, scalings)
-    _, dropout_p, seed = _checks.scalars(1.0, dropout_p, training, seed)
-    p, seed_t = _checks.dropout_and_seed(dropout_p, training, seed)
+    _, dropout_p, seed = checks.scalars(1.0, dropout_p, training, seed)
+    p, seed_t = checks.dropout_and_seed(dropout_p, training, seed)
     lead = x.shape[:-1]
     rows = math.prod(lead)
     # one id per row of the 2-D view: [batch] ids repeat over each sequence's tokens
     ids = adapter_ids.reshape(tuple(adapter_ids.shape) + (1,) * (len(lead) - adapter_ids.dim()))
     row_ids = ids.expand(lead).reshape(rows)
     x2 = x.reshape(rows, x.shape[-1])
-    if quantized:
-        y = multi_qlora.forward(x2, weight, lora_a, lora_b, row_ids, bias, scalings, p, seed_t)
-    elif _plain_eager_inference(x2, weight, bias, lora_a, lora_b, row_ids):
-        y, _ = _forward(x2, weight, lora_a, lora_b, row_ids, bias, scalings, p, seed_t)
+    base = fourbit.op_args(weight)
+    args = dict(x=x2, **base, lora_a=lora_a, lora_b=lora_b, row_ids=row_ids, bias=bias, scalings=scalings,
+                dropout_p=p, seed=seed_t)
+    if _plain_eager_inference(x2, base, bias, lora_a, lora_b, row_ids):
+        y, _ = forward_op.run(**args)
     else:
-        y, _ = torch.ops.peftkern.multi_lora_linear_fwd(x2, weight, lora_a, lora_b, row_ids, bias, scalings, p,
-                                                        seed_t)
+        y, _ = forward_op(**args)
     return y.view(*lead, weight.shape[0])

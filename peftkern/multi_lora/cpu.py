@@ -1,22 +1,21 @@
-"""Many LoRA adapters over one base in plain torch (SPEC section 9), forward and backward.
+"""multi_lora_linear's fast torch path (the "cpu" backend; the GPU composite of a 4-bit base runs it too).
 
-Row t of x [M, K] uses adapter i = row_ids[t] (−1: none):
-    y_t = x_t·Wᵀ + bias + scalings[i]·(dropout(x)_t·A_iᵀ)·B_iᵀ
-with lora_linear's dropout mask for the same x and seed (reference/dropout.py: a function of the row's position
-in x, so every row sees the mask lora_linear would give it).
-
-This is the CPU path and the tests' oracle. Rows are grouped by adapter once per call (a stable sort of the ids:
-one host read of the group sizes, which on CPU costs nothing), and each adapter's rows run as BLAS products of
-their own rank: a group whose rows are contiguous in x (one adapter per sequence) is a view, never a copy;
-a scattered group is gathered and its result added back with index_add_. The work grows with the rows each
-adapter serves; an adapter no row uses costs nothing but a zero gradient. Few rows per adapter (decode: each
-group a row or two) make the per-group BLAS calls dominate; there the compiled extension's row kernel
-(csrc/multi_lora.cpp), when built, does the whole rank-r term in one pass over the rows (see `_rows_kernel`).
+Row t of x [M, K] uses adapter i = row_ids[t] (-1: none); reference.py states the math. Rows are grouped by adapter
+once per call (a stable sort of the ids: one host read of the group sizes, which on CPU costs nothing), and each
+adapter's rows run as BLAS products of their own rank: a group whose rows are contiguous in x (one adapter per
+sequence) is a view, never a copy; a scattered group is gathered and its result added back with index_add_. The work
+grows with the rows each adapter serves; an adapter no row uses costs nothing but a zero gradient. Few rows per
+adapter (decode: each group a row or two) make the per-group BLAS calls dominate; there the compiled extension's row
+kernel (csrc/multi_lora.cpp), when built, does the whole rank-r term in one pass over the rows (see `_rows_kernel`).
+With dropout, x is walked in blocks of rows (core/cpu.py), each block's mask made once. A 4-bit base is dequantized
+a block of output rows at a time (fourbit.PackedWeight), never whole.
 
 S = dropout(x)·Aᵀ comes back as one [M, R] tensor (R = the largest rank; row t's first r_i columns hold its S,
 the rest zero) in the accumulation dtype: the activation backward needs, like lora_linear's S.
 The rank-r branch runs in the adapters' dtype when wider than x's (float32 adapters beside a half x, PEFT's
-default), meeting the base result in one rounded add, as reference/lora.py does.
+default), meeting the base result in one rounded add, as lora/cpu.py does.
+
+The ids are checked where they are used: check_ids (IndexError) before any product reads an adapter through one.
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from ..core import backend as _backend, dispatch
 from ..core.cpu import (
     base_grad_input as _base_grad_input,
     base_linear as _base_linear,
@@ -33,7 +33,6 @@ from ..core.cpu import (
     row_blocks as _row_blocks,
 )
 from ..core.rules import acc_dtype, rank_dtype
-from ..quant import fourbit
 
 Rows = Union[slice, Tensor]
 
@@ -111,8 +110,9 @@ def _dtypes(x: Tensor, lora_a, lora_b):
     return acc_dtype(x.dtype), rank
 
 
-def multi_fwd(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p: float, seed: int):
-    """x [M, K] -> (y [M, N] in x's dtype, S [M, max rank] in the accumulation dtype)."""
+def multi_forward(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p: float, seed: int):
+    """x [M, K] -> (y [M, N] in x's dtype, S [M, max rank] in the accumulation dtype). `weight` is dense or a
+    fourbit.PackedWeight."""
     n = len(lora_a)
     check_ids(row_ids, n)
     acc, rank = _dtypes(x, lora_a, lora_b)
@@ -180,8 +180,8 @@ def _by_segment(x, weight, lora_a, lora_b, bias, scalings, found, s_down):
     return y
 
 
-def multi_bwd(dy, x, weight, lora_a, lora_b, row_ids, s_down, scalings, dropout_p: float, seed: int,
-              need_x: bool, need_weight: bool, need_a: Sequence[bool], need_b: Sequence[bool], need_bias: bool):
+def multi_backward(dy, x, weight, lora_a, lora_b, row_ids, s_down, scalings, dropout_p: float, seed: int,
+                   need_x: bool, need_weight: bool, need_a: Sequence[bool], need_b: Sequence[bool], need_bias: bool):
     """Gradients (dx, dweight, [dA_i], [dB_i], dbias); entries not needed are empty tensors (distinct ones: custom
     op outputs must not alias). dA_i, dB_i of an adapter no row uses are zeros."""
     n = len(lora_a)
@@ -240,8 +240,6 @@ def _rows_kernel(x, y, lora_a, lora_b, row_ids, scalings, s_down) -> bool:
     y's rank-r term in one pass over the rows. Returns False (nothing done) where it does not apply or would not
     win: not CPU, not float32/float64, adapters in another dtype than x, non-contiguous tensors, or many rows per
     adapter."""
-    from ..core import backend as _backend
-
     if x.device.type != "cpu" or x.shape[0] > ROWS_KERNEL_MAX_ROWS_PER_ADAPTER * len(lora_a):
         return False
     ext = _backend.extension()
@@ -253,22 +251,21 @@ def _rows_kernel(x, y, lora_a, lora_b, row_ids, scalings, s_down) -> bool:
                                list(lora_a), list(lora_b), [float(v) for v in scalings])
 
 
-# ---- over a 4-bit base (SPEC section 7): the same math, the base products dequantizing a block of rows at a time
-def multi_qfwd(x, packed, absmax, code, absmax2, code2, offset, out_features: int, blocksize: int, weight_dtype,
-               lora_a, lora_b, row_ids, bias, scalings, dropout_p: float, seed: int):
+# ---- the registered variant: the op's named arguments -----------------------------------------------------
 
-    weight = fourbit.packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
-                            weight_dtype, x.dtype)
-    return multi_fwd(x, weight, lora_a, lora_b, row_ids, bias, scalings, dropout_p, seed)
+def _base(a):
+    """The weight multi_forward / multi_backward take: the dense tensor, or the 4-bit one's blocked products."""
+    return a.weight if isinstance(a.weight, torch.Tensor) else a.weight.packed_weight(a.x.dtype)
 
 
-def multi_qbwd(dy, x, packed, absmax, code, absmax2, code2, offset, out_features: int, blocksize: int, weight_dtype,
-               lora_a, lora_b, row_ids, s_down, scalings, dropout_p: float, seed: int, need_x: bool,
-               need_a: Sequence[bool], need_b: Sequence[bool], need_bias: bool):
-    """(dx, [dA_i], [dB_i], dbias): the base weight is frozen, no dW."""
+def forward(a):
+    return multi_forward(a.x, _base(a), a.lora_a, a.lora_b, a.row_ids, a.bias, a.scalings, a.dropout_p, a.seed)
 
-    weight = fourbit.packed_weight(packed, absmax, code, absmax2, code2, offset, out_features, x.shape[1], blocksize,
-                            weight_dtype, x.dtype)
-    dx, _, da, db, dbias = multi_bwd(dy, x, weight, lora_a, lora_b, row_ids, s_down, scalings, dropout_p, seed,
-                                     need_x, False, need_a, need_b, need_bias)
-    return dx, da, db, dbias
+
+def backward(a):
+    need_weight = a.need_weight and isinstance(a.weight, torch.Tensor)  # a 4-bit base is frozen
+    return multi_backward(a.dy, a.x, _base(a), a.lora_a, a.lora_b, a.row_ids, a.s_down, a.scalings, a.dropout_p,
+                          a.seed, a.need_x, need_weight, a.need_lora_a, a.need_lora_b, a.need_bias)
+
+
+dispatch.register("multi_lora_linear", "cpu", forward=forward, backward=backward)

@@ -1,1 +1,0 @@
-"""torch.library custom ops of peftkern, one module per op family."""

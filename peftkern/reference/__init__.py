@@ -1,1 +1,0 @@
-"""Plain-torch math of every op: the CPU implementation and the tests' float64 oracle."""
