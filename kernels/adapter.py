@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _launch
+from . import _launch, registry
 from ._launch import dot_precision, pow2_at_least_16
 from .activations import activate, derivative
 from .tf32 import dot_prec
@@ -30,6 +30,7 @@ from .tf32 import dot_prec
 MAX_K = 256
 
 
+@registry.kernel
 @triton.jit
 def _adapter_fwd_kernel(
     h_ptr, res_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, out_ptr, pre_ptr,
@@ -80,6 +81,7 @@ def _adapter_fwd_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=tile)
 
 
+@registry.kernel
 @triton.jit
 def _adapter_bwd_kernel(
     dy_ptr, pre_ptr, wu_ptr, wd_ptr, dh_ptr, dpre_ptr, z_ptr, colsum_ptr,
@@ -147,7 +149,7 @@ def _blocks(d: int, k: int, exact: bool, wide: bool):
     """(BLOCK_M, BLOCK_D, BLOCK_K, warps). `exact`: a product runs in 3xTF32 (fp32 weights); `wide`: an operand
     is fp32 (activations or weights)."""
     block_k = pow2_at_least_16(k, MAX_K)
-    if INTERPRET:
+    if _launch.interpreting():
         return 16, 32, block_k, 4
     # keep the [BLOCK_M, BLOCK_K] fp32 accumulator and a [BLOCK_M, BLOCK_D] tile within registers
     block_m = 64 if block_k <= 64 else 32
@@ -167,7 +169,6 @@ def _tiles(x, w_down, w_up):
     exact = "tf32x3" in (dot_precision(w_down.dtype == torch.float32), dot_precision(w_up.dtype == torch.float32))
     wide = torch.float32 in (x.dtype, w_down.dtype, w_up.dtype)
     return _blocks(x.shape[1], w_down.shape[0], exact, wide)
-
 
 
 def adapter_fwd(h, w_down, b_down, w_up, b_up, residual, code: int, scaling: float):

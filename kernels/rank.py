@@ -14,12 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _launch
-from ._launch import dot_precision, dropout_args, pow2_at_least_16, target_programs
+from . import _launch, registry
+from ._launch import dot_precision, dropout_args, pow2_at_least_16, split_reduction
+from .blocks import add_to_tile, rank_term, row_major_tile
 from .dropout import keep_tile
 from .tf32 import dot_prec
 
 
+@registry.kernel
 @triton.jit
 def _rank_down_kernel(
     x_ptr, p_ptr, out_ptr,
@@ -54,6 +56,7 @@ def _rank_down_kernel(
              + offs_r[None, :] * stride_or, acc * scale, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
+@registry.kernel
 @triton.jit
 def _rank_grad_kernel(
     g_ptr, x_ptr, part_ptr,
@@ -85,7 +88,7 @@ def _rank_grad_kernel(
              acc * scale, mask=(offs_r[:, None] < R) & (offs_c[None, :] < C))
 
 
-
+@registry.kernel
 @triton.jit
 def _rank_up_add_kernel(
     out_ptr, t_ptr, u_ptr,
@@ -97,28 +100,13 @@ def _rank_up_add_kernel(
 ):
     # one grid axis (CUDA allows 2**31 - 1 programs there, 65535 on the others); column tiles vary
     # fastest, so neighbouring programs share T's rows
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        t = tl.load(t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-                    mask=m_ok[:, None] & (offs_r[None, :] < R), other=0.0)
-        u = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_n.to(tl.int64)[None, :] * stride_un,
-                    mask=(offs_r[:, None] < R) & n_ok[None, :], other=0.0)
-        acc = dot_prec(t, u, acc, PRECISION)
+    pid_n, offs_m, offs_n = row_major_tile(M, N, BLOCK_M, BLOCK_N)
+    acc = rank_term(t_ptr, u_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_tr, stride_ur, stride_un,
+                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), 1.0, False, False, PRECISION, BLOCK_R)
     if HAS_DROPOUT:
         acc = tl.where(keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N), acc, 0.0)
-    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
-    ok = m_ok[:, None] & n_ok[None, :]
-    cur = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(ptrs, (cur + acc * scale).to(out_ptr.dtype.element_ty), mask=ok)
+    add_to_tile(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on,
+                acc * scale, (offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 0, dropout_p: float = 0.0
@@ -131,7 +119,7 @@ def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 
     if M == 0 or C == 0:  # nothing to launch: an empty batch, or a zero-width input
         return out.zero_()
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
-    block_m = 32 if INTERPRET else 64
+    block_m = 32 if _launch.interpreting() else 64
     block_r = pow2_at_least_16(R, 64)
     # a [BLOCK_C, 64] fp32 operand tile per pipeline stage: 128 columns overflow sm_90's shared memory (and
     # sm_80's) at three stages (scripts/aot_check.py), 64 fit. 3xTF32 with the dropout mask keeps hi/lo
@@ -145,13 +133,11 @@ def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 
         block_c = 64 if block_r <= 32 else 32
     else:
         block_c = 128 if block_r <= 32 else 64
-    block_c = 32 if INTERPRET else block_c
+    block_c = 32 if _launch.interpreting() else block_c
     tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
-    c_blocks = triton.cdiv(C, block_c)
-    # fewer row tiles than the GPU wants (M=2048 is 32 tiles, a quarter of an H100): split C as well
-    splits = max(1, min(c_blocks, triton.cdiv(target_programs(x.device), tiles)))
-    cols_per_split = triton.cdiv(c_blocks, splits) * block_c  # a multiple of BLOCK_C (and of 8: the mask)
-    splits = triton.cdiv(C, cols_per_split)
+    # fewer row tiles than the GPU wants (M=2048 is 32 tiles, a quarter of an H100): split C as well; the columns
+    # per split are a multiple of BLOCK_C (and of 8: the mask)
+    splits, cols_per_split = split_reduction(C, block_c, tiles, x.device)
     part = out.unsqueeze(0) if splits == 1 else _launch.empty((splits, M, R), x.device, torch.float32)
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r), splits)
     _rank_down_kernel[grid](
@@ -176,7 +162,7 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, exact: bool, se
         return torch.zeros((R, C), device=x.device, dtype=torch.float32)
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
     precision = dot_precision(exact or x.dtype == torch.float32)
-    block_m = 32 if INTERPRET else 64
+    block_m = 32 if _launch.interpreting() else 64
     block_r = pow2_at_least_16(R, 64)
     # the [BLOCK_R, BLOCK_C] accumulator (64 fp32 per thread at R=64, C=128) beside the x tile: at R=64, 3xTF32's
     # hi/lo halves of x, or an fp32 product (an fp32 g or x) with the dropout mask's Philox state, spilled at 128
@@ -193,12 +179,9 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, exact: bool, se
         block_c = 64
     else:
         block_c = 128
-    block_c = 32 if INTERPRET else block_c
+    block_c = 32 if _launch.interpreting() else block_c
     tiles = triton.cdiv(C, block_c) * triton.cdiv(R, block_r)
-    m_blocks = triton.cdiv(M, block_m)
-    splits = max(1, min(m_blocks, triton.cdiv(target_programs(x.device), tiles)))
-    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    splits, rows_per_split = split_reduction(M, block_m, tiles, x.device)
     part = _launch.empty((splits, R, C), x.device, torch.float32)
     grid = (triton.cdiv(C, block_c), triton.cdiv(R, block_r), splits)
     _rank_grad_kernel[grid](
@@ -210,7 +193,7 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, exact: bool, se
         # x, dropout) and at 128 (R=32, bf16 x, 3xTF32), on 8 they hold 79 and 146 registers; an fp32 x stays on 4
         # (on 8 it spilled 8 B at 128 registers: R=16, 128 columns, 3xTF32)
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=8 if not INTERPRET and x.dtype != torch.float32 else 4,
+        num_warps=8 if not _launch.interpreting() and x.dtype != torch.float32 else 4,
     )
     return part[0] if splits == 1 else part.sum(dim=0)
 
@@ -232,7 +215,7 @@ def rank_up_add_(out: torch.Tensor, t: torch.Tensor, u: torch.Tensor, *, scale: 
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
     # memory-bound: a [64, 128] fp32 tile is 64 registers per thread at 4 warps, the mask tile as many
     # again; the interpreter gets small tiles (it runs every program in numpy)
-    block_m, block_n = (32, 32) if INTERPRET else (64, 128)
+    block_m, block_n = (32, 32) if _launch.interpreting() else (64, 128)
     block_r = pow2_at_least_16(R, 32)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _rank_up_add_kernel[grid](

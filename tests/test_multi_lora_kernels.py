@@ -218,10 +218,13 @@ def test_no_device_synchronisation_on_cuda():
 
 
 def test_adapter_axis_stays_within_cudas_grid_limit():
+    from peftkern.core import rules
+
     kern = impl._kernels()
-    kern._check_adapters(kern.GRID_YZ_LIMIT)
+    assert rules.MAX_GRID_YZ == 65535
+    kern._check_adapters(rules.MAX_GRID_YZ)
     with pytest.raises(ValueError, match="at most 65535 adapters"):
-        kern._check_adapters(kern.GRID_YZ_LIMIT + 1)
+        kern._check_adapters(rules.MAX_GRID_YZ + 1)
 
 
 MAX_X, MAX_YZ = 2**31 - 1, 65535
