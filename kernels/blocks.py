@@ -64,6 +64,25 @@ def row_major_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def split_program(per_split, n, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A split reduction's program (a, r, z) on grid axes 0, 1, 2: output tile a (BLOCK_A wide) by rank tile r
+    (BLOCK_R wide), part z of the reduction over n. Returns (pid_a, offs_a, offs_r, pid_z, begin, end)."""
+    pid_a = tl.program_id(0)
+    pid_z = tl.program_id(2)
+    begin, end = split_range(pid_z, per_split, n)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return pid_a, pid_a * BLOCK_A + tl.arange(0, BLOCK_A), offs_r, pid_z, begin, end
+
+
+@triton.jit
+def split_range(pid_z, per_split, n):
+    """[begin, end) of part pid_z of a split reduction over n elements, per_split elements a part (the launchers'
+    _launch.split_reduction)."""
+    begin = pid_z * per_split
+    return begin, tl.minimum(begin + per_split, n)
+
+
+@triton.jit
 def rank_term(t_ptr, u_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_tr, stride_ur, stride_un, acc, scale,
               WRAP: tl.constexpr, SCALE_T: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
     """acc + (scale·)T[offs_m, :R]·U[:R, offs_n]. SCALE_T: T's [BLOCK_M, BLOCK_R] slice is scaled in fp32 before
@@ -90,6 +109,32 @@ def rank_term(t_ptr, u_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_tr, strid
             t = t.to(tl.float32) * scale
         acc = dot_prec(t, u, acc, PRECISION)
     return acc
+
+
+@triton.jit
+def load_kept(x_ptr, rows, cols, mask, stride_xm, stride_xc, c0, C, seed, threshold, HAS_DROPOUT: tl.constexpr,
+              BLOCK_C: tl.constexpr):
+    """keep ⊙ x[rows, cols] in x's dtype (masked elements 0): a tile of x [., C] whose columns cols = c0 + arange(
+    BLOCK_C) start at a multiple of 8, with, HAS_DROPOUT, the dropout mask of kernels/dropout.py at those
+    coordinates (unscaled: the caller's scale carries 1/(1-p)). Row offsets are int64."""
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
+    if HAS_DROPOUT:
+        x = tl.where(keep_tile(seed, rows, c0, C, threshold, BLOCK_C), x, 0.0).to(x.dtype)
+    return x
+
+
+@triton.jit
+def rank_epilogue_tile(t_ptr, u_ptr, M, N, R, stride_tm, stride_tr, stride_ur, stride_un, scale,
+                       SCALE_T: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_R: tl.constexpr):
+    """This program's tile of an element-wise pass over [M, N] (row_major_tile) and the rank-r term on it:
+    (pid_n, offs_m, offs_n, rows, cols, mask, (scale·)T·U), rows / cols int64 [BLOCK_M, 1] / [1, BLOCK_N] to
+    address any [M, N] operand, rows and columns past the edge masked off (rank_term without WRAP)."""
+    pid_n, offs_m, offs_n = row_major_tile(M, N, BLOCK_M, BLOCK_N)
+    acc = rank_term(t_ptr, u_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_tr, stride_ur, stride_un,
+                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), scale, False, SCALE_T, PRECISION, BLOCK_R)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    return pid_n, offs_m, offs_n, offs_m.to(tl.int64)[:, None], offs_n.to(tl.int64)[None, :], mask, acc
 
 
 @triton.jit

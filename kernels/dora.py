@@ -38,6 +38,7 @@ from .blocks import (
     k_loop_pair,
     rank_term,
     row_major_tile,
+    split_range,
     store_tile,
 )
 from .dora_epilogue import dora_dx_combine_, dora_forward_epilogue_
@@ -69,8 +70,7 @@ def _dora_weight_norm_kernel(
     n_ok = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
-    k_begin = pid_z * cols_per_split
-    k_end = tl.minimum(k_begin + cols_per_split, K)
+    k_begin, k_end = split_range(pid_z, cols_per_split, K)
     sq = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -106,8 +106,7 @@ def _dora_grad_scale_kernel(
     c = tl.load(c_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_GM:
         c_minus_one = c - 1.0
-    m_begin = pid_z * rows_per_split
-    m_end = tl.minimum(m_begin + rows_per_split, M)
+    m_begin, m_end = split_range(pid_z, rows_per_split, M)
     cols_g = offs_n.to(tl.int64)[None, :] * stride_gn
     cols_o = offs_n.to(tl.int64)[None, :] * stride_on
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from . import _launch, registry
 from ._launch import dot_precision, dropout_args
-from .blocks import add_to_tile, bias_row, rank_term, row_major_tile
+from .blocks import add_to_tile, bias_row, rank_epilogue_tile
 from .dropout import keep_tile
 
 
@@ -31,12 +31,9 @@ def _dora_fwd_epilogue_kernel(
     # xw = x·Wᵀ and (HAS_DROPOUT) dw = (keep ⊙ x)·Wᵀ from the library GEMM, in x's dtype; one grid axis, column
     # tiles fastest (neighbouring programs share t's rows). y may be xw and z may be dw (each element is read
     # by the program that writes it, before it writes it).
-    _, offs_m, offs_n = row_major_tile(M, N, BLOCK_M, BLOCK_N)
-    ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    rows = offs_m.to(tl.int64)[:, None]
-    cols = offs_n.to(tl.int64)[None, :]
-    low = rank_term(t_ptr, u_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_tr, stride_ur, stride_un,
-                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), low_scale, False, True, PRECISION, BLOCK_R)
+    _, _, offs_n, rows, cols, ok, low = rank_epilogue_tile(t_ptr, u_ptr, M, N, R, stride_tm, stride_tr, stride_ur,
+                                                           stride_un, low_scale, True, PRECISION, BLOCK_M, BLOCK_N,
+                                                           BLOCK_R)
     base = tl.load(xw_ptr + rows * stride_am + cols * stride_an, mask=ok, other=0.0).to(tl.float32)
     c = tl.load(c_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if HAS_DROPOUT:
@@ -64,12 +61,9 @@ def _dora_dx_combine_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # dx += keep/(1 − p) ⊙ (e + t·u) in place; dx = g·W and e = gm·W from the library GEMM, t = dS, u = A
-    pid_n, offs_m, offs_n = row_major_tile(M, N, BLOCK_M, BLOCK_N)
-    ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    rows = offs_m.to(tl.int64)[:, None]
-    cols = offs_n.to(tl.int64)[None, :]
-    acc = rank_term(t_ptr, u_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_tr, stride_ur, stride_un,
-                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), 1.0, False, False, PRECISION, BLOCK_R)
+    pid_n, offs_m, _, rows, cols, ok, acc = rank_epilogue_tile(t_ptr, u_ptr, M, N, R, stride_tm, stride_tr,
+                                                               stride_ur, stride_un, 1.0, False, PRECISION, BLOCK_M,
+                                                               BLOCK_N, BLOCK_R)
     acc += tl.load(e_ptr + rows * stride_em + cols * stride_en, mask=ok, other=0.0).to(tl.float32)
     keep = keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N)
     add_to_tile(dx_ptr + rows * stride_dm + cols * stride_dn, tl.where(keep, acc * drop_scale, 0.0), ok)

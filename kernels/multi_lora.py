@@ -40,7 +40,7 @@ from peftkern.core import rules
 
 from . import _launch, blocks, registry
 from ._launch import dot_precision, dropout_args, pow2_at_least_16
-from .blocks import add_to_tile, bias_row, gemm_grid, grouped_tile, k_loop, tile
+from .blocks import add_to_tile, bias_row, gemm_grid, grouped_tile, k_loop, load_kept, tile
 from .dropout import keep_tile
 from .tf32 import dot_prec
 
@@ -56,6 +56,41 @@ def _segment_rows(order_ptr, seg_start_ptr, seg_len_ptr, i, m0, BLOCK_M: tl.cons
     return rows, ok, length
 
 
+@triton.jit
+def _tile_and_adapter(inner, BLOCK: tl.constexpr):
+    """(outer tile, inner tile, adapter) of this program: grid axis 0 holds the (outer, inner) tile pairs, inner
+    fastest (cdiv(inner, BLOCK) of them per outer tile), axis 1 the adapter."""
+    pid = tl.program_id(0)
+    num_inner = tl.cdiv(inner, BLOCK)
+    return pid // num_inner, pid % num_inner, tl.program_id(1)
+
+
+@triton.jit
+def _adapter_matrix(table, ref, i):
+    """Adapter i's matrix: its data pointer from the device table, typed as `ref`'s."""
+    return tl.load(table + i).to(tl.pointer_type(ref.dtype.element_ty))
+
+
+@triton.jit
+def _element(r, c, rank, width, TRANS: tl.constexpr):
+    """Offset of element (r, c) of adapter i's matrix P_i [r_i, width] (A_i), or, TRANS, of P_i = B_iᵀ read from
+    B_i [width, r_i] (element (r, c) at c·r_i + r). r and c are index tensors broadcast to the tile's shape."""
+    if TRANS:
+        off = c.to(tl.int64) * rank + r
+    else:
+        off = r.to(tl.int64) * width + c
+    return off
+
+
+@triton.jit
+def _scale(scale_ptr, i, drop_scale, PER_ADAPTER_SCALE: tl.constexpr):
+    """drop_scale, times adapter i's scaling when PER_ADAPTER_SCALE."""
+    scale = drop_scale
+    if PER_ADAPTER_SCALE:
+        scale = scale * tl.load(scale_ptr + i)
+    return scale
+
+
 @registry.kernel
 @triton.jit
 def _multi_lora_shrink_kernel(
@@ -66,34 +101,24 @@ def _multi_lora_shrink_kernel(
     TRANS: tl.constexpr, PER_ADAPTER_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    i = tl.program_id(1)
-    num_r = tl.cdiv(R_MAX, BLOCK_R)
-    pid_m = pid // num_r
-    pid_r = pid % num_r
+    pid_m, pid_r, i = _tile_and_adapter(R_MAX, BLOCK_R)
     rows, row_ok, length = _segment_rows(order_ptr, seg_start_ptr, seg_len_ptr, i, pid_m * BLOCK_M, BLOCK_M)
     rank = tl.load(rank_ptr + i)
     if pid_m * BLOCK_M < length and pid_r * BLOCK_R < rank:
-        p_ptr = tl.load(p_table + i).to(tl.pointer_type(p_ref.dtype.element_ty))
+        p_ptr = _adapter_matrix(p_table, p_ref, i)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = offs_r < rank
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_ok = offs_c < C
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            if TRANS:  # P_i = B_iᵀ of B_i [C, r_i]: element (r, c) at c·r_i + r
-                p_off = offs_c.to(tl.int64)[:, None] * rank + offs_r[None, :]
-            else:  # P_i = A_i [r_i, C]: element (r, c) at r·C + c
-                p_off = offs_r.to(tl.int64)[None, :] * C + offs_c[:, None]
-            p = tl.load(p_ptr + p_off, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-            if HAS_DROPOUT:
-                x = tl.where(keep_tile(seed, rows, c0, C, threshold, BLOCK_C), x, 0.0).to(x.dtype)
+            x = load_kept(x_ptr, rows, offs_c, row_ok[:, None] & c_ok[None, :], stride_xm, stride_xc, c0, C, seed,
+                          threshold, HAS_DROPOUT, BLOCK_C)
+            # P_i = A_i [r_i, C], or B_iᵀ of B_i [C, r_i] (TRANS), read as a [BLOCK_C, BLOCK_R] tile
+            p = tl.load(p_ptr + _element(offs_r[None, :], offs_c[:, None], rank, C, TRANS),
+                        mask=c_ok[:, None] & r_ok[None, :], other=0.0)
             acc = dot_prec(x, p, acc, PRECISION)
-        scale = drop_scale
-        if PER_ADAPTER_SCALE:
-            scale = scale * tl.load(scale_ptr + i)
+        scale = _scale(scale_ptr, i, drop_scale, PER_ADAPTER_SCALE)
         # columns r_i .. R_MAX of the row stay as the caller zeroed them
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or, acc * scale,
                  mask=row_ok[:, None] & r_ok[None, :])
@@ -110,15 +135,11 @@ def _multi_lora_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # axis 0: (row tile, column tile), column tiles fastest so neighbouring programs share T's rows; axis 1: adapter
-    pid = tl.program_id(0)
-    i = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_m, pid_n, i = _tile_and_adapter(N, BLOCK_N)
     rows, row_ok, length = _segment_rows(order_ptr, seg_start_ptr, seg_len_ptr, i, pid_m * BLOCK_M, BLOCK_M)
     if pid_m * BLOCK_M < length:
         rank = tl.load(rank_ptr + i)
-        u_ptr = tl.load(u_table + i).to(tl.pointer_type(u_ref.dtype.element_ty))
+        u_ptr = _adapter_matrix(u_table, u_ref, i)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -127,15 +148,11 @@ def _multi_lora_expand_kernel(
             r_ok = offs_r < rank
             t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * stride_tm + offs_r[None, :] * stride_tr,
                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            if TRANS:  # U_i = B_iᵀ of B_i [N, r_i]: element (r, n) at n·r_i + r
-                u_off = offs_n.to(tl.int64)[None, :] * rank + offs_r[:, None]
-            else:  # U_i = A_i [r_i, N]: element (r, n) at r·N + n
-                u_off = offs_r.to(tl.int64)[:, None] * N + offs_n[None, :]
-            u = tl.load(u_ptr + u_off, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            # U_i = A_i [r_i, N], or B_iᵀ of B_i [N, r_i] (TRANS)
+            u = tl.load(u_ptr + _element(offs_r[:, None], offs_n[None, :], rank, N, TRANS),
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
             acc = dot_prec(t, u, acc, PRECISION)
-        scale = drop_scale
-        if PER_ADAPTER_SCALE:
-            scale = scale * tl.load(scale_ptr + i)
+        scale = _scale(scale_ptr, i, drop_scale, PER_ADAPTER_SCALE)
         if HAS_DROPOUT:
             acc = tl.where(keep_tile(seed, rows, pid_n * BLOCK_N, N, threshold, BLOCK_N), acc, 0.0)
         # segments are disjoint and a row appears once in its segment: no two programs touch one element
@@ -155,11 +172,7 @@ def _multi_lora_grad_kernel(
 ):
     # program (column tile x rank tile, adapter) walks its adapter's whole segment in order: a deterministic sum
     # with no atomics and no partial buffers; an adapter no row uses gets zeros (its loop is empty)
-    pid = tl.program_id(0)
-    i = tl.program_id(1)
-    num_r = tl.cdiv(R_MAX, BLOCK_R)
-    pid_c = pid // num_r
-    pid_r = pid % num_r
+    pid_c, pid_r, i = _tile_and_adapter(R_MAX, BLOCK_R)
     rank = tl.load(rank_ptr + i)
     if pid_r * BLOCK_R < rank:
         start = tl.load(seg_start_ptr + i)
@@ -175,20 +188,13 @@ def _multi_lora_grad_kernel(
             rows = tl.load(order_ptr + start + offs, mask=row_ok, other=0)
             t_t = tl.load(t_ptr + rows.to(tl.int64)[None, :] * stride_tm + offs_r[:, None] * stride_tr,
                           mask=row_ok[None, :] & r_ok[:, None], other=0.0)
-            v = tl.load(v_ptr + rows.to(tl.int64)[:, None] * stride_vm + offs_c[None, :] * stride_vc,
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            if HAS_DROPOUT:
-                v = tl.where(keep_tile(seed, rows, pid_c * BLOCK_C, C, threshold, BLOCK_C), v, 0.0).to(v.dtype)
+            v = load_kept(v_ptr, rows, offs_c, row_ok[:, None] & c_ok[None, :], stride_vm, stride_vc, pid_c * BLOCK_C,
+                          C, seed, threshold, HAS_DROPOUT, BLOCK_C)
             acc = dot_prec(t_t, v, acc, PRECISION)
-        scale = drop_scale
-        if PER_ADAPTER_SCALE:
-            scale = scale * tl.load(scale_ptr + i)
-        g_ptr = tl.load(g_table + i).to(tl.pointer_type(g_ref.dtype.element_ty))
-        if TRANS:  # G_iᵀ stored: g_i [C, r_i], element (r, c) at c·r_i + r
-            g_off = offs_c.to(tl.int64)[None, :] * rank + offs_r[:, None]
-        else:  # g_i [r_i, C]
-            g_off = offs_r.to(tl.int64)[:, None] * C + offs_c[None, :]
-        tl.store(g_ptr + g_off, (acc * scale).to(g_ref.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+        scale = _scale(scale_ptr, i, drop_scale, PER_ADAPTER_SCALE)
+        # g_i [r_i, C], or its transpose [C, r_i] stored (TRANS)
+        tl.store(_adapter_matrix(g_table, g_ref, i) + _element(offs_r[:, None], offs_c[None, :], rank, C, TRANS),
+                 (acc * scale).to(g_ref.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
 
 
 # ---- launchers ----------------------------------------------------------------------------------------------
@@ -376,7 +382,7 @@ def _multi_lora_gemm_kernel(
     for j in range(tl.maximum(first_id, 0), last_id + 1):  # −1 rows (sorted first) have no rank-r term
         rank = tl.load(rank_ptr + j)
         scale = tl.load(scale_ptr + j)
-        u_ptr = tl.load(u_table + j).to(tl.pointer_type(u_ref.dtype.element_ty))
+        u_ptr = _adapter_matrix(u_table, u_ref, j)
         mine = m_ok & (ids == j)
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)

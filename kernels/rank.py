@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import _launch, registry
 from ._launch import dot_precision, dropout_args, pow2_at_least_16, split_reduction
-from .blocks import add_to_tile, rank_term, row_major_tile
+from .blocks import add_to_tile, load_kept, rank_epilogue_tile, split_program
 from .dropout import keep_tile
 from .tf32 import dot_prec
 
@@ -35,22 +35,14 @@ def _rank_down_kernel(
     # (exact products, twice the work per instruction of tf32), an fp32 one through 3xTF32 when exact
     # program (m, r, z) sums columns [z·cols_per_split, (z+1)·cols_per_split) into out[z] (split-C
     # partials, added in a fixed order by the launcher: small batches still fill the GPU)
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_z = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    c_begin = pid_z * cols_per_split
-    c_end = tl.minimum(c_begin + cols_per_split, C)
+    _, offs_m, offs_r, pid_z, c_begin, c_end = split_program(cols_per_split, C, BLOCK_M, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for c0 in range(c_begin, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
-                    mask=(offs_m[:, None] < M) & (offs_c[None, :] < c_end), other=0.0)
+        x = load_kept(x_ptr, offs_m, offs_c, (offs_m[:, None] < M) & (offs_c[None, :] < c_end), stride_xm, stride_xc,
+                      c0, C, seed, threshold, HAS_DROPOUT, BLOCK_C)
         p = tl.load(p_ptr + offs_r[None, :] * stride_pr + offs_c.to(tl.int64)[:, None] * stride_pc,
                     mask=(offs_r[None, :] < R) & (offs_c[:, None] < c_end), other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(keep_tile(seed, offs_m, c0, C, threshold, BLOCK_C), x, 0.0).to(x.dtype)
         acc = dot_prec(x, p, acc, PRECISION)
     tl.store(out_ptr + pid_z.to(tl.int64) * stride_oz + offs_m.to(tl.int64)[:, None] * stride_om
              + offs_r[None, :] * stride_or, acc * scale, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
@@ -66,23 +58,16 @@ def _rank_grad_kernel(
     HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_z = tl.program_id(2)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_begin = pid_z * rows_per_split
-    m_end = tl.minimum(m_begin + rows_per_split, M)
+    # program (c, r, z) sums rows [z·rows_per_split, (z+1)·rows_per_split) into part[z]
+    pid_c, offs_c, offs_r, pid_z, m_begin, m_end = split_program(rows_per_split, M, BLOCK_C, BLOCK_R)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < m_end
         g_t = tl.load(g_ptr + offs_m.to(tl.int64)[None, :] * stride_gm + offs_r[:, None] * stride_gr,
                       mask=row_ok[None, :] & (offs_r[:, None] < R), other=0.0)
-        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
-                    mask=row_ok[:, None] & (offs_c[None, :] < C), other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(keep_tile(seed, offs_m, pid_c * BLOCK_C, C, threshold, BLOCK_C), x, 0.0).to(x.dtype)
+        x = load_kept(x_ptr, offs_m, offs_c, row_ok[:, None] & (offs_c[None, :] < C), stride_xm, stride_xc,
+                      pid_c * BLOCK_C, C, seed, threshold, HAS_DROPOUT, BLOCK_C)
         acc = dot_prec(g_t, x, acc, PRECISION)
     tl.store(part_ptr + pid_z.to(tl.int64) * stride_pz + offs_r[:, None] * stride_pr + offs_c[None, :] * stride_pc,
              acc * scale, mask=(offs_r[:, None] < R) & (offs_c[None, :] < C))
@@ -100,13 +85,12 @@ def _rank_up_add_kernel(
 ):
     # one grid axis (CUDA allows 2**31 - 1 programs there, 65535 on the others); column tiles vary
     # fastest, so neighbouring programs share T's rows
-    pid_n, offs_m, offs_n = row_major_tile(M, N, BLOCK_M, BLOCK_N)
-    acc = rank_term(t_ptr, u_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_tr, stride_ur, stride_un,
-                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), 1.0, False, False, PRECISION, BLOCK_R)
+    pid_n, offs_m, _, rows, cols, ok, acc = rank_epilogue_tile(t_ptr, u_ptr, M, N, R, stride_tm, stride_tr,
+                                                               stride_ur, stride_un, 1.0, False, PRECISION, BLOCK_M,
+                                                               BLOCK_N, BLOCK_R)
     if HAS_DROPOUT:
         acc = tl.where(keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N), acc, 0.0)
-    add_to_tile(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on,
-                acc * scale, (offs_m < M)[:, None] & (offs_n < N)[None, :])
+    add_to_tile(out_ptr + rows * stride_om + cols * stride_on, acc * scale, ok)
 
 
 def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 0, dropout_p: float = 0.0

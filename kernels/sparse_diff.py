@@ -76,6 +76,7 @@ from peftkern.core import rules
 
 from . import _launch, registry
 from ._launch import target_programs
+from .blocks import split_range
 
 # ---- the roofline model of the module docstring (H100 SXM estimates, not measurements) -------------------
 HBM_BYTES_PER_S = 3.0e12
@@ -179,8 +180,7 @@ def _sddmm_tiles_kernel(
     r = tl.load(row_ptr + offs_z, mask=z_ok, other=0).to(tl.int64)
     c = tl.load(col_ptr + offs_z, mask=z_ok, other=0).to(tl.int64)
     pos_ok = z_ok & (r >= 0) & (r < N) & (c >= 0) & (c < K)  # masked positions sum to 0
-    m_begin = pid_s * rows_per_split
-    m_end = tl.minimum(m_begin + rows_per_split, M)
+    m_begin, m_end = split_range(pid_s, rows_per_split, M)
     acc = tl.zeros((BLOCK_Z, BLOCK_M), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
