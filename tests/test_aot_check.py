@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -298,29 +299,35 @@ def test_registry_declares_every_kernel_and_no_kernel_module_reads_the_interpret
     assert [k.min_capability for k in registry.kernels("lora_persistent")] == [(9, 0)]
 
 
-def test_discover_flags_undeclared_kernels_and_modules_that_read_the_interpreter_flag(tmp_path, monkeypatch):
-    import types
-
+def test_discover_flags_undeclared_kernels_and_modules_that_read_the_interpreter_flag(tmp_path):
+    """A kernel module with a JIT kernel no kernel calls and nobody declared, and a launcher that reads the
+    interpreter flag: both are problems; a device function (called by a kernel) is not."""
     from aot import discover as disc
 
-    jit = pytest.importorskip("triton.runtime.jit")
+    path = tmp_path / "fake.py"
+    path.write_text(textwrap.dedent("""
+        import triton
+        from peftkern.kernels import INTERPRET
 
-    class FakeJit(jit.JITFunction):
-        def __init__(self, name, src):
-            self.fn = types.SimpleNamespace(__module__="peftkern.kernels.fake", __name__=name)
-            self.src = src
+        @triton.jit
+        def helper(x):
+            return x
 
-    mod = types.ModuleType("peftkern.kernels.fake")
-    mod.helper = FakeJit("helper", "def helper(x):\n    return x\n")
-    mod.kernel = FakeJit("kernel", "def kernel(x):\n    helper(x)\n")
-    source = "from . import INTERPRET\nBLOCK = 16 if INTERPRET else 64\n"
-    monkeypatch.setattr(disc, "kernel_modules", lambda: [mod])
-    monkeypatch.setattr(disc.inspect, "getsource", lambda m: source if m is mod else "")
-    kernels, problems = disc.discover()
+        @triton.jit
+        def kernel(x_ptr):
+            helper(x_ptr)
+
+        BLOCK = 16 if INTERPRET else 64
+    """))
+    spec = importlib.util.spec_from_file_location("peftkern.kernels.fake", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    problems = disc.undeclared([mod], {}) + disc.mode_readers([mod])
     assert any("peftkern.kernels.fake.kernel is a JIT function no kernel calls and is not declared" in p
                for p in problems), problems
     assert not any(".helper is" in p for p in problems)  # called by a kernel: a device function
     assert any("peftkern.kernels.fake reads INTERPRET" in p for p in problems)
+    assert disc.undeclared([mod], {("peftkern.kernels.fake", "kernel"): None}) == []  # declared: no problem
 
 
 # ---- the result cache: an unchanged compile is not done again ------------------------------------------------

@@ -52,7 +52,6 @@ def kernel_modules() -> list:
 def discover() -> tuple[dict, list[str]]:
     """({(module, fn name): registry.Kernel} of the declared kernels, in GPU mode; problems)."""
     from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 
     modules = kernel_modules()
     from peftkern.kernels import registry
@@ -61,17 +60,23 @@ def discover() -> tuple[dict, list[str]]:
         if isinstance(k.jit, InterpretedFunction):
             raise RuntimeError(f"{k.module}.{k.name} was made in interpreter mode; the check compiles with "
                                "TRITON_INTERPRET=0 set before peftkern is imported")
+    return kernels, undeclared(modules, kernels) + mode_readers(modules)
+
+
+def undeclared(modules, kernels) -> list[str]:
+    """JIT functions of `modules` that no JIT function calls (so not device functions) and that are not among
+    the declared `kernels` ({(module, name): ...})."""
+    from triton.runtime.jit import JITFunction
+
     jits = {(o.fn.__module__, o.fn.__name__): o for mod in modules for o in vars(mod).values()
             if isinstance(o, JITFunction)}
     called = set().union(*(_called_names(fn) for fn in jits.values())) if jits else set()
-    problems = [f"{m}.{n} is a JIT function no kernel calls and is not declared in peftkern.kernels.registry "
-                "(@registry.kernel or registry.autotuned): the check cannot compile what it does not know"
-                for (m, n) in sorted(jits) if n not in called and (m, n) not in kernels]
-    problems += _mode_readers(modules)
-    return kernels, problems
+    return [f"{m}.{n} is a JIT function no kernel calls and is not declared in peftkern.kernels.registry "
+            "(@registry.kernel or registry.autotuned): the check cannot compile what it does not know"
+            for (m, n) in sorted(jits) if n not in called and (m, n) not in kernels]
 
 
-def _mode_readers(modules) -> list[str]:
+def mode_readers(modules) -> list[str]:
     """Kernel modules that read INTERPRET themselves: their launchers would not follow the launch configuration."""
     problems = []
     for mod in modules:
