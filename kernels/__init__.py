@@ -1,6 +1,8 @@
 """Triton kernels of peftkern, installed as `peftkern.kernels`; one module per op family.
 
-_mode.py decides whether they are interpreted (no CUDA device: Triton's CPU interpreter) or compiled.
+_mode.py decides whether they are interpreted (no CUDA device: Triton's CPU interpreter) or compiled;
+_launch.py holds the launch configuration the launchers size their launches for; registry.py lists every
+launched kernel (what scripts/aot_check.py compiles); blocks.py the building blocks the GEMM kernels share.
 """
 if __name__ == "kernels":
     # This folder is peftkern.kernels. Python finds it as a top-level `kernels` only when the repository root
@@ -23,24 +25,16 @@ else:
     from ._mode import INTERPRET, INTERPRETER_ERROR, _scope_launches, interpreter_scope, triton  # noqa: F401
 
     if triton is not None:
+        import importlib as _importlib
+        import pkgutil as _pkgutil
+
         # every kernel module now, inside the scope: a kernel is interpreted or compiled as decided in _mode,
-        # however and whenever its module is imported later
+        # however and whenever its module is imported later. Each declares its launched kernels in registry.py.
         with interpreter_scope():
-            from . import (  # noqa: F401
-                _launch,
-                activations,
-                adapter,
-                dora,
-                dropout,
-                lora,
-                lora_persistent,
-                multi_lora,
-                qlora,
-                rank,
-                sparse_diff,
-                tf32,
-            )
+            for _info in _pkgutil.iter_modules(__path__):
+                _importlib.import_module(f"{__name__}.{_info.name}")
         if INTERPRET:
-            for _module in (activations, adapter, dora, dropout, lora, lora_persistent, multi_lora, qlora, rank,
-                            sparse_diff):
-                _scope_launches(_module)
+            from . import registry as _registry
+
+            for _kernel in _registry.kernels():
+                _scope_launches(_kernel.jit)

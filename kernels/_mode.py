@@ -97,19 +97,19 @@ def _numpy_refuses_array_to_int() -> bool:
 _NUMPY_REFUSES_ARRAY_TO_INT = _numpy_refuses_array_to_int()
 
 
-def _scope_launches(module) -> None:
-    """Make every interpreted kernel of `module` launch inside interpreter_scope() (Triton's interpreter
-    consults the knob while it runs a kernel, not only when it decorates one)."""
+def _scope_launches(kernel) -> None:
+    """Make `kernel`, when interpreted, launch inside interpreter_scope() (Triton's interpreter consults the
+    knob while it runs a kernel, not only when it decorates one). kernels/__init__.py calls it for every kernel
+    of the registry."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    for value in vars(module).values():
-        if isinstance(value, InterpretedFunction):
-            run = value.run
+    if isinstance(kernel, InterpretedFunction):
+        run = kernel.run
 
-            def scoped_run(*args, _run=run, **kwargs):
-                with interpreter_scope():
-                    return _run(*args, **kwargs)
-            value.run = scoped_run
+        def scoped_run(*args, _run=run, **kwargs):
+            with interpreter_scope():
+                return _run(*args, **kwargs)
+        kernel.run = scoped_run
 
 
 

@@ -1,5 +1,5 @@
 """Activations of the bottleneck adapter and their derivatives inside Triton kernels; codes and formulas
-match peftkern/reference/activations.py. tanh is spelled through the sigmoid (2σ(2x) − 1): it is in
+match peftkern/adapter/activations.py (codes in peftkern/core/rules.py). tanh is spelled through the sigmoid (2σ(2x) − 1): it is in
 every Triton version's core language, and saturates cleanly at ±1.
 
 The derivatives never form 1 + t or 1 − t² from a rounded t = tanh(u): where |t| nears 1 that subtraction

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _launch
+from . import _launch, registry
 from ._launch import dot_precision, pow2_at_least_16
 from .activations import activate, derivative
 from .tf32 import dot_prec
@@ -30,6 +30,58 @@ from .tf32 import dot_prec
 MAX_K = 256
 
 
+@triton.jit
+def _row_block(M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's BLOCK_M rows (int64, and their mask) and the bottleneck's BLOCK_K columns (and their mask)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    return offs_m.to(tl.int64), offs_m < M, offs_k, offs_k < K
+
+
+@triton.jit
+def _narrow(x_ptr, w_ptr, colsum_ptr, rows, m_ok, offs_k, k_ok, D, stride_xm, stride_xd, stride_wd, stride_wk,
+            PRECISION: tl.constexpr, COLSUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] fp32: Σ_d X[rows, d]·W[d, offs_k], streaming the row block of X over d once (W [d, k]
+    read through its strides). COLSUM: the block's column sums of X, from the same read, stored at colsum_ptr."""
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_d[None, :] * stride_xd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_d[:, None] * stride_wd + offs_k[None, :] * stride_wk,
+                    mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = dot_prec(x, w, acc, PRECISION)
+        if COLSUM:
+            tl.store(colsum_ptr + offs_d, tl.sum(x.to(tl.float32), axis=0), mask=d_ok)
+    return acc
+
+
+@triton.jit
+def _widen(a, w_ptr, bias_ptr, res_ptr, out_ptr, rows, m_ok, offs_k, k_ok, D, stride_wk, stride_wd,
+           stride_rm, stride_rd, stride_om, stride_od, scaling, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
+           ADD_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[rows, :] = (a·W (+ bias))·scaling (+ res[rows, :]) over d in BLOCK_D tiles, each rounded once to out's
+    dtype: a [BLOCK_M, BLOCK_K] in registers, W [k, d] read through its strides."""
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_d[None, :] * stride_wd,
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        o = dot_prec(a, w, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PRECISION)
+        if HAS_BIAS:
+            o += tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        tile = m_ok[:, None] & d_ok[None, :]
+        o = o * scaling
+        if ADD_RES:
+            o += tl.load(res_ptr + rows[:, None] * stride_rm + offs_d[None, :] * stride_rd, mask=tile,
+                         other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(out_ptr.dtype.element_ty),
+                 mask=tile)
+
+
+@registry.kernel
 @triton.jit
 def _adapter_fwd_kernel(
     h_ptr, res_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, out_ptr, pre_ptr,
@@ -40,46 +92,24 @@ def _adapter_fwd_kernel(
     HAS_RES: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, ACT: tl.constexpr,
     PREC_DOWN: tl.constexpr, PREC_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    rows = offs_m.to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    k_ok = offs_k < K
-
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_d[None, :] * stride_hd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        wd = tl.load(wd_ptr + offs_k[None, :] * stride_wdk + offs_d[:, None] * stride_wdd,
-                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = dot_prec(h, wd, acc, PREC_DOWN)
+    rows, m_ok, offs_k, k_ok = _row_block(M, K, BLOCK_M, BLOCK_K)
+    acc = _narrow(h_ptr, wd_ptr, pre_ptr, rows, m_ok, offs_k, k_ok, D, stride_hm, stride_hd, stride_wdd, stride_wdk,
+                  PREC_DOWN, False, BLOCK_M, BLOCK_D, BLOCK_K)
     if HAS_BD:
         acc += tl.load(bd_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(pre_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, acc,
              mask=m_ok[:, None] & k_ok[None, :])
     z = activate(acc, ACT).to(wu_ptr.dtype.element_ty)
-
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        wu = tl.load(wu_ptr + offs_d[None, :] * stride_wud + offs_k[:, None] * stride_wuk,
-                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        o = dot_prec(z, wu, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC_UP)
-        if HAS_BU:
-            o += tl.load(bu_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        tile = m_ok[:, None] & d_ok[None, :]
-        if HAS_RES:
-            r = tl.load(res_ptr + rows[:, None] * stride_rm + offs_d[None, :] * stride_rd, mask=tile, other=0.0)
-        else:
-            r = tl.load(h_ptr + rows[:, None] * stride_hm + offs_d[None, :] * stride_hd, mask=tile, other=0.0)
-        o = o * scaling + r.to(tl.float32)
-        tl.store(out_ptr + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
-                 o.to(out_ptr.dtype.element_ty), mask=tile)
+    # the residual is h itself unless one is given: the block's rows of h come from L2
+    if HAS_RES:
+        _widen(z, wu_ptr, bu_ptr, res_ptr, out_ptr, rows, m_ok, offs_k, k_ok, D, stride_wuk, stride_wud,
+               stride_rm, stride_rd, stride_om, stride_od, scaling, PREC_UP, HAS_BU, True, BLOCK_M, BLOCK_D)
+    else:
+        _widen(z, wu_ptr, bu_ptr, h_ptr, out_ptr, rows, m_ok, offs_k, k_ok, D, stride_wuk, stride_wud,
+               stride_hm, stride_hd, stride_om, stride_od, scaling, PREC_UP, HAS_BU, True, BLOCK_M, BLOCK_D)
 
 
+@registry.kernel
 @triton.jit
 def _adapter_bwd_kernel(
     dy_ptr, pre_ptr, wu_ptr, wd_ptr, dh_ptr, dpre_ptr, z_ptr, colsum_ptr,
@@ -90,51 +120,25 @@ def _adapter_bwd_kernel(
     NEED_DH: tl.constexpr, ADD_DY: tl.constexpr, STORE_Z: tl.constexpr, COLSUM: tl.constexpr, ACT: tl.constexpr,
     PREC_DOWN: tl.constexpr, PREC_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    rows = offs_m.to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    k_ok = offs_k < K
+    rows, m_ok, offs_k, k_ok = _row_block(M, K, BLOCK_M, BLOCK_K)
     mk = m_ok[:, None] & k_ok[None, :]
-
-    dz = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_d[None, :] * stride_dyd,
-                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        wu = tl.load(wu_ptr + offs_d[:, None] * stride_wud + offs_k[None, :] * stride_wuk,
-                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        dz = dot_prec(dy, wu, dz, PREC_UP)
-        if COLSUM:  # b_up's gradient from the same read of dy: this row block's column sums
-            tl.store(colsum_ptr + pid.to(tl.int64) * stride_cs + offs_d, tl.sum(dy.to(tl.float32), axis=0),
-                     mask=d_ok)
+    # dz = dy·W_up; COLSUM: b_up's gradient from the same read of dy, this row block's column sums
+    dz = _narrow(dy_ptr, wu_ptr, colsum_ptr + tl.program_id(0).to(tl.int64) * stride_cs, rows, m_ok, offs_k, k_ok,
+                 D, stride_dym, stride_dyd, stride_wud, stride_wuk, PREC_UP, COLSUM, BLOCK_M, BLOCK_D, BLOCK_K)
     pre = tl.load(pre_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, mask=mk, other=0.0)
     dpre = dz * scaling * derivative(pre, ACT)
     # dpre and z are [M, k] with the pre layout (fresh contiguous buffers)
     tl.store(dpre_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, dpre, mask=mk)
     if STORE_Z:
         tl.store(z_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, activate(pre, ACT), mask=mk)
-
-    if NEED_DH:
-        dpre_c = dpre.to(wd_ptr.dtype.element_ty)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < D
-            wd = tl.load(wd_ptr + offs_k[:, None] * stride_wdk + offs_d[None, :] * stride_wdd,
-                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            o = dot_prec(dpre_c, wd, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC_DOWN)
-            tile = m_ok[:, None] & d_ok[None, :]
-            if ADD_DY:
-                o += tl.load(dy_ptr + rows[:, None] * stride_dym + offs_d[None, :] * stride_dyd,
-                             mask=tile, other=0.0).to(tl.float32)
-            tl.store(dh_ptr + rows[:, None] * stride_dhm + offs_d[None, :] * stride_dhd,
-                     o.to(dh_ptr.dtype.element_ty), mask=tile)
+    if NEED_DH:  # dh = dpre·W_down (+ dy when the residual is h)
+        _widen(dpre.to(wd_ptr.dtype.element_ty), wd_ptr, wd_ptr, dy_ptr, dh_ptr, rows, m_ok, offs_k, k_ok, D,
+               stride_wdk, stride_wdd, stride_dym, stride_dyd, stride_dhm, stride_dhd, 1.0, PREC_DOWN, False, ADD_DY,
+               BLOCK_M, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------
-# launchers: shapes were checked by peftkern/ops/adapter.py; k <= MAX_K
+# launchers: shapes were checked by peftkern/adapter/op.py; k <= MAX_K
 # ----------------------------------------------------------------------------------------------
 
 def _stages(block_k: int) -> int:
@@ -147,7 +151,7 @@ def _blocks(d: int, k: int, exact: bool, wide: bool):
     """(BLOCK_M, BLOCK_D, BLOCK_K, warps). `exact`: a product runs in 3xTF32 (fp32 weights); `wide`: an operand
     is fp32 (activations or weights)."""
     block_k = pow2_at_least_16(k, MAX_K)
-    if INTERPRET:
+    if _launch.interpreting():
         return 16, 32, block_k, 4
     # keep the [BLOCK_M, BLOCK_K] fp32 accumulator and a [BLOCK_M, BLOCK_D] tile within registers
     block_m = 64 if block_k <= 64 else 32
@@ -167,7 +171,6 @@ def _tiles(x, w_down, w_up):
     exact = "tf32x3" in (dot_precision(w_down.dtype == torch.float32), dot_precision(w_up.dtype == torch.float32))
     wide = torch.float32 in (x.dtype, w_down.dtype, w_up.dtype)
     return _blocks(x.shape[1], w_down.shape[0], exact, wide)
-
 
 
 def adapter_fwd(h, w_down, b_down, w_up, b_up, residual, code: int, scaling: float):

@@ -1,4 +1,4 @@
-"""Triton kernels of fused DoRA (SPEC section 8), beside LoRA's (kernels/lora.py, kernels/rank.py).
+"""Triton kernels of fused DoRA, beside LoRA's (kernels/lora.py, kernels/rank.py).
 
 With n_j = ‖W_j + s·(B·A)_j‖₂ (a constant in backward), c = magnitude / n, S = dropout(x)·Aᵀ, R = s·S·Bᵀ:
   p = 0:  z = x·Wᵀ + R,  y = c ⊙ z + bias
@@ -12,8 +12,7 @@ backward, g = dy:  gc = g ⊙ c,  dmag = Σ_m g ⊙ z / n;  the rank-r part is L
   _dora_keep_x_kernel            keep ⊙ x (unscaled, exact, x's dtype)                    one pass over x
   _dora_fwd_kernel               y (and z) in one GEMM; with dropout two accumulators share each Wᵀ tile
   _dora_dx_kernel                dx with dropout: two accumulators (g·W, gm·W + dS·A) share each W tile
-  _dora_fwd_epilogue_kernel      the composite forward's epilogue after library GEMMs (y, z in place)
-  _dora_dx_combine_kernel        the composite dropout dx's epilogue: dx += keep/(1 − p) ⊙ (e + dS·A), in place
+  kernels/dora_epilogue.py       the composite path's epilogues after library GEMMs (y, z; the dropout dx), in place
 
 gm = g ⊙ (c − 1) is its own operand rather than gc − g: c is near 1 (the magnitude starts at n), and a 16-bit gc
 minus g would cancel away the small (c − 1) ⊙ g term to a few bits. Every reduction is split into partials
@@ -28,15 +27,32 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _launch
-from ._launch import dot_precision, dropout_args, target_programs
+from . import _launch, blocks, registry
+from ._launch import dot_precision, dropout_args, split_reduction
+from .blocks import (
+    acc_per_thread,
+    b_layout,
+    gemm_grid,
+    grouped_tile,
+    k_loop,
+    k_loop_pair,
+    rank_term,
+    row_major_tile,
+    split_range,
+    store_tile,
+)
+from .dora_epilogue import dora_dx_combine_, dora_forward_epilogue_
 from .dropout import keep_tile
 from .tf32 import dot_prec
+
+__all__ = ["dora_dx_combine_", "dora_dx_gemm", "dora_forward_epilogue_", "dora_forward_gemm", "dora_grad_scale",
+           "dora_keep_x", "dora_weight_norm"]
 
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
 
+@registry.kernel
 @triton.jit
 def _dora_weight_norm_kernel(
     w_ptr, a_ptr, b_ptr, part_ptr,
@@ -54,8 +70,7 @@ def _dora_weight_norm_kernel(
     n_ok = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
-    k_begin = pid_z * cols_per_split
-    k_end = tl.minimum(k_begin + cols_per_split, K)
+    k_begin, k_end = split_range(pid_z, cols_per_split, K)
     sq = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -73,6 +88,7 @@ def _dora_weight_norm_kernel(
     tl.store(part_ptr + pid_z.to(tl.int64) * stride_pz + offs_n, tl.sum(sq, axis=1), mask=n_ok)
 
 
+@registry.kernel
 @triton.jit
 def _dora_grad_scale_kernel(
     g_ptr, c_ptr, z_ptr, gc_ptr, gm_ptr, part_ptr,
@@ -90,8 +106,7 @@ def _dora_grad_scale_kernel(
     c = tl.load(c_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_GM:
         c_minus_one = c - 1.0
-    m_begin = pid_z * rows_per_split
-    m_end = tl.minimum(m_begin + rows_per_split, M)
+    m_begin, m_end = split_range(pid_z, rows_per_split, M)
     cols_g = offs_n.to(tl.int64)[None, :] * stride_gn
     cols_o = offs_n.to(tl.int64)[None, :] * stride_on
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -111,6 +126,7 @@ def _dora_grad_scale_kernel(
         tl.store(part_ptr + pid_z.to(tl.int64) * stride_pz + offs_n, tl.sum(acc, axis=0), mask=n_ok)
 
 
+@registry.kernel
 @triton.jit
 def _dora_keep_x_kernel(
     x_ptr, out_ptr,
@@ -120,12 +136,7 @@ def _dora_keep_x_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # one grid axis over [BLOCK_M, BLOCK_K] tiles, column tiles fastest
-    pid = tl.program_id(0)
-    num_k = tl.cdiv(K, BLOCK_K)
-    pid_m = pid // num_k
-    pid_k = pid % num_k
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid_k, offs_m, offs_k = row_major_tile(M, K, BLOCK_M, BLOCK_K)
     ok = (offs_m < M)[:, None] & (offs_k < K)[None, :]
     x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk,
                 mask=ok, other=0.0)
@@ -147,54 +158,24 @@ def _dora_fwd_kernel(
     GROUP_M: tl.constexpr, M_BUCKET: tl.constexpr, B_LAYOUT: tl.constexpr,  # autotuning key only
 ):
     # y [M, N], z [M, N] (same strides) from x [M, L], w = Wᵀ [L, N], t = S [M, R], u = Bᵀ [R, N]; xm = keep ⊙ x
-    # (HAS_DROPOUT). Grouped ordering (Triton tutorial 03): neighbouring programs share x's row blocks in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    # (HAS_DROPOUT). Grouped ordering (kernels/blocks.tile_position): neighbouring programs share x's row blocks in L2.
+    _, _, offs_m, offs_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # rows/cols past the edge re-read a valid one (% M, % N) so the loads need only the K mask; row offsets int64
 
-    # R = s·S·Bᵀ first, as the initial value (kernels/lora.py: its factors are dead before the main loop's
-    # pipelined tiles are live). Without dropout one accumulator: z = R + x·Wᵀ. With dropout two, sharing each
+    # R = s·S·Bᵀ first, as the initial value (kernels/blocks.lora_prologue: its factors are dead before the main
+    # loop's pipelined tiles are live). Without dropout one accumulator: z = R + x·Wᵀ. With dropout two, sharing each
     # Wᵀ tile: acc = R + x·Wᵀ and acc_z = R·(1 − p) + (keep ⊙ x)·Wᵀ, so that z = acc_z/(1 − p) = R + d·Wᵀ
-    t_rows = t_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_tm
-    u_cols = u_ptr + (offs_n % N).to(tl.int64)[None, :] * stride_un
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        t = tl.load(t_rows + offs_r[None, :] * stride_tr, mask=offs_r[None, :] < R, other=0.0)
-        u = tl.load(u_cols + offs_r[:, None] * stride_ur, mask=offs_r[:, None] < R, other=0.0)
-        acc = dot_prec(t.to(tl.float32) * low_scale, u, acc, RANK_PRECISION)  # scale the [BLOCK_M, BLOCK_R] factor
+    acc = rank_term(t_ptr, u_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_tr, stride_ur, stride_un,
+                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), low_scale, True, True, RANK_PRECISION, BLOCK_R)
     if HAS_DROPOUT:
-        acc_z = acc * (1.0 / drop_scale)
-        xm_ptrs = xm_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_km + offs_k[None, :] * stride_kl
+        acc, acc_z = k_loop_pair(x_ptr, xm_ptr, w_ptr, offs_m % M, offs_n % N, stride_xm, stride_xl, stride_km,
+                                 stride_kl, stride_wl, stride_wn, L, acc, acc * (1.0 / drop_scale), MAIN_PRECISION,
+                                 BLOCK_K)
+    else:
+        acc = k_loop(x_ptr, w_ptr, offs_m % M, offs_n % N, stride_xm, stride_xl, stride_wl, stride_wn, L, acc,
+                     MAIN_PRECISION, BLOCK_K)
 
-    x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xl
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wl + (offs_n % N).to(tl.int64)[None, :] * stride_wn
-    for k0 in range(0, L, BLOCK_K):
-        k_ok = offs_k < L - k0
-        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-        acc = dot_prec(a, w, acc, MAIN_PRECISION)
-        if HAS_DROPOUT:
-            a_kept = tl.load(xm_ptrs, mask=k_ok[None, :], other=0.0)
-            acc_z = dot_prec(a_kept, w, acc_z, MAIN_PRECISION)
-            xm_ptrs += BLOCK_K * stride_kl
-        x_ptrs += BLOCK_K * stride_xl
-        w_ptrs += BLOCK_K * stride_wl
-
-    c = tl.load(c_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    c = tl.load(c_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if HAS_DROPOUT:
         z = acc_z * drop_scale
         y = acc + (c - 1.0) * z
@@ -202,12 +183,10 @@ def _dora_fwd_kernel(
         z = acc
         y = acc * c
     if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
-    ok = m_ok[:, None] & n_ok[None, :]
+        y += blocks.bias_row(bias_ptr, offs_n, N)
     if WRITE_Z:
-        tl.store(z_ptr + out, z.to(z_ptr.dtype.element_ty), mask=ok)
-    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=ok)
+        store_tile(z_ptr, z, offs_m, offs_n, M, N, stride_om, stride_on)
+    store_tile(y_ptr, y, offs_m, offs_n, M, N, stride_om, stride_on)
 
 
 @triton.jit
@@ -223,135 +202,17 @@ def _dora_dx_kernel(
 ):
     # dx [M, N = in] from g [M, L = out], h = gm [M, L], w = W [L, N], t = dS [M, R], u = A [R, N]:
     # acc = g·W, acc_h = dS·A + gm·W (initial value first, as in _dora_fwd_kernel), dx = acc + keep/(1−p) ⊙ acc_h
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-
-    t_rows = t_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_tm
-    u_cols = u_ptr + (offs_n % N).to(tl.int64)[None, :] * stride_un
-    acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        t = tl.load(t_rows + offs_r[None, :] * stride_tr, mask=offs_r[None, :] < R, other=0.0)
-        u = tl.load(u_cols + offs_r[:, None] * stride_ur, mask=offs_r[:, None] < R, other=0.0)
-        acc_h = dot_prec(t, u, acc_h, RANK_PRECISION)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    g_ptrs = g_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_gm + offs_k[None, :] * stride_gl
-    h_ptrs = h_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_hm + offs_k[None, :] * stride_hl
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wl + (offs_n % N).to(tl.int64)[None, :] * stride_wn
-    for k0 in range(0, L, BLOCK_K):
-        k_ok = offs_k < L - k0
-        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        g = tl.load(g_ptrs, mask=k_ok[None, :], other=0.0)
-        acc = dot_prec(g, w, acc, MAIN_PRECISION)
-        h = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
-        acc_h = dot_prec(h, w, acc_h, MAIN_PRECISION)
-        g_ptrs += BLOCK_K * stride_gl
-        h_ptrs += BLOCK_K * stride_hl
-        w_ptrs += BLOCK_K * stride_wl
+    _, pid_n, offs_m, offs_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc_h = rank_term(t_ptr, u_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_tr, stride_ur, stride_un,
+                      tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), 1.0, True, False, RANK_PRECISION, BLOCK_R)
+    acc, acc_h = k_loop_pair(g_ptr, h_ptr, w_ptr, offs_m % M, offs_n % N, stride_gm, stride_gl, stride_hm, stride_hl,
+                             stride_wl, stride_wn, L, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), acc_h,
+                             MAIN_PRECISION, BLOCK_K)
 
     # the mask of x's element (m, n): dx has x's coordinates
     keep = keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N)
     acc += tl.where(keep, acc_h * drop_scale, 0.0)
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _dora_fwd_epilogue_kernel(
-    xw_ptr, dw_ptr, t_ptr, u_ptr, bias_ptr, c_ptr, y_ptr, z_ptr,
-    M, N, R,
-    stride_am, stride_an, stride_dm, stride_dn, stride_tm, stride_tr, stride_ur, stride_un, stride_ym, stride_yn,
-    stride_zm, stride_zn,
-    low_scale, drop_scale,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_Z: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    # xw = x·Wᵀ and (HAS_DROPOUT) dw = (keep ⊙ x)·Wᵀ from the library GEMM, in x's dtype; one grid axis, column
-    # tiles fastest (neighbouring programs share t's rows). y may be xw and z may be dw (each element is read
-    # by the program that writes it, before it writes it).
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    ok = m_ok[:, None] & n_ok[None, :]
-    rows = offs_m.to(tl.int64)[:, None]
-    cols = offs_n.to(tl.int64)[None, :]
-    low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        t = tl.load(t_ptr + rows * stride_tm + offs_r[None, :] * stride_tr, mask=m_ok[:, None] & (offs_r[None, :] < R),
-                    other=0.0)
-        u = tl.load(u_ptr + offs_r[:, None] * stride_ur + cols * stride_un, mask=(offs_r[:, None] < R) & n_ok[None, :],
-                    other=0.0)
-        low = dot_prec(t.to(tl.float32) * low_scale, u, low, PRECISION)
-    base = tl.load(xw_ptr + rows * stride_am + cols * stride_an, mask=ok, other=0.0).to(tl.float32)
-    c = tl.load(c_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    if HAS_DROPOUT:
-        dropped = tl.load(dw_ptr + rows * stride_dm + cols * stride_dn, mask=ok, other=0.0).to(tl.float32)
-        z = dropped * drop_scale + low
-        y = base + low + (c - 1.0) * z
-    else:
-        z = base + low
-        y = z * c
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if WRITE_Z:
-        tl.store(z_ptr + rows * stride_zm + cols * stride_zn, z.to(z_ptr.dtype.element_ty), mask=ok)
-    tl.store(y_ptr + rows * stride_ym + cols * stride_yn, y.to(y_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _dora_dx_combine_kernel(
-    dx_ptr, e_ptr, t_ptr, u_ptr,
-    M, N, R,
-    stride_dm, stride_dn, stride_em, stride_en, stride_tm, stride_tr, stride_ur, stride_un,
-    seed, threshold, drop_scale,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    # dx += keep/(1 − p) ⊙ (e + t·u) in place; dx = g·W and e = gm·W from the library GEMM, t = dS, u = A
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    ok = m_ok[:, None] & n_ok[None, :]
-    rows = offs_m.to(tl.int64)[:, None]
-    cols = offs_n.to(tl.int64)[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        t = tl.load(t_ptr + rows * stride_tm + offs_r[None, :] * stride_tr, mask=m_ok[:, None] & (offs_r[None, :] < R),
-                    other=0.0)
-        u = tl.load(u_ptr + offs_r[:, None] * stride_ur + cols * stride_un, mask=(offs_r[:, None] < R) & n_ok[None, :],
-                    other=0.0)
-        acc = dot_prec(t, u, acc, PRECISION)
-    acc += tl.load(e_ptr + rows * stride_em + cols * stride_en, mask=ok, other=0.0).to(tl.float32)
-    keep = keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N)
-    ptrs = dx_ptr + rows * stride_dm + cols * stride_dn
-    cur = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(ptrs, (cur + tl.where(keep, acc * drop_scale, 0.0)).to(dx_ptr.dtype.element_ty), mask=ok)
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,52 +250,29 @@ _TILES_16_DX = [(128, 128, 32, 8, 4), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), 
 _TILES_FP32_DX = [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (64, 32, 32, 4, 4)]
 
 
-def _config(tile):
-    bm, bn, bk, w, st = tile
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
-
-
 def gemm_configs():
     """Tile shapes the GEMMs autotune over on GPU: every list, once (prune_fwd_configs / prune_dx_configs keep the
     ones of each call's setting); the interpreter gets one small tile."""
-    if INTERPRET:
-        return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), num_warps=4, num_stages=1)]
-    tiles = _TILES_16 + _TILES_FP32 + _TILES_16_FWD_DROPOUT + _TILES_FP32_FWD_DROPOUT + _TILES_16_DX + _TILES_FP32_DX
-    return [_config(t) for t in dict.fromkeys(tiles)]
-
-
-def _tile(config) -> tuple:
-    kw = config.kwargs
-    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
-
-
-def _acc_per_thread(config) -> int:
-    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
-
-
-def _arg(named_args, kwargs, name):
-    return kwargs[name] if name in kwargs else named_args[name]
+    return blocks.gemm_configs(_TILES_16 + _TILES_FP32 + _TILES_16_FWD_DROPOUT + _TILES_FP32_FWD_DROPOUT
+                               + _TILES_16_DX + _TILES_FP32_DX)
 
 
 def prune_fwd_configs(configs, named_args, **kwargs):
     """early_config_prune of the forward GEMM: the tile list of x's dtype with one accumulator or two (dropout),
     less the configs whose registers spilled in that setting."""
-    def arg(name):
-        return _arg(named_args, kwargs, name)
-
     if len(configs) == 1:  # the interpreter's
         return list(configs)
-    wide = arg("x_ptr").dtype == torch.float32
+    dropout = blocks.arg(named_args, kwargs, "HAS_DROPOUT")
+    lists = (_TILES_FP32_FWD_DROPOUT, _TILES_16_FWD_DROPOUT) if dropout else (_TILES_FP32, _TILES_16)
+    arg, _, kept = blocks.by_operand_dtype(configs, named_args, kwargs, "x_ptr", *lists)
     exact_rank = arg("RANK_PRECISION") == "tf32x3"
-    if arg("HAS_DROPOUT"):
-        kept = [c for c in configs if _tile(c) in (_TILES_FP32_FWD_DROPOUT if wide else _TILES_16_FWD_DROPOUT)]
+    if dropout:
         if exact_rank:
             kept = [c for c in kept
                     if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= _MAX_TILE_FWD_DROPOUT_EXACT_RANK] or kept
         return kept
-    kept = [c for c in configs if _tile(c) in (_TILES_FP32 if wide else _TILES_16)]
     if exact_rank or arg("MAIN_PRECISION") == "tf32x3" or arg("HAS_BIAS") or arg("WRITE_Z"):
-        kept = [c for c in kept if _acc_per_thread(c) <= _MAX_ACC_PER_THREAD_HEAVY] or kept
+        kept = [c for c in kept if acc_per_thread(c) <= _MAX_ACC_PER_THREAD_HEAVY] or kept
     return kept
 
 
@@ -442,28 +280,21 @@ def prune_dx_configs(configs, named_args, **kwargs):
     """early_config_prune of the dropout dx GEMM: the tile list of g's dtype."""
     if len(configs) == 1:  # the interpreter's
         return list(configs)
-    wide = _arg(named_args, kwargs, "g_ptr").dtype == torch.float32
-    return [c for c in configs if _tile(c) in (_TILES_FP32_DX if wide else _TILES_16_DX)]
+    return blocks.by_operand_dtype(configs, named_args, kwargs, "g_ptr", _TILES_FP32_DX, _TILES_16_DX)[2]
 
 
 # tuned per (power-of-two bucket of M, N, L, R, flags, the weight's layout, precisions; Triton adds the dtypes), as
 # kernels/lora.py's GEMM is: a new token count does not re-tune, and what the pruning keeps depends on the rest
-_dora_fwd_tuned = triton.autotune(
-    configs=gemm_configs(),
+_dora_fwd_tuned = registry.autotuned(
+    _dora_fwd_kernel, configs=gemm_configs, prune=prune_fwd_configs,
     key=["M_BUCKET", "N", "L", "R", "HAS_BIAS", "HAS_DROPOUT", "WRITE_Z", "B_LAYOUT", "MAIN_PRECISION",
          "RANK_PRECISION"],
-    prune_configs_by={"early_config_prune": _launch.tuning_prune(prune_fwd_configs)},
-)(_dora_fwd_kernel)
+)
 
-_dora_dx_tuned = triton.autotune(
-    configs=gemm_configs(),
+_dora_dx_tuned = registry.autotuned(
+    _dora_dx_kernel, configs=gemm_configs, prune=prune_dx_configs,
     key=["M_BUCKET", "N", "L", "R", "B_LAYOUT", "MAIN_PRECISION", "RANK_PRECISION"],
-    prune_configs_by={"early_config_prune": _launch.tuning_prune(prune_dx_configs)},
-)(_dora_dx_kernel)
-
-
-def _layout(b: torch.Tensor) -> str:
-    return "row" if b.stride(1) == 1 else "col" if b.stride(0) == 1 else "strided"
+)
 
 
 def _aligned(v: torch.Tensor) -> torch.Tensor:
@@ -482,20 +313,9 @@ def _aligned(v: torch.Tensor) -> torch.Tensor:
     return buf.copy_(v)
 
 
-def _gemm_grid(M, N):
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    return grid
-
-
 # ----------------------------------------------------------------------------------------------
-# launchers: tensors in, tensors out; shapes are checked by peftkern/ops/dora.py before this point
+# launchers: tensors in, tensors out; shapes are checked by peftkern/dora/op.py before this point
 # ----------------------------------------------------------------------------------------------
-
-def _splits(blocks: int, tiles: int, device) -> int:
-    """How many parts a reduction over `blocks` blocks is cut into so that `tiles` × parts fill the device."""
-    return max(1, min(blocks, triton.cdiv(target_programs(device), tiles)))
-
 
 def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """n [N] float32: ‖weight_j + scaling·(lora_b·lora_a)_j‖₂ per row, weight [N, K], lora_a [r, K], lora_b [N, r]
@@ -513,13 +333,10 @@ def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
         return out.zero_()
     # [64, 64] tiles at 4 warps, rank in 16-wide slices: with 32-wide slices the 3xTF32 splits of an fp32 B·A
     # spilled 16 B (sm_80)
-    block_n, block_k = (32, 32) if INTERPRET else (64, 64)
+    block_n, block_k = (32, 32) if _launch.interpreting() else (64, 64)
     n_tiles = triton.cdiv(N, block_n)
-    k_blocks = triton.cdiv(K, block_k)
     # N = 4096 is 64 row tiles, an eighth of an H100's 4 × 132 programs: split K as well
-    splits = _splits(k_blocks, n_tiles, weight.device)
-    cols_per_split = triton.cdiv(k_blocks, splits) * block_k
-    splits = triton.cdiv(K, cols_per_split)
+    splits, cols_per_split = split_reduction(K, block_k, n_tiles, weight.device)
     part = out.unsqueeze(0) if splits == 1 else _launch.empty((splits, N), weight.device, torch.float32)
     _dora_weight_norm_kernel[(n_tiles, splits)](
         weight, lora_a, lora_b, part,
@@ -552,12 +369,9 @@ def dora_grad_scale(g: torch.Tensor, col_scale: torch.Tensor, z=None, *, with_gm
     if M == 0:
         return gc, (colsum.zero_() if colsum is not None else None), gm
     # [32, 128] tiles at 4 warps: 32 fp32 per thread for each of g, z and the g ⊙ z accumulator
-    block_m, block_n = (32, 32) if INTERPRET else (32, 128)
+    block_m, block_n = (32, 32) if _launch.interpreting() else (32, 128)
     n_tiles = triton.cdiv(N, block_n)
-    m_blocks = triton.cdiv(M, block_m)
-    splits = _splits(m_blocks, n_tiles, g.device)
-    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    splits, rows_per_split = split_reduction(M, block_m, n_tiles, g.device)
     if colsum is None:
         part = gc  # never written (HAS_Z is off)
     else:
@@ -590,7 +404,7 @@ def dora_keep_x(x: torch.Tensor, *, seed: int, dropout_p: float) -> torch.Tensor
         return out
     seed_v, threshold, _ = dropout_args(seed, dropout_p)
     # [64, 128] at 4 warps: 64 elements per thread, 8 Philox calls
-    block_m, block_k = (32, 32) if INTERPRET else (64, 128)
+    block_m, block_k = (32, 32) if _launch.interpreting() else (64, 128)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)
     _dora_keep_x_kernel[grid](
         x, out, M, K, x.stride(0), x.stride(1), out.stride(0), out.stride(1), seed_v, threshold,
@@ -622,7 +436,7 @@ def dora_forward_gemm(x: torch.Tensor, w_t: torch.Tensor, t: torch.Tensor, u: to
     dropout = masked_x is not None
     xm = masked_x if dropout else x
     t, u = _aligned(t), _aligned(u)
-    _dora_fwd_tuned[_gemm_grid(M, N)](
+    _dora_fwd_tuned[gemm_grid(M, N)](
         x, xm, w_t, t, u, bias.contiguous() if bias is not None else y, col_scale.contiguous(), y,
         z if z is not None else y,
         M, N, L, R,
@@ -631,7 +445,7 @@ def dora_forward_gemm(x: torch.Tensor, w_t: torch.Tensor, t: torch.Tensor, u: to
         float(lora_scale), float(drop_scale),
         HAS_BIAS=bias is not None, HAS_DROPOUT=dropout, WRITE_Z=write_z,
         MAIN_PRECISION=dot_precision(x.dtype == torch.float32), RANK_PRECISION=dot_precision(u.dtype == torch.float32),
-        BLOCK_R=16, M_BUCKET=triton.next_power_of_2(M), B_LAYOUT=_layout(w_t),
+        BLOCK_R=16, M_BUCKET=triton.next_power_of_2(M), B_LAYOUT=b_layout(w_t),
     )
     return y, z
 
@@ -652,74 +466,13 @@ def dora_dx_gemm(g: torch.Tensor, gm: torch.Tensor, w: torch.Tensor, ds: torch.T
         return out
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
     ds, a = _aligned(ds), _aligned(a)
-    _dora_dx_tuned[_gemm_grid(M, N)](
+    _dora_dx_tuned[gemm_grid(M, N)](
         g, gm, w, ds, a, out,
         M, N, L, R,
         g.stride(0), g.stride(1), gm.stride(0), gm.stride(1), w.stride(0), w.stride(1), ds.stride(0), ds.stride(1),
         a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         seed_v, threshold, drop_scale,
         MAIN_PRECISION=dot_precision(g.dtype == torch.float32), RANK_PRECISION=dot_precision(a.dtype == torch.float32),
-        BLOCK_R=16, M_BUCKET=triton.next_power_of_2(M), B_LAYOUT=_layout(w),
+        BLOCK_R=16, M_BUCKET=triton.next_power_of_2(M), B_LAYOUT=b_layout(w),
     )
     return out
-
-
-def _epilogue_blocks():
-    """(BLOCK_M, BLOCK_N, BLOCK_R, warps) of the composite's epilogues: memory-bound, [64, 128] tiles on 8 warps (32
-    fp32 per thread per tile: on 4 warps the forward's xw, dw, rank-r term, z and y spilled 152 B on sm_90 for fp32
-    x with bias and 3xTF32 adapters), the rank in 16-wide slices."""
-    return ((32, 32) if INTERPRET else (64, 128)) + (16, 8)
-
-
-def dora_forward_epilogue_(xw: torch.Tensor, t: torch.Tensor, u: torch.Tensor, bias, col_scale: torch.Tensor, *,
-                           lora_scale: float, dw=None, drop_scale: float = 1.0, write_z: bool):
-    """The composite forward after its library GEMMs: xw = x·Wᵀ [M, N] and, with dropout, dw = (keep ⊙ x)·Wᵀ, both
-    in x's dtype. With R = lora_scale·t·u: z = xw + R, y = c ⊙ z + bias (dw None), or z = drop_scale·dw + R,
-    y = xw + R + (c − 1) ⊙ z + bias; in fp32, each rounded once. y is written over xw, and z over dw (with
-    dropout; else into a new tensor) when write_z. Returns (y, z or None).
-
-    Roofline (M = 8192, N = 4096, r = 16, bf16): reads xw (and dw), writes y (and z): 128 to 256 MiB, 45–90 µs at
-    3 TB/s, beside the library GEMMs' 0.34–0.69 ms; what the composite pays beyond the fused forward."""
-    M, N = xw.shape
-    R = t.shape[1]
-    dropout = dw is not None
-    z = (dw if dropout else _launch.empty((M, N), xw.device, xw.dtype)) if write_z else None
-    if M == 0 or N == 0:
-        return xw, z
-    block_m, block_n, block_r, warps = _epilogue_blocks()
-    src = dw if dropout else xw
-    zz = z if z is not None else xw
-    _dora_fwd_epilogue_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
-        xw, src, t, u, bias.contiguous() if bias is not None else xw, col_scale.contiguous(), xw, zz,
-        M, N, R,
-        xw.stride(0), xw.stride(1), src.stride(0), src.stride(1), t.stride(0), t.stride(1), u.stride(0), u.stride(1),
-        xw.stride(0), xw.stride(1), zz.stride(0), zz.stride(1),
-        float(lora_scale), float(drop_scale),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout, WRITE_Z=write_z,
-        PRECISION=dot_precision(u.dtype == torch.float32),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
-    )
-    return xw, z
-
-
-def dora_dx_combine_(dx: torch.Tensor, e: torch.Tensor, ds: torch.Tensor, a: torch.Tensor, *, seed: int,
-                     dropout_p: float) -> torch.Tensor:
-    """The composite dropout dx after its library GEMMs dx = g·W and e = gm·W [M, K]: dx += keep/(1 − p) ⊙
-    (e + ds·a) in place (the sum in fp32, rounded once), keep the mask of x [M, K]. Returns dx.
-
-    Roofline (M = 8192, K = 4096, bf16): reads dx and e, writes dx: 192 MiB, ~67 µs at 3 TB/s, plus the mask."""
-    M, N = dx.shape
-    R = ds.shape[1]
-    if M == 0 or N == 0:
-        return dx
-    seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
-    block_m, block_n, block_r, warps = _epilogue_blocks()
-    _dora_dx_combine_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
-        dx, e, ds, a,
-        M, N, R,
-        dx.stride(0), dx.stride(1), e.stride(0), e.stride(1), ds.stride(0), ds.stride(1), a.stride(0), a.stride(1),
-        seed_v, threshold, drop_scale,
-        PRECISION=dot_precision(a.dtype == torch.float32),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
-    )
-    return dx

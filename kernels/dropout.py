@@ -1,4 +1,4 @@
-"""In-kernel dropout mask: the Triton spelling of peftkern/reference/dropout.py.
+"""In-kernel dropout mask: the Triton spelling of peftkern/core/dropout.py.
 
 `keep_tile` returns the keep mask of a [BLOCK_M, BLOCK_C] tile of the logical 2-D input x[M, C]
 (C = x's last dim); the tile's first column must be a multiple of 8. One `tl.philox` call yields four

@@ -1,6 +1,6 @@
 """Triton kernels of fused LoRA:  y = x·Wᵀ + bias + s·(dropout(x)·Aᵀ)·Bᵀ.
 
-Three kernels cover forward and backward (see `peftkern/ops/lora.py` for how they are wired); the
+Three kernels cover forward and backward (see `peftkern/lora/op.py` for how they are wired); the
 two skinny ones are shared with other families and live in kernels/rank.py:
   rank_down          out[M, R] = scale · (keep ⊙ X)[M, C] · P[R, C]ᵀ     S = drop(x)·Aᵀ, dS = s·dy·B
   rank_grad          out[R, C] = Σ_m G[m, R]ᵀ · (keep ⊙ X)[m, C]          dA, dBᵀ
@@ -22,10 +22,20 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _launch
+from . import _launch, blocks, registry
 from ._launch import dot_precision, dropout_args
-from .dropout import keep_tile
-from .tf32 import dot_prec
+from .blocks import (
+    acc_per_thread,
+    b_layout,
+    gemm_configs,
+    gemm_grid,
+    grouped_tile,
+    k_loop,
+    lora_prologue,
+    rows_per_warp,
+    store_tile,
+    tile,
+)
 
 
 @triton.jit
@@ -40,60 +50,20 @@ def _lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, M_BUCKET: tl.constexpr, B_LAYOUT: tl.constexpr,  # autotuning key only
 ):
-    # grouped ordering (Triton tutorial 03): neighbouring programs share A row-blocks in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    # rows/cols past the edge re-read a valid one (% M, % N) so the loads need only the K mask;
-    # row offsets are int64 so that tensors over 2**31 elements address correctly
-
-    # the rank-r term (and the bias) first, as the accumulator's initial value: its factors, the dropout
-    # mask's Philox state and the bias are dead before the main loop's pipelined tiles are live, so the
-    # epilogue adds no registers to the main loop's peak (computed after the loop, they spilled on sm_80/90)
-    t_rows = t_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_tm
-    u_cols = u_ptr + (offs_n % N).to(tl.int64)[None, :] * stride_un
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        t = tl.load(t_rows + offs_r[None, :] * stride_tr, mask=offs_r[None, :] < R, other=0.0)
-        u = tl.load(u_cols + offs_r[:, None] * stride_ur, mask=offs_r[:, None] < R, other=0.0)
-        if not HAS_DROPOUT:
-            t = t.to(tl.float32) * low_scale  # no mask: scale the [BLOCK_M, BLOCK_R] factor, not the tile
-        acc = dot_prec(t, u, acc, RANK_PRECISION)
-    if HAS_DROPOUT:
-        keep = keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N)
-        acc = tl.where(keep, acc * low_scale, 0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-
-    a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_al
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bl + (offs_n % N).to(tl.int64)[None, :] * stride_bn
-    for k0 in range(0, L, BLOCK_K):
-        k_ok = offs_k < L - k0
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = dot_prec(a, b, acc, MAIN_PRECISION)
-        a_ptrs += BLOCK_K * stride_al
-        b_ptrs += BLOCK_K * stride_bl
-
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    # grouped ordering (kernels/blocks.tile_position): neighbouring programs share A row-blocks in L2
+    _, pid_n, offs_m, offs_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    # the rank-r term (and the bias) first, as the accumulator's initial value (kernels/blocks.lora_prologue)
+    acc = lora_prologue(t_ptr, u_ptr, bias_ptr, offs_m, offs_n, pid_n * BLOCK_N, M, N, R,
+                        stride_tm, stride_tr, stride_ur, stride_un, seed, threshold, low_scale,
+                        HAS_BIAS, HAS_DROPOUT, RANK_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+    # rows/cols past the edge re-read a valid one (% M, % N) so the loads need only the K mask
+    acc = k_loop(a_ptr, b_ptr, offs_m % M, offs_n % N, stride_am, stride_al, stride_bl, stride_bn, L, acc,
+                 MAIN_PRECISION, BLOCK_K)
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on)
 
 
 # ----------------------------------------------------------------------------------------------
-# launcher: tensors in, tensors out; shapes are checked by peftkern/ops/lora.py before this point
+# launcher: tensors in, tensors out; shapes are checked by peftkern/lora/op.py before this point
 # ----------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). 16-bit inputs: the Hopper/Ampere bf16 favourites of Triton
@@ -111,50 +81,30 @@ _MAX_ACC_PER_THREAD_HEAVY = 64
 _MAX_T_ROWS_PER_WARP_DROPOUT_AND_EXACT = 16
 
 
-def _config(tile):
-    bm, bn, bk, w, st = tile
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
-
-
 def _gemm_configs():
     """Tile shapes the GEMM autotunes over on GPU (pruned per call by _prune_configs); the interpreter gets
     one small tile."""
-    if INTERPRET:
-        return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), num_warps=4, num_stages=1)]
-    return [_config(t) for t in _TILES_16 + _TILES_FP32]
-
-
-def _tile(config) -> tuple:
-    kw = config.kwargs
-    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
-
-
-def _acc_per_thread(config) -> int:
-    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+    return gemm_configs(_TILES_16 + _TILES_FP32)
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """early_config_prune: the tile list of the input dtype, less the configs whose epilogue spills."""
-    def arg(name):
-        return kwargs[name] if name in kwargs else named_args[name]
-
     if len(configs) == 1:  # the interpreter's
         return list(configs)
-    wide = arg("a_ptr").dtype == torch.float32
-    kept = [c for c in configs if (_tile(c) in _TILES_FP32) == wide]
+    arg, wide, kept = blocks.by_operand_dtype(configs, named_args, kwargs, "a_ptr", _TILES_FP32)
     dropout, exact = arg("HAS_DROPOUT"), arg("RANK_PRECISION") == "tf32x3"
     # a rank off 16 (e.g. 8): T's and U's rows are unaligned and their masked loads need registers too (128x128 on 4
     # warps and 256x128 on 8 spilled 60-116 B on sm_80 at R=8, 16-bit x, no bias or dropout)
     if dropout or exact or arg("HAS_BIAS") or arg("R") % 16:
-        kept = [c for c in kept if _acc_per_thread(c) <= _MAX_ACC_PER_THREAD_HEAVY] or kept
+        kept = [c for c in kept if acc_per_thread(c) <= _MAX_ACC_PER_THREAD_HEAVY] or kept
     if dropout and exact:
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] // c.num_warps <= _MAX_T_ROWS_PER_WARP_DROPOUT_AND_EXACT] or kept
+        kept = [c for c in kept if rows_per_warp(c) <= _MAX_T_ROWS_PER_WARP_DROPOUT_AND_EXACT] or kept
     # Triton 3.6's ptxas (12.8, sm_80): an fp32 GEMM under 3xTF32 with a bias spilled 4 B at 128x64 on 4 warps (32 rows
     # of T per warp) and a 16-bit GEMM beside a 3xTF32 rank product spilled 4 B at 64x128x64 on 4 warps, 4 stages
     if arg("MAIN_PRECISION") == "tf32x3" and arg("HAS_BIAS"):
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] // c.num_warps <= _MAX_T_ROWS_PER_WARP_DROPOUT_AND_EXACT] or kept
+        kept = [c for c in kept if rows_per_warp(c) <= _MAX_T_ROWS_PER_WARP_DROPOUT_AND_EXACT] or kept
     if exact and not wide:
-        kept = [c for c in kept if _tile(c) != (64, 128, 64, 4, 4)] or kept
+        kept = [c for c in kept if tile(c) != (64, 128, 64, 4, 4)] or kept
     return kept
 
 
@@ -162,11 +112,10 @@ def _prune_configs(configs, named_args, **kwargs):
 # with varying token counts does not re-tune at every new M, and forward (B = Wᵀ, a transposed view) and dx
 # (B = W, row-major) do not share one tile choice, since the best tile depends on which way B is read; the
 # precisions change which configs _prune_configs keeps
-_lora_gemm_tuned = triton.autotune(
-    configs=_gemm_configs(),
+_lora_gemm_tuned = registry.autotuned(
+    _lora_gemm_kernel, configs=_gemm_configs, prune=_prune_configs,
     key=["M_BUCKET", "N", "L", "R", "HAS_DROPOUT", "B_LAYOUT", "MAIN_PRECISION", "RANK_PRECISION"],
-    prune_configs_by={"early_config_prune": _launch.tuning_prune(_prune_configs)},
-)(_lora_gemm_kernel)
+)
 
 
 def lora_gemm(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, u: torch.Tensor, bias, *,
@@ -179,10 +128,7 @@ def lora_gemm(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, u: torch.Tensor
     if M == 0 or N == 0:
         return out
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _lora_gemm_tuned[grid](
+    _lora_gemm_tuned[gemm_grid(M, N)](
         a, b, t, u, bias.contiguous() if bias is not None else out, out,  # bias is read with unit stride
         M, N, L, R,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), t.stride(0), t.stride(1),
@@ -192,6 +138,6 @@ def lora_gemm(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, u: torch.Tensor
         MAIN_PRECISION=dot_precision(a.dtype == torch.float32), RANK_PRECISION=dot_precision(u.dtype == torch.float32),
         # R is looped over in 16-wide slices: small factor tiles beside the accumulator
         BLOCK_R=16, M_BUCKET=triton.next_power_of_2(M),
-        B_LAYOUT="row" if b.stride(1) == 1 else "col" if b.stride(0) == 1 else "strided",
+        B_LAYOUT=b_layout(b),
     )
     return out

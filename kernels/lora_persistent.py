@@ -10,7 +10,7 @@ and used as that accumulator's initial value (one fp32 tile live, no second one 
 rounding to the output dtype. Only the mainloop and the tile schedule differ, so results agree with
 `lora_gemm` up to the fp32 summation order.
 
-Why (issue 11, item F): the classic kernel is tutorial 03's GEMM (pointer loads, one program per tile),
+Why: the classic kernel is tutorial 03's GEMM (pointer loads, one program per tile),
 which cuBLAS typically beats by 10-25% at 8192x4096x4096 on an H100. On sm_90 this variant
   - loads A and B tiles with TMA (host-built tensor descriptors: one instruction per tile, no address
     arithmetic or masks in the mainloop, out-of-range rows/columns zero-filled by the hardware), which lets
@@ -36,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _launch
+from . import _launch, blocks, registry
 from ._launch import dot_precision, dropout_args, pow2_at_least_16
+from .blocks import acc_per_thread, bias_row, store_tile, tile_position
 from .dropout import keep_tile
 
 try:  # host-side tensor descriptors (Triton >= 3.4): no device-side allocator, no process-global state
@@ -50,18 +51,6 @@ MIN_CAPABILITY = (9, 0)  # TMA and wgmma: Hopper and later
 _AB_DTYPES = (torch.float16, torch.bfloat16)  # wgmma from shared memory at 2 bytes/element; fp32 A/B stay classic
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TMA_ALIGN = 16  # bytes: TMA needs a 16-byte aligned base and 16-byte multiples for every non-last stride
-
-
-@triton.jit
-def _tile_position(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    # grouped ordering (tutorial 03): GROUP_M row-blocks advance together, so the programs working at one
-    # time share B column-blocks (and A row-blocks) in L2
-    width = GROUP_M * num_n
-    first_m = (tile // width) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % width) % rows
-    pid_n = (tile % width) // rows
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -87,13 +76,11 @@ def _lora_gemm_persistent_kernel(
     num_tiles = num_m * num_n
     # flatten: the pipeliner overlaps the next tile's first TMA loads with this tile's epilogue
     for tile in tl.range(start, num_tiles, NUM_SMS, flatten=True):
-        pid_m, pid_n = _tile_position(tile, num_m, num_n, GROUP_M)
+        pid_m, pid_n = tile_position(tile, num_m, num_n, GROUP_M)  # grouped order (kernels/blocks.py)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
         # The rank-r term comes first and is the accumulator the mainloop adds to: one [BLOCK_M, BLOCK_N] fp32
         # tile is live at a time. (As an epilogue after the mainloop, the masked term needed a second fp32
         # tile, and fp32 adapters' tf32x3 operand splits sat beside a full accumulator: both spilled on
@@ -126,11 +113,10 @@ def _lora_gemm_persistent_kernel(
             acc = tl.dot(a, b, acc)
 
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc += bias_row(bias_ptr, offs_n, N)
         # a plain masked store, not TMA: `out` may be fp32 or have a row stride TMA cannot take, and the
         # store is one write of out against L/BLOCK_K tile loads in the mainloop
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,22 +153,13 @@ _MIN_WARPS_DROPOUT_AND_EXACT = 8
 
 def gpu_configs():
     """The autotuner's configs on a GPU."""
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st,
-                          pre_hook=set_block_shapes)
-            for bm, bn, bk, w, st in _TILES]
+    with _launch.launch_config(interpret=False):
+        return _configs()
 
 
 def _configs():
-    if INTERPRET:  # the interpreter runs each program in numpy: one small tile, several tiles per program
-        return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2), num_warps=4, num_stages=1,
-                              pre_hook=set_block_shapes)]
-    return gpu_configs()
-
-
-def acc_per_thread(config) -> int:
-    """fp32 accumulator elements each thread holds for one [BLOCK_M, BLOCK_N] tile."""
-    kw = config.kwargs
-    return kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * config.num_warps)
+    # the interpreter runs each program in numpy: one small tile, several tiles per program
+    return blocks.gemm_configs(_TILES, interpreter_group_m=2, pre_hook=set_block_shapes)
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -204,11 +181,10 @@ def prune_configs(configs, named_args, **kwargs):
 # the descriptors carry no dtype the autotuner could add to its key by itself, hence AB_DTYPE; the rank
 # precision (tf32 or tf32x3, which follows torch.backends.cuda.matmul.allow_tf32) changes which configs
 # prune_configs keeps, so a choice made under one must not be reused under the other
-_lora_gemm_persistent_tuned = triton.autotune(
-    configs=_configs(),
+_lora_gemm_persistent_tuned = registry.autotuned(
+    _lora_gemm_persistent_kernel, configs=_configs, prune=prune_configs, min_capability=MIN_CAPABILITY,
     key=["M_BUCKET", "N", "L", "R", "HAS_DROPOUT", "B_TRANSPOSED", "RANK_PRECISION", "AB_DTYPE", "NUM_SMS"],
-    prune_configs_by={"early_config_prune": _launch.tuning_prune(prune_configs)},
-)(_lora_gemm_persistent_kernel)
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +256,7 @@ def unsupported(a, b, t, u, bias, out_dtype) -> Optional[str]:
     reason = _layout_unsupported(a, b, t, u, bias, out_dtype)
     if reason is not None:
         return reason
-    cap = torch.cuda.get_device_capability(a.device)
+    cap = _launch.capability(a.device)
     if cap < MIN_CAPABILITY:
         return f"compute capability {cap[0]}.{cap[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (no TMA)"
     return None
@@ -330,7 +306,7 @@ def lora_gemm_persistent(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, u: t
     """out[M, N] = a·b (+bias) + lora_scale·(t·u) ⊙ keep/(1-p) at (m, n); a [M, L], b [L, N], t [M, R],
     u [R, N]: kernels/lora.py's lora_gemm, with the persistent TMA kernel. Raises ValueError with the
     reason when unsupported() (or, on CPU tensors under the interpreter, the layout checks) refuse it."""
-    on_cpu_interpreted = INTERPRET and all(x.device.type == "cpu" for x in (a, b, t, u))
+    on_cpu_interpreted = _launch.interpreting() and all(x.device.type == "cpu" for x in (a, b, t, u))
     reason = _layout_unsupported(a, b, t, u, bias, out_dtype) if on_cpu_interpreted else \
         unsupported(a, b, t, u, bias, out_dtype)
     if reason is not None:
@@ -342,7 +318,7 @@ def lora_gemm_persistent(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, u: t
     if on_cpu_interpreted:
         num_sms = _INTERPRETER_SMS
     else:
-        num_sms = _launch._num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
+        num_sms = _launch.num_sms(a.device)
     # under the interpreter, kernels/__init__.py's _scope_launches runs the launch inside interpreter_scope()
     launch(a, b, t, u, bias, out, lora_scale=lora_scale, seed=seed, dropout_p=dropout_p, num_sms=num_sms)
     return out

@@ -1,6 +1,6 @@
-"""Many LoRA adapters over one base (SPEC section 9): grouped skinny products, each row with its own adapter.
+"""Many LoRA adapters over one base: grouped skinny products, each row with its own adapter.
 
-Rows are grouped by adapter on the device (peftkern/impls/triton_multi_lora.py: a stable sort of the ids and a
+Rows are grouped by adapter on the device (peftkern/multi_lora/triton.py: a stable sort of the ids and a
 histogram, no host synchronisation): `order` lists the rows adapter by adapter, `seg_start[i]`/`seg_len[i]` say
 where adapter i's rows are in it. The adapters reach the kernels through device tables of data pointers (one
 int64 per adapter), so no adapter is copied or padded per call: a segment reads only its own adapter's r_i rows.
@@ -36,12 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _launch
+from peftkern.core import rules
+
+from . import _launch, blocks, registry
 from ._launch import dot_precision, dropout_args, pow2_at_least_16
+from .blocks import add_to_tile, bias_row, gemm_grid, grouped_tile, k_loop, load_kept, tile
 from .dropout import keep_tile
 from .tf32 import dot_prec
-
-GRID_YZ_LIMIT = 65535  # CUDA's limit on the grid's second and third axes
 
 
 @triton.jit
@@ -56,6 +57,42 @@ def _segment_rows(order_ptr, seg_start_ptr, seg_len_ptr, i, m0, BLOCK_M: tl.cons
 
 
 @triton.jit
+def _tile_and_adapter(inner, BLOCK: tl.constexpr):
+    """(outer tile, inner tile, adapter) of this program: grid axis 0 holds the (outer, inner) tile pairs, inner
+    fastest (cdiv(inner, BLOCK) of them per outer tile), axis 1 the adapter."""
+    pid = tl.program_id(0)
+    num_inner = tl.cdiv(inner, BLOCK)
+    return pid // num_inner, pid % num_inner, tl.program_id(1)
+
+
+@triton.jit
+def _adapter_matrix(table, ref, i):
+    """Adapter i's matrix: its data pointer from the device table, typed as `ref`'s."""
+    return tl.load(table + i).to(tl.pointer_type(ref.dtype.element_ty))
+
+
+@triton.jit
+def _element(r, c, rank, width, TRANS: tl.constexpr):
+    """Offset of element (r, c) of adapter i's matrix P_i [r_i, width] (A_i), or, TRANS, of P_i = B_iᵀ read from
+    B_i [width, r_i] (element (r, c) at c·r_i + r). r and c are index tensors broadcast to the tile's shape."""
+    if TRANS:
+        off = c.to(tl.int64) * rank + r
+    else:
+        off = r.to(tl.int64) * width + c
+    return off
+
+
+@triton.jit
+def _scale(scale_ptr, i, drop_scale, PER_ADAPTER_SCALE: tl.constexpr):
+    """drop_scale, times adapter i's scaling when PER_ADAPTER_SCALE."""
+    scale = drop_scale
+    if PER_ADAPTER_SCALE:
+        scale = scale * tl.load(scale_ptr + i)
+    return scale
+
+
+@registry.kernel
+@triton.jit
 def _multi_lora_shrink_kernel(
     x_ptr, out_ptr, p_table, p_ref, rank_ptr, scale_ptr, order_ptr, seg_start_ptr, seg_len_ptr,
     C, R_MAX,
@@ -64,39 +101,30 @@ def _multi_lora_shrink_kernel(
     TRANS: tl.constexpr, PER_ADAPTER_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    i = tl.program_id(1)
-    num_r = tl.cdiv(R_MAX, BLOCK_R)
-    pid_m = pid // num_r
-    pid_r = pid % num_r
+    pid_m, pid_r, i = _tile_and_adapter(R_MAX, BLOCK_R)
     rows, row_ok, length = _segment_rows(order_ptr, seg_start_ptr, seg_len_ptr, i, pid_m * BLOCK_M, BLOCK_M)
     rank = tl.load(rank_ptr + i)
     if pid_m * BLOCK_M < length and pid_r * BLOCK_R < rank:
-        p_ptr = tl.load(p_table + i).to(tl.pointer_type(p_ref.dtype.element_ty))
+        p_ptr = _adapter_matrix(p_table, p_ref, i)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = offs_r < rank
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_ok = offs_c < C
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            if TRANS:  # P_i = B_iᵀ of B_i [C, r_i]: element (r, c) at c·r_i + r
-                p_off = offs_c.to(tl.int64)[:, None] * rank + offs_r[None, :]
-            else:  # P_i = A_i [r_i, C]: element (r, c) at r·C + c
-                p_off = offs_r.to(tl.int64)[None, :] * C + offs_c[:, None]
-            p = tl.load(p_ptr + p_off, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-            if HAS_DROPOUT:
-                x = tl.where(keep_tile(seed, rows, c0, C, threshold, BLOCK_C), x, 0.0).to(x.dtype)
+            x = load_kept(x_ptr, rows, offs_c, row_ok[:, None] & c_ok[None, :], stride_xm, stride_xc, c0, C, seed,
+                          threshold, HAS_DROPOUT, BLOCK_C)
+            # P_i = A_i [r_i, C], or B_iᵀ of B_i [C, r_i] (TRANS), read as a [BLOCK_C, BLOCK_R] tile
+            p = tl.load(p_ptr + _element(offs_r[None, :], offs_c[:, None], rank, C, TRANS),
+                        mask=c_ok[:, None] & r_ok[None, :], other=0.0)
             acc = dot_prec(x, p, acc, PRECISION)
-        scale = drop_scale
-        if PER_ADAPTER_SCALE:
-            scale = scale * tl.load(scale_ptr + i)
+        scale = _scale(scale_ptr, i, drop_scale, PER_ADAPTER_SCALE)
         # columns r_i .. R_MAX of the row stay as the caller zeroed them
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or, acc * scale,
                  mask=row_ok[:, None] & r_ok[None, :])
 
 
+@registry.kernel
 @triton.jit
 def _multi_lora_expand_kernel(
     out_ptr, t_ptr, u_table, u_ref, rank_ptr, scale_ptr, order_ptr, seg_start_ptr, seg_len_ptr,
@@ -107,15 +135,11 @@ def _multi_lora_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # axis 0: (row tile, column tile), column tiles fastest so neighbouring programs share T's rows; axis 1: adapter
-    pid = tl.program_id(0)
-    i = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_m, pid_n, i = _tile_and_adapter(N, BLOCK_N)
     rows, row_ok, length = _segment_rows(order_ptr, seg_start_ptr, seg_len_ptr, i, pid_m * BLOCK_M, BLOCK_M)
     if pid_m * BLOCK_M < length:
         rank = tl.load(rank_ptr + i)
-        u_ptr = tl.load(u_table + i).to(tl.pointer_type(u_ref.dtype.element_ty))
+        u_ptr = _adapter_matrix(u_table, u_ref, i)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -124,24 +148,19 @@ def _multi_lora_expand_kernel(
             r_ok = offs_r < rank
             t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * stride_tm + offs_r[None, :] * stride_tr,
                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            if TRANS:  # U_i = B_iᵀ of B_i [N, r_i]: element (r, n) at n·r_i + r
-                u_off = offs_n.to(tl.int64)[None, :] * rank + offs_r[:, None]
-            else:  # U_i = A_i [r_i, N]: element (r, n) at r·N + n
-                u_off = offs_r.to(tl.int64)[:, None] * N + offs_n[None, :]
-            u = tl.load(u_ptr + u_off, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            # U_i = A_i [r_i, N], or B_iᵀ of B_i [N, r_i] (TRANS)
+            u = tl.load(u_ptr + _element(offs_r[:, None], offs_n[None, :], rank, N, TRANS),
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
             acc = dot_prec(t, u, acc, PRECISION)
-        scale = drop_scale
-        if PER_ADAPTER_SCALE:
-            scale = scale * tl.load(scale_ptr + i)
+        scale = _scale(scale_ptr, i, drop_scale, PER_ADAPTER_SCALE)
         if HAS_DROPOUT:
             acc = tl.where(keep_tile(seed, rows, pid_n * BLOCK_N, N, threshold, BLOCK_N), acc, 0.0)
-        ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
-        ok = row_ok[:, None] & n_ok[None, :]
         # segments are disjoint and a row appears once in its segment: no two programs touch one element
-        cur = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(ptrs, (cur + acc * scale).to(out_ptr.dtype.element_ty), mask=ok)
+        add_to_tile(out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on,
+                    acc * scale, row_ok[:, None] & n_ok[None, :])
 
 
+@registry.kernel
 @triton.jit
 def _multi_lora_grad_kernel(
     t_ptr, v_ptr, g_table, g_ref, rank_ptr, scale_ptr, order_ptr, seg_start_ptr, seg_len_ptr,
@@ -153,11 +172,7 @@ def _multi_lora_grad_kernel(
 ):
     # program (column tile x rank tile, adapter) walks its adapter's whole segment in order: a deterministic sum
     # with no atomics and no partial buffers; an adapter no row uses gets zeros (its loop is empty)
-    pid = tl.program_id(0)
-    i = tl.program_id(1)
-    num_r = tl.cdiv(R_MAX, BLOCK_R)
-    pid_c = pid // num_r
-    pid_r = pid % num_r
+    pid_c, pid_r, i = _tile_and_adapter(R_MAX, BLOCK_R)
     rank = tl.load(rank_ptr + i)
     if pid_r * BLOCK_R < rank:
         start = tl.load(seg_start_ptr + i)
@@ -173,20 +188,13 @@ def _multi_lora_grad_kernel(
             rows = tl.load(order_ptr + start + offs, mask=row_ok, other=0)
             t_t = tl.load(t_ptr + rows.to(tl.int64)[None, :] * stride_tm + offs_r[:, None] * stride_tr,
                           mask=row_ok[None, :] & r_ok[:, None], other=0.0)
-            v = tl.load(v_ptr + rows.to(tl.int64)[:, None] * stride_vm + offs_c[None, :] * stride_vc,
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            if HAS_DROPOUT:
-                v = tl.where(keep_tile(seed, rows, pid_c * BLOCK_C, C, threshold, BLOCK_C), v, 0.0).to(v.dtype)
+            v = load_kept(v_ptr, rows, offs_c, row_ok[:, None] & c_ok[None, :], stride_vm, stride_vc, pid_c * BLOCK_C,
+                          C, seed, threshold, HAS_DROPOUT, BLOCK_C)
             acc = dot_prec(t_t, v, acc, PRECISION)
-        scale = drop_scale
-        if PER_ADAPTER_SCALE:
-            scale = scale * tl.load(scale_ptr + i)
-        g_ptr = tl.load(g_table + i).to(tl.pointer_type(g_ref.dtype.element_ty))
-        if TRANS:  # G_iᵀ stored: g_i [C, r_i], element (r, c) at c·r_i + r
-            g_off = offs_c.to(tl.int64)[None, :] * rank + offs_r[:, None]
-        else:  # g_i [r_i, C]
-            g_off = offs_r.to(tl.int64)[:, None] * C + offs_c[None, :]
-        tl.store(g_ptr + g_off, (acc * scale).to(g_ref.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+        scale = _scale(scale_ptr, i, drop_scale, PER_ADAPTER_SCALE)
+        # g_i [r_i, C], or its transpose [C, r_i] stored (TRANS)
+        tl.store(_adapter_matrix(g_table, g_ref, i) + _element(offs_r[:, None], offs_c[None, :], rank, C, TRANS),
+                 (acc * scale).to(g_ref.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
 
 
 # ---- launchers ----------------------------------------------------------------------------------------------
@@ -231,14 +239,14 @@ def pointer_table(tensors, device) -> torch.Tensor:
 
 
 def _check_adapters(n: int) -> None:
-    if n > GRID_YZ_LIMIT:
-        raise ValueError(f"multi_lora_linear's Triton kernels take at most {GRID_YZ_LIMIT} adapters (CUDA's grid "
+    if n > rules.MAX_GRID_YZ:
+        raise ValueError(f"multi_lora_linear's Triton kernels take at most {rules.MAX_GRID_YZ} adapters (CUDA's grid "
                          f"limit on the adapter axis), got {n}")
 
 
 def _block_m(groups: Groups, m: int) -> int:
     """Small tiles when adapters serve few rows each (decode: a row or two per adapter), full ones otherwise."""
-    if INTERPRET:
+    if _launch.interpreting():
         return 16
     return 16 if m <= 16 * groups.n else 64
 
@@ -265,7 +273,7 @@ def shrink(x: torch.Tensor, mats, groups: Groups, *, trans: bool, per_adapter_sc
         block_c = 64 if block_r <= 32 else 32
     if block_r > 32 and dropout_p > 0.0:
         block_m = min(block_m, 32)  # rank 64 with the mask: [64, 64] spilled 4 B (sm_80, bf16 x), [32, 64] fits
-    block_c = 32 if INTERPRET else block_c
+    block_c = 32 if _launch.interpreting() else block_c
     grid = (triton.cdiv(M, block_m) * triton.cdiv(groups.r_max, block_r), groups.n)
     _multi_lora_shrink_kernel[grid](
         x, out, pointer_table(mats, x.device), mats[0], groups.ranks, groups.scalings, groups.order,
@@ -292,7 +300,7 @@ def expand_add_(out: torch.Tensor, t: torch.Tensor, mats, groups: Groups, *, tra
     # rows are gathered, so the tile's addresses are a full [BLOCK_M, BLOCK_N] int64 tensor (kernels/rank.py's
     # rank_up_add_ computes them from a contiguous range): [64, 128] spilled up to 420 B (sm_80, fp32 3xTF32;
     # scripts/aot_check.py), [64, 64] fits
-    block_n = 32 if INTERPRET else 64
+    block_n = 32 if _launch.interpreting() else 64
     block_r = pow2_at_least_16(groups.r_max, 32)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), groups.n)
     _multi_lora_expand_kernel[grid](
@@ -320,7 +328,7 @@ def grad(t: torch.Tensor, v: torch.Tensor, outs, groups: Groups, *, trans: bool,
         return
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
     precision = dot_precision(exact)
-    block_m = 16 if INTERPRET else 32
+    block_m = 16 if _launch.interpreting() else 32
     block_r = pow2_at_least_16(groups.r_max, 64)
     # the [BLOCK_R, BLOCK_C] fp32 accumulator beside the V tile (and 3xTF32's hi/lo halves, the mask's Philox
     # state): kernels/rank.py's rank_grad rules
@@ -330,7 +338,7 @@ def grad(t: torch.Tensor, v: torch.Tensor, outs, groups: Groups, *, trans: bool,
         block_c = 64
     else:
         block_c = 128
-    block_c = 32 if INTERPRET else block_c
+    block_c = 32 if _launch.interpreting() else block_c
     ranks = groups.ranks
     if need is not None and not all(need):
         ranks = device_table([r if k else 0 for r, k in zip(groups.rank_list, need)], torch.int32, v.device)
@@ -361,31 +369,20 @@ def _multi_lora_gemm_kernel(
     # y[rows] = x[rows]·Wᵀ + bias + s_i·S[rows, :r_i]·B_iᵀ over rows taken adapter by adapter (`order`), so a row
     # tile holds one adapter's rows, or the ends of a few neighbouring segments: the rank-r term loops over the
     # adapters from the tile's first row's to its last row's (sorted ids), each adapter's rows selected by mask.
-    # Grouped program ordering (Triton tutorial 03) as kernels/lora.py; the rank-r term is the accumulator's initial
-    # value, as there (its registers are free again before the main loop's pipelined tiles are live).
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
-
-    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Grouped program ordering (kernels/blocks.tile_position); the rank-r term is the accumulator's initial value,
+    # as in kernels/lora.py (its registers are free again before the main loop's pipelined tiles are live).
+    pid_m, _, offs, offs_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m_ok = offs < M
     rows = tl.load(order_ptr + offs % M)  # past the edge: a valid row, masked at the store
     ids = tl.load(sorted_ids_ptr + offs % M)
     first_id = tl.load(sorted_ids_ptr + pid_m * BLOCK_M)
     last_id = tl.load(sorted_ids_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j in range(tl.maximum(first_id, 0), last_id + 1):  # −1 rows (sorted first) have no rank-r term
         rank = tl.load(rank_ptr + j)
         scale = tl.load(scale_ptr + j)
-        u_ptr = tl.load(u_table + j).to(tl.pointer_type(u_ref.dtype.element_ty))
+        u_ptr = _adapter_matrix(u_table, u_ref, j)
         mine = m_ok & (ids == j)
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -397,18 +394,10 @@ def _multi_lora_gemm_kernel(
                         mask=r_ok[:, None], other=0.0)
             acc = dot_prec(t * scale, u, acc, RANK_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += bias_row(bias_ptr, offs_n, N)
 
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xl
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wl + (offs_n % N).to(tl.int64)[None, :] * stride_wn
-    for k0 in range(0, L, BLOCK_K):
-        k_ok = offs_k < L - k0
-        a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = dot_prec(a, b, acc, MAIN_PRECISION)
-        x_ptrs += BLOCK_K * stride_xl
-        w_ptrs += BLOCK_K * stride_wl
+    acc = k_loop(x_ptr, w_ptr, rows, offs_n % N, stride_xm, stride_xl, stride_wl, stride_wn, L, acc, MAIN_PRECISION,
+                 BLOCK_K)
 
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -424,26 +413,14 @@ _GEMM_TILES_FP32 = [(64, 64, 32, 4, 4), (64, 64, 32, 4, 3)]
 
 
 def _gemm_configs():
-    if INTERPRET:
-        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), num_warps=4, num_stages=1)]
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in _GEMM_TILES_16 + _GEMM_TILES_FP32]
+    return blocks.gemm_configs(_GEMM_TILES_16 + _GEMM_TILES_FP32, interpreter_tile=(16, 32, 32, 4, 1))
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
     """The tile list of the input dtype (fp32 tiles fit fp32's pipeline in shared memory)."""
     if len(configs) == 1:
         return list(configs)
-    x = kwargs["x_ptr"] if "x_ptr" in kwargs else named_args["x_ptr"]
-    fp32_tiles = {tuple(t[:3]) + (t[3], t[4]) for t in _GEMM_TILES_FP32}
-
-    def tile(c):
-        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-
-    def arg(name):
-        return kwargs[name] if name in kwargs else named_args[name]
-
-    kept = [c for c in configs if (tile(c) in fp32_tiles) == (x.dtype == torch.float32)]
+    arg, _, kept = blocks.by_operand_dtype(configs, named_args, kwargs, "x_ptr", _GEMM_TILES_FP32)
     # a 16-bit GEMM with a bias beside a 3xTF32 rank product (fp32 adapters): 128x128x64 on 8 warps sat at 255 registers
     # and spilled 4 B under Triton 3.6's ptxas (12.8, sm_80)
     if arg("HAS_BIAS") and arg("RANK_PRECISION") == "tf32x3":
@@ -451,11 +428,10 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     return kept
 
 
-_multi_lora_gemm_tuned = triton.autotune(
-    configs=_gemm_configs(),
+_multi_lora_gemm_tuned = registry.autotuned(
+    _multi_lora_gemm_kernel, configs=_gemm_configs, prune=_prune_gemm_configs,
     key=["M_BUCKET", "N", "L", "HAS_BIAS", "MAIN_PRECISION", "RANK_PRECISION"],
-    prune_configs_by={"early_config_prune": _launch.tuning_prune(_prune_gemm_configs)},
-)(_multi_lora_gemm_kernel)
+)
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, s_down: torch.Tensor, lora_b, groups: Groups, bias, *,
@@ -471,11 +447,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, s_down: torch.Tensor, lora_b, gr
         return out
     sorted_ids = groups.sorted_ids
     wt = weight.t()  # a strided view, never a copy
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _multi_lora_gemm_tuned[grid](
+    _multi_lora_gemm_tuned[gemm_grid(M, N)](
         x, wt, s_down, pointer_table(lora_b, x.device), lora_b[0],
         bias.contiguous() if bias is not None else out, out, groups.ranks, groups.scalings, groups.order, sorted_ids,
         M, N, L,

@@ -1,4 +1,4 @@
-"""Triton kernel of LoRA over a 4-bit base (QLoRA, SPEC section 7): the fused GEMM of kernels/lora.py with the
+"""Triton kernel of LoRA over a 4-bit base (QLoRA): the fused GEMM of kernels/lora.py with the
 frozen weight W [out, in] kept in bitsandbytes' 4-bit layout and dequantized tile by tile in registers.
 
   _qlora_gemm_kernel  forward (TRANSPOSE_W):  out[M, out] = x[M, in]·deq(W)ᵀ (+bias) + c·(T·U) ⊙ keep
@@ -8,8 +8,8 @@ deq(W) is reference/qlora.dequantize_rows, bit for bit: element e = row·in + co
 code[nibble] · absmax[e // blocksize] in fp32 (the byte e // 2 holds two codes, the even element in the high
 nibble), rounded to the weight's dtype, then to the activation's. Only the packed bytes (n/2), the absmax
 (n/blocksize fp32) and the 16-entry code table are read; no dense weight is ever written to global memory.
-The rank-r term, the dropout mask and the bias are _lora_gemm_kernel's (kernels/lora.py), as the accumulator's
-initial value.
+The rank-r term, the dropout mask and the bias are _lora_gemm_kernel's (kernels/blocks.lora_prologue), as the
+accumulator's initial value.
 
 Index arithmetic: n = out·in may exceed 2**31, so the flat index is int64, per element (one int64 start per
 weight row, plus the int32 column). Splitting each row's start once into int32 parts (byte, parity, absmax
@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _launch
+from . import _launch, blocks, registry
 from ._launch import dot_precision, dropout_args
-from .dropout import keep_tile
+from .blocks import acc_per_thread, gemm_grid, grouped_tile, lora_prologue, store_tile
 from .tf32 import dot_prec
 
 
@@ -103,41 +103,15 @@ def _qlora_gemm_kernel(
     GROUP_M: tl.constexpr, M_BUCKET: tl.constexpr,  # autotuning key only
 ):
     # out[M, N] = a[M, K]·B[K, N] + ..., B = deq(W)ᵀ (TRANSPOSE_W: N = out, K = in) or deq(W) (N = in, K = out)
-    # grouped ordering (Triton tutorial 03): neighbouring programs share a's row-blocks in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # grouped ordering (kernels/blocks.tile_position): neighbouring programs share a's row-blocks in L2
+    _, pid_n, offs_m, offs_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    # rows/cols past the edge re-read a valid one (% M, % N) so the loads need only the K mask
-
-    # the rank-r term (and the bias) first, as the accumulator's initial value (kernels/lora.py says why: its
-    # registers are free again before the main loop's tiles, and here the dequantization's, are live)
-    t_rows = t_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_tm
-    u_cols = u_ptr + (offs_n % N).to(tl.int64)[None, :] * stride_un
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        t = tl.load(t_rows + offs_r[None, :] * stride_tr, mask=offs_r[None, :] < R, other=0.0)
-        u = tl.load(u_cols + offs_r[:, None] * stride_ur, mask=offs_r[:, None] < R, other=0.0)
-        if not HAS_DROPOUT:
-            t = t.to(tl.float32) * low_scale  # no mask: scale the [BLOCK_M, BLOCK_R] factor, not the tile
-        acc = dot_prec(t, u, acc, RANK_PRECISION)
-    if HAS_DROPOUT:
-        keep = keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N)
-        acc = tl.where(keep, acc * low_scale, 0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    # the rank-r term (and the bias) first, as the accumulator's initial value (kernels/blocks.lora_prologue: its
+    # registers are free again before the main loop's tiles, and here the dequantization's, are live); rows/cols
+    # past the edge re-read a valid one (% M, % N) so the loads need only the K mask
+    acc = lora_prologue(t_ptr, u_ptr, bias_ptr, offs_m, offs_n, pid_n * BLOCK_N, M, N, R,
+                        stride_tm, stride_tr, stride_ur, stride_un, seed, threshold, low_scale,
+                        HAS_BIAS, HAS_DROPOUT, RANK_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
     a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
     if TRANSPOSE_W:
@@ -161,13 +135,11 @@ def _qlora_gemm_kernel(
         # fp32 a: a 16-bit weight is exact in fp32 and stays 16-bit, so 3xTF32 needs two products, not three
         acc = dot_prec(a, w, acc, MAIN_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
-
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on)
 
 
 # ----------------------------------------------------------------------------------------------
-# launcher: tensors in, tensors out; shapes are checked by peftkern/ops before this point
+# launcher: tensors in, tensors out; shapes are checked by peftkern/lora/op.py before this point
 # ----------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Beside the accumulator, every element of the dequantized
@@ -196,32 +168,16 @@ _W_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16:
 
 def _w_dtype(weight_dtype: torch.dtype) -> str:
     """W_DTYPE of the kernel. Triton's interpreter rounds fp32 -> bf16 by truncation (the GPU's cvt rounds to
-    nearest even), so there the rounding is spelled out in integer ops; read at call time, so that a launch
-    recorded with INTERPRET switched off (scripts/aot_check.py) compiles the GPU's branch."""
+    nearest even), so there the rounding is spelled out in integer ops; read at call time from the launch
+    configuration, so that a launch recorded for the GPU (scripts/aot_check.py) compiles the GPU's branch."""
     name = _W_DTYPES[weight_dtype]
-    return "bfloat16_by_hand" if INTERPRET and name == "bfloat16" else name
-
-
-def _config(tile):
-    bm, bn, bk, w, st = tile
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=st)
+    return "bfloat16_by_hand" if _launch.interpreting() and name == "bfloat16" else name
 
 
 def gemm_configs():
     """Tile shapes the GEMM autotunes over on GPU (pruned per call by prune_configs); the interpreter gets one
     small tile."""
-    if INTERPRET:
-        return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), num_warps=4, num_stages=1)]
-    return [_config(t) for t in dict.fromkeys(_TILES_16 + _TILES_FP32)]  # a tile both lists hold, once
-
-
-def _tile(config) -> tuple:
-    kw = config.kwargs
-    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
-
-
-def _acc_per_thread(config) -> int:
-    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+    return blocks.gemm_configs(_TILES_16 + _TILES_FP32)  # a tile both lists hold, once
 
 
 def _w_per_thread(config) -> int:
@@ -230,22 +186,18 @@ def _w_per_thread(config) -> int:
 
 def prune_configs(configs, named_args, **kwargs):
     """early_config_prune: the tile list of a's dtype, less the configs that spilled registers in that setting."""
-    def arg(name):
-        return kwargs[name] if name in kwargs else named_args[name]
-
     if len(configs) == 1:  # the interpreter's
         return list(configs)
-    wide = arg("a_ptr").dtype == torch.float32
-    kept = [c for c in configs if _tile(c) in (_TILES_FP32 if wide else _TILES_16)]
+    arg, wide, kept = blocks.by_operand_dtype(configs, named_args, kwargs, "a_ptr", _TILES_FP32, _TILES_16)
     heavy = arg("HAS_DROPOUT") or arg("HAS_BIAS") or "tf32x3" in (arg("RANK_PRECISION"), arg("MAIN_PRECISION"))
     if heavy:
-        kept = [c for c in kept if _acc_per_thread(c) <= _MAX_ACC_PER_THREAD_HEAVY
+        kept = [c for c in kept if acc_per_thread(c) <= _MAX_ACC_PER_THREAD_HEAVY
                 and _w_per_thread(c) <= _MAX_W_PER_THREAD_HEAVY] or kept
     if arg("MAIN_PRECISION") == "tf32x3" and arg("W_DTYPE") == "float32":
         kept = [c for c in kept if c.kwargs["BLOCK_N"] <= _MAX_BLOCK_N_SPLIT_WEIGHT] or kept
-    double_quant = kwargs.get("DOUBLE_QUANT", named_args.get("DOUBLE_QUANT", False))
+    double_quant = arg("DOUBLE_QUANT", False)
     if heavy and double_quant and not arg("TRANSPOSE_W"):
-        kept = [c for c in kept if _acc_per_thread(c) <= _MAX_ACC_PER_THREAD_DOUBLE_QUANT_DX] or kept
+        kept = [c for c in kept if acc_per_thread(c) <= _MAX_ACC_PER_THREAD_DOUBLE_QUANT_DX] or kept
         # fp32 with the dropout mask: the 64-row tiles sat at 255 registers and spilled 4-12 B under Triton 3.6's
         # ptxas (12.8, sm_80); 128x64 on 8 warps does not
         if wide and arg("HAS_DROPOUT"):
@@ -256,12 +208,11 @@ def prune_configs(configs, named_args, **kwargs):
 # tuned per (power-of-two bucket of M, N, K, R, dropout, direction, precisions, the weight's dtype, double
 # quantization, block size; Triton adds the tensors' dtypes): a new token count does not re-tune, forward (W read
 # along its rows, transposed) and dx do not share a tile, and what prune_configs keeps depends on the rest
-_qlora_gemm_tuned = triton.autotune(
-    configs=gemm_configs(),
+_qlora_gemm_tuned = registry.autotuned(
+    _qlora_gemm_kernel, configs=gemm_configs, prune=prune_configs,
     key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "TRANSPOSE_W", "MAIN_PRECISION", "RANK_PRECISION", "W_DTYPE",
          "DOUBLE_QUANT", "BLOCKSIZE"],
-    prune_configs_by={"early_config_prune": _launch.tuning_prune(prune_configs)},
-)(_qlora_gemm_kernel)
+)
 
 
 def qlora_gemm(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, t: torch.Tensor,
@@ -282,12 +233,8 @@ def qlora_gemm(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     if M == 0 or N == 0:
         return out
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
     double_quant = absmax.dtype == torch.uint8
-    _qlora_gemm_tuned[grid](
+    _qlora_gemm_tuned[gemm_grid(M, N)](
         a, packed, absmax, code,
         absmax2 if double_quant else code, code2 if double_quant else code,  # unread without double quantization
         offset.reshape(1) if double_quant else code,
@@ -296,7 +243,7 @@ def qlora_gemm(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         a.stride(0), a.stride(1), t.stride(0), t.stride(1), u.stride(0), u.stride(1), out.stride(0), out.stride(1),
         seed_v, threshold, lora_scale * drop_scale,
         BLOCKSIZE=blocksize, W_DTYPE=_w_dtype(weight_dtype), DOUBLE_QUANT=double_quant,
-        UNFUSED_MUL="python" if INTERPRET else "ptx",  # read at call time, like _w_dtype (the AOT check: "ptx")
+        UNFUSED_MUL="python" if _launch.interpreting() else "ptx",  # read at call time, like _w_dtype
         TRANSPOSE_W=transpose_w,
         HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
         MAIN_PRECISION=dot_precision(a.dtype == torch.float32), RANK_PRECISION=dot_precision(u.dtype == torch.float32),

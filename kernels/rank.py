@@ -14,12 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _launch
-from ._launch import dot_precision, dropout_args, pow2_at_least_16, target_programs
+from . import _launch, registry
+from ._launch import dot_precision, dropout_args, pow2_at_least_16, split_reduction
+from .blocks import add_to_tile, load_kept, rank_epilogue_tile, split_program
 from .dropout import keep_tile
 from .tf32 import dot_prec
 
 
+@registry.kernel
 @triton.jit
 def _rank_down_kernel(
     x_ptr, p_ptr, out_ptr,
@@ -33,27 +35,20 @@ def _rank_down_kernel(
     # (exact products, twice the work per instruction of tf32), an fp32 one through 3xTF32 when exact
     # program (m, r, z) sums columns [z·cols_per_split, (z+1)·cols_per_split) into out[z] (split-C
     # partials, added in a fixed order by the launcher: small batches still fill the GPU)
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_z = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    c_begin = pid_z * cols_per_split
-    c_end = tl.minimum(c_begin + cols_per_split, C)
+    _, offs_m, offs_r, pid_z, c_begin, c_end = split_program(cols_per_split, C, BLOCK_M, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for c0 in range(c_begin, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
-                    mask=(offs_m[:, None] < M) & (offs_c[None, :] < c_end), other=0.0)
+        x = load_kept(x_ptr, offs_m, offs_c, (offs_m[:, None] < M) & (offs_c[None, :] < c_end), stride_xm, stride_xc,
+                      c0, C, seed, threshold, HAS_DROPOUT, BLOCK_C)
         p = tl.load(p_ptr + offs_r[None, :] * stride_pr + offs_c.to(tl.int64)[:, None] * stride_pc,
                     mask=(offs_r[None, :] < R) & (offs_c[:, None] < c_end), other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(keep_tile(seed, offs_m, c0, C, threshold, BLOCK_C), x, 0.0).to(x.dtype)
         acc = dot_prec(x, p, acc, PRECISION)
     tl.store(out_ptr + pid_z.to(tl.int64) * stride_oz + offs_m.to(tl.int64)[:, None] * stride_om
              + offs_r[None, :] * stride_or, acc * scale, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
+@registry.kernel
 @triton.jit
 def _rank_grad_kernel(
     g_ptr, x_ptr, part_ptr,
@@ -63,29 +58,22 @@ def _rank_grad_kernel(
     HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_z = tl.program_id(2)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_begin = pid_z * rows_per_split
-    m_end = tl.minimum(m_begin + rows_per_split, M)
+    # program (c, r, z) sums rows [z·rows_per_split, (z+1)·rows_per_split) into part[z]
+    pid_c, offs_c, offs_r, pid_z, m_begin, m_end = split_program(rows_per_split, M, BLOCK_C, BLOCK_R)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < m_end
         g_t = tl.load(g_ptr + offs_m.to(tl.int64)[None, :] * stride_gm + offs_r[:, None] * stride_gr,
                       mask=row_ok[None, :] & (offs_r[:, None] < R), other=0.0)
-        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
-                    mask=row_ok[:, None] & (offs_c[None, :] < C), other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(keep_tile(seed, offs_m, pid_c * BLOCK_C, C, threshold, BLOCK_C), x, 0.0).to(x.dtype)
+        x = load_kept(x_ptr, offs_m, offs_c, row_ok[:, None] & (offs_c[None, :] < C), stride_xm, stride_xc,
+                      pid_c * BLOCK_C, C, seed, threshold, HAS_DROPOUT, BLOCK_C)
         acc = dot_prec(g_t, x, acc, PRECISION)
     tl.store(part_ptr + pid_z.to(tl.int64) * stride_pz + offs_r[:, None] * stride_pr + offs_c[None, :] * stride_pc,
              acc * scale, mask=(offs_r[:, None] < R) & (offs_c[None, :] < C))
 
 
-
+@registry.kernel
 @triton.jit
 def _rank_up_add_kernel(
     out_ptr, t_ptr, u_ptr,
@@ -97,28 +85,12 @@ def _rank_up_add_kernel(
 ):
     # one grid axis (CUDA allows 2**31 - 1 programs there, 65535 on the others); column tiles vary
     # fastest, so neighbouring programs share T's rows
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        t = tl.load(t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-                    mask=m_ok[:, None] & (offs_r[None, :] < R), other=0.0)
-        u = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_n.to(tl.int64)[None, :] * stride_un,
-                    mask=(offs_r[:, None] < R) & n_ok[None, :], other=0.0)
-        acc = dot_prec(t, u, acc, PRECISION)
+    pid_n, offs_m, _, rows, cols, ok, acc = rank_epilogue_tile(t_ptr, u_ptr, M, N, R, stride_tm, stride_tr,
+                                                               stride_ur, stride_un, 1.0, False, PRECISION, BLOCK_M,
+                                                               BLOCK_N, BLOCK_R)
     if HAS_DROPOUT:
         acc = tl.where(keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N), acc, 0.0)
-    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
-    ok = m_ok[:, None] & n_ok[None, :]
-    cur = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(ptrs, (cur + acc * scale).to(out_ptr.dtype.element_ty), mask=ok)
+    add_to_tile(out_ptr + rows * stride_om + cols * stride_on, acc * scale, ok)
 
 
 def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 0, dropout_p: float = 0.0
@@ -131,7 +103,7 @@ def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 
     if M == 0 or C == 0:  # nothing to launch: an empty batch, or a zero-width input
         return out.zero_()
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
-    block_m = 32 if INTERPRET else 64
+    block_m = 32 if _launch.interpreting() else 64
     block_r = pow2_at_least_16(R, 64)
     # a [BLOCK_C, 64] fp32 operand tile per pipeline stage: 128 columns overflow sm_90's shared memory (and
     # sm_80's) at three stages (scripts/aot_check.py), 64 fit. 3xTF32 with the dropout mask keeps hi/lo
@@ -145,13 +117,11 @@ def rank_down(x: torch.Tensor, p_rc: torch.Tensor, *, scale: float, seed: int = 
         block_c = 64 if block_r <= 32 else 32
     else:
         block_c = 128 if block_r <= 32 else 64
-    block_c = 32 if INTERPRET else block_c
+    block_c = 32 if _launch.interpreting() else block_c
     tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
-    c_blocks = triton.cdiv(C, block_c)
-    # fewer row tiles than the GPU wants (M=2048 is 32 tiles, a quarter of an H100): split C as well
-    splits = max(1, min(c_blocks, triton.cdiv(target_programs(x.device), tiles)))
-    cols_per_split = triton.cdiv(c_blocks, splits) * block_c  # a multiple of BLOCK_C (and of 8: the mask)
-    splits = triton.cdiv(C, cols_per_split)
+    # fewer row tiles than the GPU wants (M=2048 is 32 tiles, a quarter of an H100): split C as well; the columns
+    # per split are a multiple of BLOCK_C (and of 8: the mask)
+    splits, cols_per_split = split_reduction(C, block_c, tiles, x.device)
     part = out.unsqueeze(0) if splits == 1 else _launch.empty((splits, M, R), x.device, torch.float32)
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r), splits)
     _rank_down_kernel[grid](
@@ -176,7 +146,7 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, exact: bool, se
         return torch.zeros((R, C), device=x.device, dtype=torch.float32)
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
     precision = dot_precision(exact or x.dtype == torch.float32)
-    block_m = 32 if INTERPRET else 64
+    block_m = 32 if _launch.interpreting() else 64
     block_r = pow2_at_least_16(R, 64)
     # the [BLOCK_R, BLOCK_C] accumulator (64 fp32 per thread at R=64, C=128) beside the x tile: at R=64, 3xTF32's
     # hi/lo halves of x, or an fp32 product (an fp32 g or x) with the dropout mask's Philox state, spilled at 128
@@ -193,12 +163,9 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, exact: bool, se
         block_c = 64
     else:
         block_c = 128
-    block_c = 32 if INTERPRET else block_c
+    block_c = 32 if _launch.interpreting() else block_c
     tiles = triton.cdiv(C, block_c) * triton.cdiv(R, block_r)
-    m_blocks = triton.cdiv(M, block_m)
-    splits = max(1, min(m_blocks, triton.cdiv(target_programs(x.device), tiles)))
-    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    splits, rows_per_split = split_reduction(M, block_m, tiles, x.device)
     part = _launch.empty((splits, R, C), x.device, torch.float32)
     grid = (triton.cdiv(C, block_c), triton.cdiv(R, block_r), splits)
     _rank_grad_kernel[grid](
@@ -210,7 +177,7 @@ def rank_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float, exact: bool, se
         # x, dropout) and at 128 (R=32, bf16 x, 3xTF32), on 8 they hold 79 and 146 registers; an fp32 x stays on 4
         # (on 8 it spilled 8 B at 128 registers: R=16, 128 columns, 3xTF32)
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=8 if not INTERPRET and x.dtype != torch.float32 else 4,
+        num_warps=8 if not _launch.interpreting() and x.dtype != torch.float32 else 4,
     )
     return part[0] if splits == 1 else part.sum(dim=0)
 
@@ -232,7 +199,7 @@ def rank_up_add_(out: torch.Tensor, t: torch.Tensor, u: torch.Tensor, *, scale: 
     seed_v, threshold, drop_scale = dropout_args(seed, dropout_p)
     # memory-bound: a [64, 128] fp32 tile is 64 registers per thread at 4 warps, the mask tile as many
     # again; the interpreter gets small tiles (it runs every program in numpy)
-    block_m, block_n = (32, 32) if INTERPRET else (64, 128)
+    block_m, block_n = (32, 32) if _launch.interpreting() else (64, 128)
     block_r = pow2_at_least_16(R, 32)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _rank_up_add_kernel[grid](

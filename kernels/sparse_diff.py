@@ -31,7 +31,7 @@ program index that is folded onto grid axes (0, 1) so that axis 0 stays below 2*
 used to exceed).
 
 Memory safety: the positions come from a layout built in the same call from range-checked indices
-(peftkern/ops/sparse_diff.py), and the kernels still mask every gathered position against the size of the
+(peftkern/sparse_diff/op.py), and the kernels still mask every gathered position against the size of the
 tensor it addresses (segment entries against nnz, columns/rows against src's/dy's/x's feature count,
 output columns against out's), one compare per position, so no position can ever address memory outside
 its tensor. Programs past the last tile (the fold's rounding) have every store masked off.
@@ -52,7 +52,7 @@ an estimate), 800 TFLOP/s bf16 tensor, ~60 TFLOP/s fp32 FMA). Headline: 1% of a 
   The backward dx += dy·Δ is the same product with dyᵀ.
 - sddmm: dyᵀ and xᵀ copies 268 MB (90 µs); 2·nnz·M·2 B = 5.5 GB of row reads from L2 (≈ 0.9 ms), about
   half that when the nonzeros come sorted by row (CSR order: a program's BLOCK_Z nonzeros then share a few
-  rows of dyᵀ, served by L1; see the report on issue 11 for the ops-side change). Composite and fused
+  rows of dyᵀ, served by L1; sorting is the caller's choice). Composite and fused
   paths both run it.
 - Composite (in-place apply → the same cuBLAS GEMM with W + Δ → bit-exact restore): per nonzero, apply
   reads and writes a random 32 B sector of W and streams index, value and backup, restore writes the sector
@@ -72,12 +72,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, _launch
-from ._launch import target_programs
+from peftkern.core import rules
 
-# CUDA's grid limits: x < 2**31, y and z <= 65535
-MAX_GRID_X = 2**31 - 1
-MAX_GRID_YZ = 65535
+from . import _launch, registry
+from ._launch import target_programs
+from .blocks import split_range
 
 # ---- the roofline model of the module docstring (H100 SXM estimates, not measurements) -------------------
 HBM_BYTES_PER_S = 3.0e12
@@ -120,6 +119,7 @@ def composite_estimated_faster(tokens: int, out_features: int, in_features: int,
 
 # ---- kernels ------------------------------------------------------------------------------------------
 
+@registry.kernel
 @triton.jit
 def _spmm_tiles_kernel(
     src_t_ptr, seg_ptr, col_ptr, val_ptr, out_ptr,
@@ -162,6 +162,7 @@ def _spmm_tiles_kernel(
     tl.store(ptrs, (cur + acc).to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@registry.kernel
 @triton.jit
 def _sddmm_tiles_kernel(
     dy_t_ptr, x_t_ptr, row_ptr, col_ptr, part_ptr,
@@ -179,8 +180,7 @@ def _sddmm_tiles_kernel(
     r = tl.load(row_ptr + offs_z, mask=z_ok, other=0).to(tl.int64)
     c = tl.load(col_ptr + offs_z, mask=z_ok, other=0).to(tl.int64)
     pos_ok = z_ok & (r >= 0) & (r < N) & (c >= 0) & (c < K)  # masked positions sum to 0
-    m_begin = pid_s * rows_per_split
-    m_end = tl.minimum(m_begin + rows_per_split, M)
+    m_begin, m_end = split_range(pid_s, rows_per_split, M)
     acc = tl.zeros((BLOCK_Z, BLOCK_M), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -200,11 +200,11 @@ def _grid(programs: int) -> tuple:
     """Grid for `programs` programs numbered by one folded index: axis 0 below 2**31, axis 1 at most 65535.
     The kernels rebuild the index as program_id(1) · num_programs(0) + program_id(0) and mask off the few
     programs past `programs` (axis 1 is used only above 2**31 - 1 programs)."""
-    if programs <= MAX_GRID_X:
+    if programs <= rules.MAX_GRID_X:  # CUDA's grid limits (peftkern.core.rules): x < 2**31, y and z <= 65535
         return (programs,)
-    rows = triton.cdiv(programs, MAX_GRID_X)
-    if rows > MAX_GRID_YZ:
-        raise ValueError(f"{programs} programs exceed CUDA's grid ({MAX_GRID_X} x {MAX_GRID_YZ})")
+    rows = triton.cdiv(programs, rules.MAX_GRID_X)
+    if rows > rules.MAX_GRID_YZ:
+        raise ValueError(f"{programs} programs exceed CUDA's grid ({rules.MAX_GRID_X} x {rules.MAX_GRID_YZ})")
     return (triton.cdiv(programs, rows), rows)
 
 
@@ -224,7 +224,7 @@ def _spmm_blocks(src_dtype: torch.dtype):
     plus addresses and indices: well under 128, no spills (the AOT check verifies).
     Interpreter: small tiles (it runs every program in numpy), BLOCK_Z < a typical test segment so that
     segments span several chunks."""
-    if INTERPRET:
+    if _launch.interpreting():
         return (16, 8, 4, 4)
     # an fp32 source at 16 outputs spilled 4 B at 64 registers under Triton 3.6's ptxas (12.8, sm_80); 8 fit
     return (128, 8, 16, 4) if src_dtype == torch.float32 else (128, 16, 16, 4)
@@ -233,7 +233,7 @@ def _spmm_blocks(src_dtype: torch.dtype):
 def _sddmm_blocks():
     """(BLOCK_Z, BLOCK_M, num_warps). GPU: 16 nonzeros × 128 tokens; per thread at 4 warps the fp32
     accumulator is 16 registers and the two loaded tiles 16 each. Interpreter: small tiles."""
-    return (16, 8, 4) if INTERPRET else (16, 128, 4)
+    return (16, 8, 4) if _launch.interpreting() else (16, 128, 4)
 
 
 # one sddmm split's slices of dyᵀ and xᵀ should fit in L2 with room to spare (H100 50 MB, A100 40 MB)

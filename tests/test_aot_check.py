@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -259,8 +260,8 @@ def test_coverage_flags_unlaunched_kernels_and_one_sided_flags():
 
 
 def test_dry_run_records_every_kernel_and_plans_without_problems(tmp_path):
-    """Record + discover + coverage + plan on the real kernels (no compile): every entry kernel of
-    peftkern.kernels is launched by the driver with GPU tiles, every flag both ways, and Triton binds every
+    """Record + discover + coverage + plan on the real kernels (no compile): every kernel declared in
+    peftkern.kernels.registry is launched by the driver with GPU tiles, every flag both ways, and Triton binds every
     launch. (The compile itself runs in .ci/run: python scripts/aot_check.py.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONWARNINGS"] = "ignore"
@@ -270,10 +271,63 @@ def test_dry_run_records_every_kernel_and_plans_without_problems(tmp_path):
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("aot_check --dry-run:") and ", 0 problems;" in last
-    assert "launchers switched to GPU tiles in" in out.stderr
+    # the launchers were sized for the GPU through the one launch configuration, at both program targets
+    for programs in aot.GRID_TARGETS:
+        assert f"LaunchConfig(interpret=False, programs={programs}, num_sms=132, arch=90)" in out.stderr
     counts = dict(line.split(": ") for line in out.stdout.splitlines() if line.startswith("_"))
     assert counts and all(int(n) > 0 for n in counts.values())
     assert not (tmp_path / "unused.json").exists()  # --dry-run compiles nothing and writes nothing
+
+
+def test_registry_declares_every_kernel_and_no_kernel_module_reads_the_interpreter_flag():
+    """What the check compiles is the registry: each declared kernel's module and name, its launched object (the
+    autotuner for tuned ones, whose configs the registry can give for the GPU), and nothing a launcher launches
+    is missing from it (discover() reports an undeclared kernel and a module that reads INTERPRET itself)."""
+    import peftkern  # noqa: F401
+    from peftkern.kernels import registry
+
+    kernels = registry.kernels()
+    names = {k.name for k in kernels}
+    assert {"_lora_gemm_kernel", "_lora_gemm_persistent_kernel", "_qlora_gemm_kernel", "_rank_down_kernel",
+            "_dora_fwd_kernel", "_dora_fwd_epilogue_kernel", "_multi_lora_gemm_kernel", "_adapter_fwd_kernel",
+            "_spmm_tiles_kernel", "_sddmm_tiles_kernel"} <= names
+    for k in kernels:
+        assert getattr(__import__(k.module, fromlist=[k.attr]), k.attr) is k.launched
+        if k.autotuned:  # the autotuner, whose GPU configs the registry gives whatever this process launches for
+            assert k.launched.fn is k.jit and len(k.gpu_configs()) > 1
+    assert registry.find(registry.kernels("lora")[0].launched).name == "_lora_gemm_kernel"
+    assert [k.min_capability for k in registry.kernels("lora_persistent")] == [(9, 0)]
+
+
+def test_discover_flags_undeclared_kernels_and_modules_that_read_the_interpreter_flag(tmp_path):
+    """A kernel module with a JIT kernel no kernel calls and nobody declared, and a launcher that reads the
+    interpreter flag: both are problems; a device function (called by a kernel) is not."""
+    from aot import discover as disc
+
+    path = tmp_path / "fake.py"
+    path.write_text(textwrap.dedent("""
+        import triton
+        from peftkern.kernels import INTERPRET
+
+        @triton.jit
+        def helper(x):
+            return x
+
+        @triton.jit
+        def kernel(x_ptr):
+            helper(x_ptr)
+
+        BLOCK = 16 if INTERPRET else 64
+    """))
+    spec = importlib.util.spec_from_file_location("peftkern.kernels.fake", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    problems = disc.undeclared([mod], {}) + disc.mode_readers([mod])
+    assert any("peftkern.kernels.fake.kernel is a JIT function no kernel calls and is not declared" in p
+               for p in problems), problems
+    assert not any(".helper is" in p for p in problems)  # called by a kernel: a device function
+    assert any("peftkern.kernels.fake reads INTERPRET" in p for p in problems)
+    assert disc.undeclared([mod], {("peftkern.kernels.fake", "kernel"): None}) == []  # declared: no problem
 
 
 # ---- the result cache: an unchanged compile is not done again ------------------------------------------------

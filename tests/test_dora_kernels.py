@@ -26,7 +26,7 @@ from .conftest import DEVICE, ERROR_FLOOR, rel_err
 
 with interpreter_scope():  # decorated as peftkern's own kernels are (and launched in the scope, below)
     from peftkern.dora import triton as dora_triton  # noqa: F401  (registers dora_linear's Triton variants)
-    from peftkern.kernels import _launch, dora as kd
+    from peftkern.kernels import _launch, blocks, dora as kd
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 ACT_DTYPES = [F32, F16] + ([BF16] if DEVICE.type == "cuda" else [])
@@ -143,7 +143,7 @@ def test_grad_scale_column_sums_are_deterministic(monkeypatch, poisoned):
         return empty(shape, device, dtype)
 
     monkeypatch.setattr(_launch, "empty", recording_empty)
-    monkeypatch.setattr(kd, "target_programs", lambda device: 64)
+    monkeypatch.setattr(_launch, "_CONFIG", _launch.LaunchConfig(programs=64))  # split reductions aim for 64
     M, N = 200, 40
     g, z = _randn(M, N, dtype=F16), _randn(M, N, dtype=F16)
     c = torch.rand(N, device=DEVICE) + 0.5
@@ -305,8 +305,15 @@ def test_dx_combine_matches_float64_oracle(shape, pair, poisoned):
 
 # ---- empty inputs, configs, grids ------------------------------------------------------------------------
 
-_KERNELS = ["_dora_weight_norm_kernel", "_dora_grad_scale_kernel", "_dora_keep_x_kernel", "_dora_fwd_tuned",
-            "_dora_dx_tuned", "_dora_fwd_epilogue_kernel", "_dora_dx_combine_kernel"]
+_KERNELS = ["dora._dora_weight_norm_kernel", "dora._dora_grad_scale_kernel", "dora._dora_keep_x_kernel",
+            "dora._dora_fwd_tuned", "dora._dora_dx_tuned", "dora_epilogue._dora_fwd_epilogue_kernel",
+            "dora_epilogue._dora_dx_combine_kernel"]
+
+
+def _modules():
+    """The DoRA family's kernel modules: the fused GEMMs and shared kernels, and the composite's epilogues."""
+    from peftkern.kernels import dora_epilogue
+    return kd, dora_epilogue
 
 
 def test_empty_inputs_launch_nothing(monkeypatch):
@@ -314,8 +321,13 @@ def test_empty_inputs_launch_nothing(monkeypatch):
         def __getitem__(self, grid):
             raise AssertionError("launched a kernel for an empty output")
 
-    for name in _KERNELS:
-        monkeypatch.setattr(kd, name, NoLaunch())
+    from peftkern.kernels import registry
+    patched = set()
+    for module in _modules():
+        for kernel in registry.kernels(module.__name__):
+            patched.add(f"{module.__name__.rsplit('.', 1)[1]}.{kernel.attr}")
+            monkeypatch.setattr(module, kernel.attr, NoLaunch())
+    assert patched == set(_KERNELS)
     r, K, N = 3, 40, 24
     x0, w, a, b = _randn(0, K, dtype=F16), _randn(N, K, dtype=F16), _randn(r, K), _randn(N, r)
     c = torch.rand(N, device=DEVICE)
@@ -336,8 +348,9 @@ def test_empty_inputs_launch_nothing(monkeypatch):
 
 
 def _gpu_configs():
-    return [kd._config(t) for t in dict.fromkeys(kd._TILES_16 + kd._TILES_FP32 + kd._TILES_16_FWD_DROPOUT
-                                                 + kd._TILES_FP32_FWD_DROPOUT + kd._TILES_16_DX + kd._TILES_FP32_DX)]
+    return [blocks.config(t) for t in dict.fromkeys(kd._TILES_16 + kd._TILES_FP32 + kd._TILES_16_FWD_DROPOUT
+                                                    + kd._TILES_FP32_FWD_DROPOUT + kd._TILES_16_DX
+                                                    + kd._TILES_FP32_DX)]
 
 
 class _Dtype:
@@ -346,7 +359,7 @@ class _Dtype:
 
 
 def _tiles(configs):
-    return {kd._tile(c) for c in configs}
+    return {blocks.tile(c) for c in configs}
 
 
 @pytest.mark.parametrize("wide", [False, True], ids=["16bit", "fp32"])
@@ -425,14 +438,10 @@ VOCAB, HIDDEN, RANK = 128256, 4096, 16
 def grids(monkeypatch):
     """Every launch of kernels/dora.py records its grid (for the GEMMs, for every GPU config) and runs nothing;
     the launchers pick their GPU tiles and an H100's 4 x 132 program target (tests/test_grid_limits.py's set-up)."""
-    from .test_grid_limits import H100_PROGRAMS, Launches, Recorder
+    from .test_grid_limits import record_grids
 
-    log = Launches()
-    log.kernels = set(_KERNELS)
-    monkeypatch.setattr(kd, "INTERPRET", False)
-    monkeypatch.setattr(kd, "target_programs", lambda device: H100_PROGRAMS)
-    for name in _KERNELS:
-        monkeypatch.setattr(kd, name, Recorder(name, _gpu_configs() if name.endswith("_tuned") else None, log))
+    log = record_grids(monkeypatch, _modules())
+    assert log.kernels == set(_KERNELS)
     return log
 
 
@@ -458,16 +467,16 @@ def test_every_launcher_keeps_cuda_grid_limits(grids, m):
                             dropout_p=0.1)
     check(grids)
     assert {name for name, _, _ in grids} == grids.kernels
-    gemm = [g for name, g, mt in grids if name == "_dora_fwd_tuned"]
+    gemm = [g for name, g, mt in grids if name == "dora._dora_fwd_tuned"]
     assert len(gemm) == 4 * len(_gpu_configs())
     # the norm of a [4096, in] weight has 64 row tiles, an eighth of an H100's programs: K is split
-    norm = [g for name, g, _ in grids if name == "_dora_weight_norm_kernel"]
+    norm = [g for name, g, _ in grids if name == "dora._dora_weight_norm_kernel"]
     assert norm[0] == (-(-VOCAB // 64), 1) and norm[1][0] == HIDDEN // 64 and norm[1][1] > 1
 
 
 def test_launchers_are_gpu_tiled_off_the_interpreter(grids):
-    """With INTERPRET off the launchers pick their GPU tiles, not the interpreter's 32x32 (what the AOT check and
-    the grid test rely on)."""
+    """Under a launch configuration that sizes for the GPU the launchers pick their GPU tiles, not the interpreter's
+    32x32 (what the AOT check and the grid test rely on)."""
     kd.dora_keep_x(torch.empty(300, 300, device="meta"), seed=1, dropout_p=0.1)
     ((_, _, launch_meta),) = list(grids)
     assert (launch_meta["BLOCK_M"], launch_meta["BLOCK_K"]) == (64, 128)

@@ -2,18 +2,18 @@
 sizes that break naive grids: an lm_head-sized layer (128256 outputs, 4096 inputs), 200k-token batches, and
 one token. The interpreter does not enforce these limits, so the grids are recorded without running
 anything:
-- the launchers pick their GPU tiles (each kernels module's INTERPRET is set to False, and the programs a
-  split reduction aims for are an H100's 4 x 132);
-- every kernel object in those modules is replaced by a recorder: `kernel[grid](...)` records the grid (for
-  an autotuned kernel, the grid function evaluated for every GPU config it could pick) and runs nothing;
+- the launchers pick their GPU tiles: they run under a launch configuration (kernels/_launch.LaunchConfig)
+  that sizes for a GPU, with split reductions aiming for an H100's 4 x 132 programs;
+- every kernel those modules declare in kernels/registry.py is replaced by a recorder: `kernel[grid](...)`
+  records the grid (for an autotuned kernel, the grid function evaluated for every GPU config it could pick,
+  as the registry gives them) and runs nothing;
 - tensors live on the meta device, so no memory is allocated however large the shapes.
 """
 import pytest
 import torch
-from triton.runtime.autotuner import Autotuner
 
 import peftkern  # noqa: F401  (picks interpreter or GPU mode before triton loads)
-from peftkern.kernels import _launch, adapter, lora, rank, sparse_diff
+from peftkern.kernels import _launch, adapter, lora, rank, registry, sparse_diff
 
 MAX_X, MAX_YZ = 2**31 - 1, 65535
 MODULES = (lora, rank, adapter, sparse_diff)
@@ -22,29 +22,6 @@ META = torch.device("meta")
 BF16 = torch.bfloat16
 TOKENS = (1, 200_000)
 VOCAB, HIDDEN, RANK = 128256, 4096, 16
-
-# what an autotuned kernel can pick on a GPU: its config list as built when not interpreting
-GPU_CONFIGS = {(lora, "_lora_gemm_tuned"): lambda: lora._gemm_configs()}
-
-
-def _is_kernel(value) -> bool:
-    return hasattr(value, "fn") and hasattr(value, "run") and callable(getattr(value, "__getitem__", None))
-
-
-def _python_function(kernel):
-    while hasattr(kernel, "fn"):  # autotuner -> jit/interpreted function -> the Python function
-        kernel = kernel.fn
-    return kernel
-
-
-def _kernels_of(module) -> dict:
-    """Kernel objects defined in `module` that a launcher launches: its autotuners, and its jit kernels that
-    no autotuner wraps (helpers imported from other modules, e.g. keep_tile, are not launched)."""
-    found = {n: v for n, v in vars(module).items()
-             if _is_kernel(v) and getattr(_python_function(v), "__module__", None) == module.__name__}
-    wrapped = {id(v.fn) for v in found.values() if isinstance(v, Autotuner)}
-    return {n: v for n, v in found.items() if id(v) not in wrapped}
-
 
 class Launches(list):
     """(kernel name, grid, launch meta-parameters) per recorded launch; `.kernels` names every recorder."""
@@ -63,25 +40,29 @@ class Recorder:
         return launch
 
 
+def record_grids(monkeypatch, modules, log=None) -> "Launches":
+    """Every kernel `modules` declare in the registry records its grids instead of running (autotuned ones: for
+    every GPU config), under a launch configuration that sizes for an H100. Returns the log; `.kernels` names
+    every recorder."""
+    if log is None:
+        log = Launches()
+        log.kernels = set()
+    monkeypatch.setattr(_launch, "_CONFIG", _launch.LaunchConfig(interpret=False, programs=H100_PROGRAMS))
+    for module in modules:
+        declared = registry.kernels(module.__name__)
+        assert declared, f"{module.__name__} declares no kernel in kernels/registry.py"
+        for kernel in declared:
+            label = f"{module.__name__.rsplit('.', 1)[1]}.{kernel.attr}"
+            log.kernels.add(label)
+            configs = kernel.gpu_configs() if kernel.autotuned else None
+            monkeypatch.setattr(module, kernel.attr, Recorder(label, configs, log))
+    return log
+
+
 @pytest.fixture
 def grids(monkeypatch):
     """Launches record their grids instead of running, with the launchers' GPU tile choices."""
-    log = Launches()
-    log.kernels = set()
-    for module in (_launch, *MODULES):
-        monkeypatch.setattr(module, "INTERPRET", False)
-        if hasattr(module, "target_programs"):
-            monkeypatch.setattr(module, "target_programs", lambda device: H100_PROGRAMS)
-    for module in MODULES:
-        for name, kernel in _kernels_of(module).items():
-            configs = None
-            if isinstance(kernel, Autotuner):
-                assert (module, name) in GPU_CONFIGS, f"add {module.__name__}.{name}'s GPU configs to GPU_CONFIGS"
-                configs = GPU_CONFIGS[(module, name)]()
-            label = f"{module.__name__.rsplit('.', 1)[1]}.{name}"
-            log.kernels.add(label)
-            monkeypatch.setattr(module, name, Recorder(label, configs, log))
-    return log
+    return record_grids(monkeypatch, MODULES)
 
 
 def meta(*shape, dtype=BF16):

@@ -33,12 +33,15 @@ def test_every_autotuned_kernel_honours_the_knob():
     from triton.runtime.autotuner import Autotuner
 
     from peftkern import kernels
+    from peftkern.kernels import registry
 
     tuners = [(mod.__name__, name) for mod in vars(kernels).values() if inspect.ismodule(mod)
               and mod.__name__.startswith("peftkern.kernels.") for name, obj in vars(mod).items()
               if isinstance(obj, Autotuner)]
     if not tuners:
         pytest.skip("the interpreter builds no autotuners here (Triton's interpreter replaces autotune)")
+    # every autotuner is a declared kernel of the registry (what the AOT check compiles)
+    assert sorted(tuners) == sorted((k.module, k.attr) for k in registry.kernels() if k.autotuned)
     for module, name in tuners:
         tuner = getattr(__import__(module, fromlist=[name]), name)
         assert getattr(tuner.early_config_prune, "__wrapped__", None) is not None, f"{module}.{name}"
@@ -72,3 +75,83 @@ def test_the_numpy_workaround_is_undone_outside_our_kernels():
         assert interpreter._patch_lang_tensor is inside
     assert interpreter._patch_lang_tensor is before  # other libraries' interpreted kernels see Triton unchanged
     assert (inside is not before) == _mode._NUMPY_REFUSES_ARRAY_TO_INT
+
+
+# ---- the launch configuration: the one place launchers ask what they launch for -------------------------------
+
+def test_launch_config_defaults_to_the_mode_and_overrides_restore():
+    from peftkern.kernels import INTERPRET
+
+    base = _launch.config()
+    assert base == _launch.LaunchConfig() and base.interpret == INTERPRET and _launch.interpreting() == INTERPRET
+    with _launch.launch_config(interpret=not INTERPRET, programs=528, num_sms=132, arch=90) as inside:
+        assert _launch.config() is inside and _launch.interpreting() is (not INTERPRET)
+        cpu = __import__("torch").device("cpu")
+        assert _launch.target_programs(cpu) == 528 and _launch.num_sms(cpu) == 132
+        assert _launch.capability(cpu) == (9, 0)
+        with _launch.launch_config(programs=4):  # nested: only what it names changes
+            assert _launch.target_programs(cpu) == 4 and _launch.num_sms(cpu) == 132
+        assert _launch.target_programs(cpu) == 528
+    assert _launch.config() is base
+    with pytest.raises(ValueError):
+        with _launch.launch_config(programs=8):
+            raise ValueError("restored on the way out")
+    assert _launch.config() is base
+    assert _launch.target_programs(__import__("torch").device("cpu")) == 4  # CPU tensors: few programs
+
+
+def test_split_reduction_covers_every_element_in_whole_blocks():
+    import torch
+
+    cpu = torch.device("cpu")
+    with _launch.launch_config(programs=64):
+        parts, per_part = _launch.split_reduction(1000, 32, 4, cpu)  # 32 blocks, 16 parts wanted
+        assert per_part % 32 == 0 and (parts - 1) * per_part < 1000 <= parts * per_part and parts == 16
+        assert _launch.split_reduction(1000, 32, 64, cpu) == (1, 1024)  # the tiles fill the device already
+        assert _launch.split_reduction(40, 32, 1, cpu) == (2, 32)  # never more parts than blocks
+
+
+def test_launchers_follow_the_launch_configuration(monkeypatch):
+    """A launcher's tiles and split counts come from the launch configuration, not from a module flag: the
+    interpreter's small tiles, or the GPU's (what scripts/aot_check.py and the grid-limit tests size for)."""
+    import torch
+
+    from peftkern.kernels import rank
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, kwargs))
+            return launch
+
+    monkeypatch.setattr(rank, "_rank_down_kernel", Recorder())
+    x = torch.empty(2048, 4096, device="meta", dtype=torch.bfloat16)
+    p = torch.empty(16, 4096, device="meta", dtype=torch.bfloat16)
+    with _launch.launch_config(interpret=True):
+        rank.rank_down(x, p, scale=1.0)
+    with _launch.launch_config(interpret=False, programs=4 * 132):
+        rank.rank_down(x, p, scale=1.0)
+    (small_grid, small), (gpu_grid, gpu) = launches
+    assert (small["BLOCK_M"], small["BLOCK_C"]) == (32, 32) and small_grid[2] == 1  # 4 programs: no split
+    assert (gpu["BLOCK_M"], gpu["BLOCK_C"]) == (64, 128) and gpu_grid[2] > 1  # 32 row tiles: C is split
+
+
+def test_no_kernel_module_reads_the_interpreter_flag_itself():
+    """Launchers ask kernels/_launch.py (interpreting(), target_programs(), num_sms()); only the modules that
+    decide the mode and the launch configuration's default read INTERPRET."""
+    import ast
+    import pathlib
+
+    from peftkern import kernels
+
+    readers = []
+    for path in sorted(pathlib.Path(kernels.__file__).parent.glob("*.py")):
+        if path.stem in ("__init__", "_mode", "_launch"):
+            continue
+        tree = ast.parse(path.read_text())
+        names = {getattr(n, "id", None) or getattr(n, "name", None) or getattr(n, "attr", None) for n in ast.walk(tree)}
+        if "INTERPRET" in names or "target_programs" in {f.name for f in tree.body if isinstance(f, ast.FunctionDef)}:
+            readers.append(path.name)
+    assert not readers, f"kernel modules that read INTERPRET or define their own target_programs: {readers}"

@@ -230,10 +230,13 @@ def test_no_device_synchronisation_on_cuda():
 
 
 def test_adapter_axis_stays_within_cudas_grid_limit():
+    from peftkern.core import rules
+
     kern = impl._kernels()
-    kern._check_adapters(kern.GRID_YZ_LIMIT)
+    assert rules.MAX_GRID_YZ == 65535
+    kern._check_adapters(rules.MAX_GRID_YZ)
     with pytest.raises(ValueError, match="at most 65535 adapters"):
-        kern._check_adapters(kern.GRID_YZ_LIMIT + 1)
+        kern._check_adapters(rules.MAX_GRID_YZ + 1)
 
 
 MAX_X, MAX_YZ = 2**31 - 1, 65535
@@ -244,31 +247,9 @@ def grids(monkeypatch):
     """Launches record (kernel, grid, meta-parameters) instead of running, with the launchers' GPU tile choices (the
     interpreter enforces no grid limit, so the grids are checked here; tests/test_grid_limits.py does the same for
     the single-adapter kernels). An autotuned kernel's grid is evaluated for every GPU config it could pick."""
-    from triton.runtime.autotuner import Autotuner
+    from .test_grid_limits import record_grids
 
-    kern = impl._kernels()
-    monkeypatch.setattr(kern, "INTERPRET", False)
-    log = []
-
-    class Recorder:
-        def __init__(self, name, configs):
-            self.name, self.configs = name, configs
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                for meta in ([dict(kwargs, **c.kwargs) for c in self.configs] if self.configs else [kwargs]):
-                    log.append((self.name, tuple(grid(meta) if callable(grid) else grid), meta))
-            return launch
-
-    names = [n for n in dir(kern) if n.startswith("_multi_lora_") and n.endswith(("_kernel", "_tuned"))]
-    for name in names:
-        kernel = getattr(kern, name)
-        if name.endswith("_tuned"):
-            assert isinstance(kernel, Autotuner)
-            monkeypatch.setattr(kern, name, Recorder(name, kern._gemm_configs()))  # GPU configs: INTERPRET is off
-        elif not any(n == name.replace("_kernel", "_tuned") for n in names):
-            monkeypatch.setattr(kern, name, Recorder(name, None))
-    return log
+    return record_grids(monkeypatch, [impl._kernels()])
 
 
 def _meta(*shape, dtype=torch.bfloat16):
@@ -297,12 +278,12 @@ def test_every_launcher_keeps_cuda_grid_limits(grids, m, n):
            if not (1 <= len(grid) <= 3 and 1 <= grid[0] <= MAX_X and all(1 <= g <= MAX_YZ for g in grid[1:]))]
     assert not bad, f"grids outside CUDA's limits: {bad}"
     launched = {name for name, _, _ in grids}
-    assert launched == {"_multi_lora_shrink_kernel", "_multi_lora_expand_kernel", "_multi_lora_grad_kernel",
-                        "_multi_lora_gemm_tuned"}
+    assert launched == grids.kernels == {"multi_lora._multi_lora_shrink_kernel", "multi_lora._multi_lora_expand_kernel",
+                                         "multi_lora._multi_lora_grad_kernel", "multi_lora._multi_lora_gemm_tuned"}
     # the GPU tiles were recorded: small row tiles while adapters serve few rows each (decode), full ones otherwise
-    block_m = {meta["BLOCK_M"] for name, _, meta in grids if name == "_multi_lora_shrink_kernel"}
+    block_m = {meta["BLOCK_M"] for name, _, meta in grids if name == "multi_lora._multi_lora_shrink_kernel"}
     assert block_m == ({16} if m <= 16 * n else {64})
-    assert max(meta["BLOCK_M"] for name, _, meta in grids if name == "_multi_lora_gemm_tuned") >= 128
+    assert max(meta["BLOCK_M"] for name, _, meta in grids if name == "multi_lora._multi_lora_gemm_tuned") >= 128
 
 
 @pytest.mark.parametrize("variant", ["fused", "composite"])

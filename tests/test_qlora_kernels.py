@@ -24,7 +24,7 @@ from peftkern.quant.fourbit import dequantize_rows
 from .conftest import DEVICE, ERROR_FLOOR, rel_err
 
 with interpreter_scope():  # decorated (and, below, launched) as peftkern's own kernels are
-    from peftkern.kernels import qlora as kq
+    from peftkern.kernels import blocks, qlora as kq
 
     @triton.jit
     def _tile_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, in_features, shift,
@@ -229,7 +229,7 @@ def test_empty_output_launches_nothing(monkeypatch, M, out_f, in_f, transpose_w)
 
 def _gpu_configs():
     """The GPU autotuner's configs (kq.gemm_configs() gives the interpreter's one where it is on)."""
-    return [kq._config(t) for t in dict.fromkeys(kq._TILES_16 + kq._TILES_FP32)]
+    return [blocks.config(t) for t in dict.fromkeys(kq._TILES_16 + kq._TILES_FP32)]
 
 
 class _A:
@@ -246,7 +246,7 @@ def test_pruning_keeps_the_configs_that_compiled_without_spills(a_dtype, w_dtype
     flags = dict(HAS_DROPOUT=heavy == "dropout", HAS_BIAS=heavy == "bias", W_DTYPE=w_dtype,
                  RANK_PRECISION="tf32x3" if heavy == "rank_tf32x3" else "tf32",
                  MAIN_PRECISION="tf32x3" if heavy == "main_tf32x3" else "tf32")
-    kept = {kq._tile(c) for c in kq.prune_configs(configs, {"a_ptr": _A(a_dtype)}, **flags)}
+    kept = {blocks.tile(c) for c in kq.prune_configs(configs, {"a_ptr": _A(a_dtype)}, **flags)}
     tiles = set(kq._TILES_FP32 if a_dtype == torch.float32 else kq._TILES_16)
     if heavy == "none":
         assert kept == tiles
@@ -269,11 +269,11 @@ def test_pruning_double_quant_dx_with_a_heavy_epilogue(a_dtype):
     configs = _gpu_configs()
     base = dict(HAS_BIAS=False, W_DTYPE="bfloat16", RANK_PRECISION="tf32", MAIN_PRECISION="tf32", DOUBLE_QUANT=True)
     dx_heavy = kq.prune_configs(configs, {"a_ptr": _A(a_dtype)}, HAS_DROPOUT=True, TRANSPOSE_W=False, **base)
-    assert dx_heavy and all(kq._acc_per_thread(c) <= 32 for c in dx_heavy)
+    assert dx_heavy and all(blocks.acc_per_thread(c) <= 32 for c in dx_heavy)
     fwd_heavy = kq.prune_configs(configs, {"a_ptr": _A(a_dtype)}, HAS_DROPOUT=True, TRANSPOSE_W=True, **base)
-    assert any(kq._acc_per_thread(c) == 64 for c in fwd_heavy)
+    assert any(blocks.acc_per_thread(c) == 64 for c in fwd_heavy)
     dx_plain = kq.prune_configs(configs, {"a_ptr": _A(a_dtype)}, HAS_DROPOUT=False, TRANSPOSE_W=False, **base)
-    assert any(kq._acc_per_thread(c) == 64 for c in dx_plain)
+    assert any(blocks.acc_per_thread(c) == 64 for c in dx_plain)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter's config list; a GPU machine autotunes over _TILES_*")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import peftkern  # noqa: F401  (picks interpreter or GPU mode before triton loads)
+from peftkern.core import rules
 from peftkern.kernels import sparse_diff as sk
 
 from .conftest import DEVICE, ERROR_FLOOR, available_backends, rel_err
@@ -147,7 +148,7 @@ def test_grid_fold_keeps_results_bit_for_bit(monkeypatch):
                 grids.append(grid)
                 return kernel[grid]
         monkeypatch.setattr(sk, name, Spy())
-    monkeypatch.setattr(sk, "MAX_GRID_X", 3)
+    monkeypatch.setattr(rules, "MAX_GRID_X", 3)  # the launchers read CUDA's limits from peftkern.core.rules
     sk.spmm_add_(out_fold, src, seg.to(DEVICE), cols.to(DEVICE), vals)
     g_fold = sk.sddmm(dy, src, rows, pos)
     assert all(len(grid) == 2 and grid[0] <= 3 for grid in grids), grids
