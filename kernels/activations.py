@@ -1,6 +1,6 @@
 """Activations of the bottleneck adapter and their derivatives inside Triton kernels; codes and formulas
-match peftkern/adapter/activations.py (codes in peftkern/core/rules.py). tanh is spelled through the sigmoid (2σ(2x) − 1): it is in
-every Triton version's core language, and saturates cleanly at ±1.
+match peftkern/adapter/activations.py (codes in peftkern/core/rules.py). tanh is spelled through the sigmoid
+(2σ(2x) − 1): it is in every Triton version's core language, and saturates cleanly at ±1.
 
 The derivatives never form 1 + t or 1 − t² from a rounded t = tanh(u): where |t| nears 1 that subtraction
 keeps only the digits of t that survive rounding (at x ≈ −2, 1 + t ≈ 0.05 loses 4 bits, and t's own
