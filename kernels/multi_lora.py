@@ -10,19 +10,19 @@ split the gradients back.
 Program (tile, i) works on adapter i's segment and exits at once when the segment is shorter than its tile:
 the grid grows with n·cdiv(M, BLOCK_M), the work with the rows each adapter serves.
 
-  _multi_lora_shrink_kernel  S[t, :r_i] = scale_i·(keep ⊙ X)[t, :]·P_iᵀ        S = dropout(x)·A_iᵀ; dS = s_i·dy·B_i
-  _multi_lora_expand_kernel  out[t, :] += scale_i·keep ⊙ (T[t, :r_i]·U_i)    y += s_i·S·B_iᵀ; dx += keep ⊙ dS·A_i
-  _multi_lora_grad_kernel    G_i = scale_i·Σ_{t of adapter i} T[t, :r_i]ᵀ·(keep ⊙ V)[t, :]   dA_i; dB_iᵀ (no atomics)
-  _multi_lora_gemm_kernel    y = x·Wᵀ + bias + s_i·S[t, :r_i]·B_iᵀ, rows in adapter order     the fused forward
+  _multi_lora_rank_down_kernel    S[t, :r_i] = scale_i·(keep ⊙ X)[t, :]·P_iᵀ        S = dropout(x)·A_iᵀ; dS = s_i·dy·B_i
+  _multi_lora_rank_up_add_kernel  out[t, :] += scale_i·keep ⊙ (T[t, :r_i]·U_i)    y += s_i·S·B_iᵀ; dx += keep ⊙ dS·A_i
+  _multi_lora_rank_grad_kernel    G_i = scale_i·Σ_{t of adapter i} T[t, :r_i]ᵀ·(keep ⊙ V)[t, :] dA_i; dB_iᵀ (no atomics)
+  _multi_lora_gemm_kernel         y = x·Wᵀ + bias + s_i·S[t, :r_i]·B_iᵀ, rows in adapter order     the fused forward
 
 P_i / U_i / G_i are each adapter's own [r_i, C] matrix (A_i, or B_i read transposed: TRANS, element (r, c) at
 c·r_i + r). `keep` is lora_linear's dropout mask of the row's original position (kernels/dropout.py).
 
 Rooflines at the headline prefill shape (M=8192 rows, K=N=4096, 8 adapters of r=16 serving 1024 rows each, bf16,
 H100 ~800 TFLOP/s, ~3 TB/s); each rank-r product is 2·M·r·4096 = 1.1 GFLOP (~1.3 µs), so all are memory-bound:
-  shrink   reads x (or dy) once, 64 MiB, + each adapter once from DRAM (8 · 128 KiB; again per row tile from L2),
+  rank_down reads x (or dy) once, 64 MiB, + each adapter once from DRAM (8 · 128 KiB; again per row tile from L2),
            writes S 0.5 MiB: ~22 µs, the minimum (one pass over x). Programs: 8 · 128 row tiles, 7/8 exit at once.
-  expand   reads and writes y (or dx) once, 2 × 64 MiB, + S: ~45 µs (fused saves this pass; composite pays it for
+  rank_up  reads and writes y (or dx) once, 2 × 64 MiB, + S: ~45 µs (fused saves this pass; composite pays it for
            cuBLAS's GEMM).
   grad     reads V (x or dy) once per rank tile (once for r <= 64), 64 MiB, + T: ~22 µs; writes G_i (1 MiB).
   gemm     the base GEMM: 2·M·N·K = 275 GFLOP (~0.35 ms at peak), x 64 + W 32 + y 64 MiB: compute-bound; the
@@ -93,7 +93,7 @@ def _scale(scale_ptr, i, drop_scale, PER_ADAPTER_SCALE: tl.constexpr):
 
 @registry.kernel
 @triton.jit
-def _multi_lora_shrink_kernel(
+def _multi_lora_rank_down_kernel(
     x_ptr, out_ptr, p_table, p_ref, rank_ptr, scale_ptr, order_ptr, seg_start_ptr, seg_len_ptr,
     C, R_MAX,
     stride_xm, stride_xc, stride_om, stride_or,
@@ -126,7 +126,7 @@ def _multi_lora_shrink_kernel(
 
 @registry.kernel
 @triton.jit
-def _multi_lora_expand_kernel(
+def _multi_lora_rank_up_add_kernel(
     out_ptr, t_ptr, u_table, u_ref, rank_ptr, scale_ptr, order_ptr, seg_start_ptr, seg_len_ptr,
     N,
     stride_om, stride_on, stride_tm, stride_tr,
@@ -162,7 +162,7 @@ def _multi_lora_expand_kernel(
 
 @registry.kernel
 @triton.jit
-def _multi_lora_grad_kernel(
+def _multi_lora_rank_grad_kernel(
     t_ptr, v_ptr, g_table, g_ref, rank_ptr, scale_ptr, order_ptr, seg_start_ptr, seg_len_ptr,
     C, R_MAX,
     stride_tm, stride_tr, stride_vm, stride_vc,
@@ -251,7 +251,7 @@ def _block_m(groups: Groups, m: int) -> int:
     return 16 if m <= 16 * groups.n else 64
 
 
-def shrink(x: torch.Tensor, mats, groups: Groups, *, trans: bool, per_adapter_scale: bool, exact: bool,
+def rank_down(x: torch.Tensor, mats, groups: Groups, *, trans: bool, per_adapter_scale: bool, exact: bool,
            seed: int = 0, dropout_p: float = 0.0) -> torch.Tensor:
     """S [M, r_max] fp32: row t of adapter i gets scale·(keep ⊙ x_t)·P_iᵀ in its first r_i columns, zeros after
     (rows of no adapter: zeros). P_i = mats[i] ([r_i, C]), or mats[i]ᵀ with `trans` (mats[i] [C, r_i]).
@@ -275,7 +275,7 @@ def shrink(x: torch.Tensor, mats, groups: Groups, *, trans: bool, per_adapter_sc
         block_m = min(block_m, 32)  # rank 64 with the mask: [64, 64] spilled 4 B (sm_80, bf16 x), [32, 64] fits
     block_c = 32 if _launch.interpreting() else block_c
     grid = (triton.cdiv(M, block_m) * triton.cdiv(groups.r_max, block_r), groups.n)
-    _multi_lora_shrink_kernel[grid](
+    _multi_lora_rank_down_kernel[grid](
         x, out, pointer_table(mats, x.device), mats[0], groups.ranks, groups.scalings, groups.order,
         groups.seg_start, groups.seg_len,
         C, groups.r_max,
@@ -287,7 +287,7 @@ def shrink(x: torch.Tensor, mats, groups: Groups, *, trans: bool, per_adapter_sc
     return out
 
 
-def expand_add_(out: torch.Tensor, t: torch.Tensor, mats, groups: Groups, *, trans: bool, per_adapter_scale: bool,
+def rank_up_add_(out: torch.Tensor, t: torch.Tensor, mats, groups: Groups, *, trans: bool, per_adapter_scale: bool,
                 exact: bool, seed: int = 0, dropout_p: float = 0.0) -> torch.Tensor:
     """out[t, :] += scale·keep ⊙ (T[t, :r_i]·U_i), in place, summed in fp32 and rounded once to out's dtype.
     U_i = mats[i] ([r_i, N]), or mats[i]ᵀ with `trans` (mats[i] [N, r_i]). Returns out."""
@@ -303,7 +303,7 @@ def expand_add_(out: torch.Tensor, t: torch.Tensor, mats, groups: Groups, *, tra
     block_n = 32 if _launch.interpreting() else 64
     block_r = pow2_at_least_16(groups.r_max, 32)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), groups.n)
-    _multi_lora_expand_kernel[grid](
+    _multi_lora_rank_up_add_kernel[grid](
         out, t, pointer_table(mats, out.device), mats[0], groups.ranks, groups.scalings, groups.order,
         groups.seg_start, groups.seg_len,
         N,
@@ -316,7 +316,7 @@ def expand_add_(out: torch.Tensor, t: torch.Tensor, mats, groups: Groups, *, tra
     return out
 
 
-def grad(t: torch.Tensor, v: torch.Tensor, outs, groups: Groups, *, trans: bool, per_adapter_scale: bool,
+def rank_grad(t: torch.Tensor, v: torch.Tensor, outs, groups: Groups, *, trans: bool, per_adapter_scale: bool,
          exact: bool, seed: int = 0, dropout_p: float = 0.0, need=None) -> None:
     """outs[i] = scale · Σ_{rows of adapter i} T[t, :r_i]ᵀ · (keep ⊙ V)[t, :] for each adapter, written in place into
     the contiguous tensors `outs` (outs[i] [r_i, C], or its transpose [C, r_i] with `trans`), in their dtype.
@@ -343,7 +343,7 @@ def grad(t: torch.Tensor, v: torch.Tensor, outs, groups: Groups, *, trans: bool,
     if need is not None and not all(need):
         ranks = device_table([r if k else 0 for r, k in zip(groups.rank_list, need)], torch.int32, v.device)
     grid = (triton.cdiv(C, block_c) * triton.cdiv(groups.r_max, block_r), groups.n)
-    _multi_lora_grad_kernel[grid](
+    _multi_lora_rank_grad_kernel[grid](
         t, v, pointer_table(outs, v.device), outs[0], ranks, groups.scalings, groups.order,
         groups.seg_start, groups.seg_len,
         C, groups.r_max,

@@ -134,8 +134,8 @@ def test_non_contiguous_x_and_int32_ids(variant, poisoned, monkeypatch):
 
 @pytest.mark.parametrize("variant", ["fused", "composite"])
 def test_rank_above_one_rank_tile_of_every_kernel(variant, poisoned, monkeypatch):
-    """Rank 80 > the 64-wide rank tiles of the shrink and gradient kernels: several rank tiles per row tile (programs
-    past a small adapter's rank exit, the big adapter's second tile writes its own columns)."""
+    """Rank 80 > the 64-wide rank tiles of the rank_down and rank_grad kernels: several rank tiles per row tile
+    (programs past a small adapter's rank exit, the big adapter's second tile writes its own columns)."""
     monkeypatch.setenv("PEFTKERN_DISPATCH", variant)
     ranks = [80, 3]
     cast, exact = _inputs(torch.float32, torch.float32, ranks, m_lead=(11,))
@@ -160,7 +160,7 @@ def test_ids_out_of_range_raise_before_any_kernel(monkeypatch):
     def no_kernel(*args, **kwargs):
         raise AssertionError("a kernel ran before the ids were checked")
 
-    monkeypatch.setattr(impl._kernels(), "shrink", no_kernel)
+    monkeypatch.setattr(impl._kernels(), "rank_down", no_kernel)
     with peftkern.use_backend("triton"), pytest.raises(IndexError, match="adapter_ids holds 2"):
         peftkern.multi_lora_linear(cast["x"], cast["w"], cast["a"], cast["bb"], torch.tensor([0, 2, 1, 0]),
                                    scalings=[1.0, 1.0])
@@ -219,10 +219,10 @@ def test_no_device_synchronisation_on_cuda():
     try:
         kern = impl._kernels()
         groups = kern.Groups(ids, [8, 16], [1.0, 2.0])
-        s = kern.shrink(t["x"], [a.contiguous() for a in t["a"]], groups, trans=False, per_adapter_scale=False,
+        s = kern.rank_down(t["x"], [a.contiguous() for a in t["a"]], groups, trans=False, per_adapter_scale=False,
                         exact=True)
         y = torch.nn.functional.linear(t["x"], t["w"], t["b"])
-        kern.expand_add_(y, s, [b.contiguous() for b in t["bb"]], groups, trans=True, per_adapter_scale=True,
+        kern.rank_up_add_(y, s, [b.contiguous() for b in t["bb"]], groups, trans=True, per_adapter_scale=True,
                          exact=True)
         kern.gemm(t["x"], t["w"], s, [b.contiguous() for b in t["bb"]], groups, t["b"], exact=True)
     finally:
@@ -266,22 +266,23 @@ def test_every_launcher_keeps_cuda_grid_limits(grids, m, n):
     a = [_meta(rank, hidden, dtype=torch.float32)] * n
     b = [_meta(vocab, rank, dtype=torch.float32)] * n
     x, dy = _meta(m, hidden), _meta(m, vocab)
-    s = kern.shrink(x, a, groups, trans=False, per_adapter_scale=False, exact=True, seed=1, dropout_p=0.1)
-    ds = kern.shrink(dy, b, groups, trans=True, per_adapter_scale=True, exact=True)
-    kern.expand_add_(_meta(m, vocab), s, b, groups, trans=True, per_adapter_scale=True, exact=True)
-    kern.expand_add_(_meta(m, hidden), ds, a, groups, trans=False, per_adapter_scale=False, exact=True, seed=1,
+    s = kern.rank_down(x, a, groups, trans=False, per_adapter_scale=False, exact=True, seed=1, dropout_p=0.1)
+    ds = kern.rank_down(dy, b, groups, trans=True, per_adapter_scale=True, exact=True)
+    kern.rank_up_add_(_meta(m, vocab), s, b, groups, trans=True, per_adapter_scale=True, exact=True)
+    kern.rank_up_add_(_meta(m, hidden), ds, a, groups, trans=False, per_adapter_scale=False, exact=True, seed=1,
                      dropout_p=0.1)
-    kern.grad(ds, x, a, groups, trans=False, per_adapter_scale=False, exact=True, seed=1, dropout_p=0.1)
-    kern.grad(s, dy, b, groups, trans=True, per_adapter_scale=True, exact=True)
+    kern.rank_grad(ds, x, a, groups, trans=False, per_adapter_scale=False, exact=True, seed=1, dropout_p=0.1)
+    kern.rank_grad(s, dy, b, groups, trans=True, per_adapter_scale=True, exact=True)
     kern.gemm(x, _meta(vocab, hidden), s, b, groups, _meta(vocab), exact=True)
     bad = [(name, grid) for name, grid, _ in grids
            if not (1 <= len(grid) <= 3 and 1 <= grid[0] <= MAX_X and all(1 <= g <= MAX_YZ for g in grid[1:]))]
     assert not bad, f"grids outside CUDA's limits: {bad}"
     launched = {name for name, _, _ in grids}
-    assert launched == grids.kernels == {"multi_lora._multi_lora_shrink_kernel", "multi_lora._multi_lora_expand_kernel",
-                                         "multi_lora._multi_lora_grad_kernel", "multi_lora._multi_lora_gemm_tuned"}
+    assert launched == grids.kernels == {
+        "multi_lora._multi_lora_rank_down_kernel", "multi_lora._multi_lora_rank_up_add_kernel",
+        "multi_lora._multi_lora_rank_grad_kernel", "multi_lora._multi_lora_gemm_tuned"}
     # the GPU tiles were recorded: small row tiles while adapters serve few rows each (decode), full ones otherwise
-    block_m = {meta["BLOCK_M"] for name, _, meta in grids if name == "multi_lora._multi_lora_shrink_kernel"}
+    block_m = {meta["BLOCK_M"] for name, _, meta in grids if name == "multi_lora._multi_lora_rank_down_kernel"}
     assert block_m == ({16} if m <= 16 * n else {64})
     assert max(meta["BLOCK_M"] for name, _, meta in grids if name == "multi_lora._multi_lora_gemm_tuned") >= 128
 

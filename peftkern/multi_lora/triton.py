@@ -1,14 +1,15 @@
 """multi_lora_linear on the Triton backend. core/dispatch.py picks one variant per call shape.
 
 Dense base weight:
-  fused           S = dropout(x)·A_iᵀ per row by the grouped shrink kernel (kernels/multi_lora.py), then one GEMM over
-                  the rows taken adapter by adapter: y = x·Wᵀ + bias + s_i·S·B_iᵀ, each row's rank-r term in the
-                  accumulator
-  composite       the same S, y = x·Wᵀ + bias by the library GEMM (cuBLAS through F.linear), then the grouped expand
-                  adds s_i·S·B_iᵀ into y in place (one more read and write of y than fused, but cuBLAS's GEMM)
-  backward (both) dS = s_i·dy·B_i (grouped shrink), dB_iᵀ = s_i·Sᵀ·dy and dA_i = dSᵀ·dropout(x) (grouped gradient
+  fused           S = dropout(x)·A_iᵀ per row by the grouped rank_down kernel (kernels/multi_lora.py), then one
+                  GEMM over the rows taken adapter by adapter: y = x·Wᵀ + bias + s_i·S·B_iᵀ, each row's rank-r
+                  term in the accumulator
+  composite       the same S, y = x·Wᵀ + bias by the library GEMM (cuBLAS through F.linear), then the grouped
+                  rank_up_add_ adds s_i·S·B_iᵀ into y in place (one more read and write of y than fused, but
+                  cuBLAS's GEMM)
+  backward (both) dS = s_i·dy·B_i (grouped rank_down), dB_iᵀ = s_i·Sᵀ·dy and dA_i = dSᵀ·dropout(x) (grouped rank_grad
                   kernel, each adapter's rows summed in order: deterministic), dx = dy·W (library) + keep ⊙ dS·A_i
-                  (grouped expand), dW = dyᵀ·x (library)
+                  (grouped rank_up_add_), dW = dyᵀ·x (library)
 4-bit base weight (never a dense [out, in] copy):
   composite_4bit  the fast torch path (multi_lora/cpu.py): blocks of W dequantized by torch and the library GEMM on
                   each; each adapter's rows as products of its own rank. A fused kernel would need kernels/qlora.py's
@@ -58,7 +59,7 @@ def _prologue(a):
 def _s_down(a):
     validate_ids(a.row_ids, len(a.lora_a))  # before any kernel reads an adapter by id
     kern, lora_a, lora_b, groups, exact = _prologue(a)
-    s_down = kern.shrink(a.x, lora_a, groups, trans=False, per_adapter_scale=False, exact=exact, seed=a.seed,
+    s_down = kern.rank_down(a.x, lora_a, groups, trans=False, per_adapter_scale=False, exact=exact, seed=a.seed,
                          dropout_p=a.dropout_p)
     return s_down, (kern, lora_b, groups, exact)
 
@@ -71,7 +72,7 @@ def forward_fused(a):
 def forward_composite(a):
     s_down, (kern, lora_b, groups, exact) = _s_down(a)
     y = torch.nn.functional.linear(a.x, a.weight, a.bias)
-    kern.expand_add_(y, s_down, lora_b, groups, trans=True, per_adapter_scale=True, exact=exact)
+    kern.rank_up_add_(y, s_down, lora_b, groups, trans=True, per_adapter_scale=True, exact=exact)
     return y, s_down
 
 
@@ -81,7 +82,7 @@ def _grads(kern, t, v, mats, need, groups, *, trans, per_adapter_scale, exact, s
     outs = [kern._launch.empty(m.shape, m.device, m.dtype) if k else m.new_empty(0)
             for m, k in zip(mats, need)]
     if any(need):
-        kern.grad(t, v, outs, groups, trans=trans, per_adapter_scale=per_adapter_scale, exact=exact, seed=seed,
+        kern.rank_grad(t, v, outs, groups, trans=trans, per_adapter_scale=per_adapter_scale, exact=exact, seed=seed,
                   dropout_p=dropout_p, need=need)
     return outs
 
@@ -92,14 +93,14 @@ def backward(a):
     dx, dw, dbias = (x.new_empty(0) for _ in range(3))
     ds = None
     if a.need_x or any(a.need_lora_a):  # dS = s_i·dy·B_i: the gradient reaching each row's S
-        ds = kern.shrink(dy, lora_b, groups, trans=True, per_adapter_scale=True, exact=exact)
+        ds = kern.rank_down(dy, lora_b, groups, trans=True, per_adapter_scale=True, exact=exact)
     da = _grads(kern, ds, x, lora_a, list(a.need_lora_a), groups, trans=False, per_adapter_scale=False, exact=exact,
                 seed=a.seed, dropout_p=a.dropout_p)
     db = _grads(kern, a.s_down, dy, lora_b, list(a.need_lora_b), groups, trans=True, per_adapter_scale=True,
                 exact=exact, seed=0, dropout_p=0.0)
     if a.need_x:  # dx = dy·W + keep ⊙ dS·A_i / (1 - p)
         dx = torch.mm(dy, a.weight)
-        kern.expand_add_(dx, ds, lora_a, groups, trans=False, per_adapter_scale=False, exact=exact, seed=a.seed,
+        kern.rank_up_add_(dx, ds, lora_a, groups, trans=False, per_adapter_scale=False, exact=exact, seed=a.seed,
                          dropout_p=a.dropout_p)
     if a.need_weight:
         dw = torch.mm(dy.t(), x)
