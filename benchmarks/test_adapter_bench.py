@@ -2,8 +2,7 @@
 `python -m peftkern bench --op adapter` (see test_lora_bench.py for how to run)."""
 import pytest
 
-from peftkern.bench.cases import adapter_cases
-from peftkern.bench.providers import adapter_providers
+from peftkern.adapter.bench import adapter_cases, adapter_providers
 
 from .conftest import DEVICE, QUICK
 

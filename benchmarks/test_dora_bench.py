@@ -8,8 +8,7 @@ side by side.
 """
 import pytest
 
-from peftkern.bench.cases import dora_cases
-from peftkern.bench.providers import dora_providers
+from peftkern.dora.bench import dora_cases, dora_providers
 
 from .conftest import DEVICE, QUICK
 

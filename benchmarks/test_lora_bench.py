@@ -6,8 +6,7 @@ Each case is one group, so pytest-benchmark prints eager, peftkern and floor sid
 """
 import pytest
 
-from peftkern.bench.cases import lora_cases
-from peftkern.bench.providers import lora_providers
+from peftkern.lora.bench import lora_cases, lora_providers
 
 from .conftest import DEVICE, QUICK
 

@@ -8,8 +8,7 @@ Each case is one group: eager (PEFT's mixed-batch forward), peftkern (multi_lora
 """
 import pytest
 
-from peftkern.bench.cases import multi_lora_cases
-from peftkern.bench.providers import multi_lora_providers
+from peftkern.multi_lora.bench import multi_lora_cases, multi_lora_providers
 
 from .conftest import DEVICE, QUICK
 

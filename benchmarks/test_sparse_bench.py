@@ -2,8 +2,7 @@
 cases and providers as `python -m peftkern bench --op sparse` (see test_lora_bench.py for how to run)."""
 import pytest
 
-from peftkern.bench.cases import sparse_cases
-from peftkern.bench.providers import sparse_providers
+from peftkern.sparse_diff.bench import sparse_cases, sparse_providers
 
 from .conftest import DEVICE, QUICK
 

@@ -18,6 +18,15 @@ def bench_ops() -> tuple[str, ...]:
     return (*OPS, "e2e")
 
 
+def _op_help() -> str:
+    """--op's help: each discovered op with what it times, then e2e and all."""
+    from .bench.registry import TABLE
+
+    return "; ".join([f"{op.name}: {op.help}" for op in TABLE.values()]
+                     + ["e2e: fine-tune a random-init Llama with PEFT LoRA, unpatched vs patched",
+                        "all (default): every one of them"])
+
+
 def _info(_args) -> int:
     import peftkern
 
@@ -198,14 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print backend_info(): versions, devices, extension, auto choices")
     bench = sub.add_parser("bench", help="time each op against the eager baseline and the F.linear floor")
-    bench.add_argument("--op", choices=[*bench_ops(), "all"], default="all",
-                       help="lora: lora_linear; qlora: lora_linear over a 4-bit QuantizedWeight (vs PEFT + "
-                            "bitsandbytes); dora: dora_linear (vs PEFT's LoRA layer with use_dora=True, and "
-                            "against peftkern's own lora_linear on the same shapes); multi_lora: multi_lora_linear "
-                            "serving a mixed batch (vs PEFT's adapter_names forward; prefill and decode); adapter: "
-                            "bottleneck_adapter; sparse: sparse_diff_apply_ and "
-                            "sparse_diff_linear; e2e: fine-tune a random-init Llama with PEFT LoRA, unpatched "
-                            "vs patched; all (default): every one of them")
+    bench.add_argument("--op", choices=[*bench_ops(), "all"], default="all", help=_op_help())
     bench.add_argument("--quick", action="store_true",
                        help="fewer, smaller cases and repeats; on CPU also no peak-memory measurement "
                             "(it needs a fresh process per provider), so that column shows \"-\"")

@@ -227,8 +227,7 @@ def test_plot_has_a_log_panel_per_op_family_with_e2e():
 
 
 def test_sparse_apply_has_an_in_place_baseline():
-    from peftkern.bench.cases import SparseCase
-    from peftkern.bench.providers import sparse_providers
+    from peftkern.sparse_diff.bench import SparseCase, sparse_providers
 
     case = SparseCase("apply", 16, 8, 0.25, torch.float32)
     steps, _ = sparse_providers(case, torch.device("cpu"))
@@ -302,7 +301,7 @@ def test_multi_lora_eager_fallback_equals_pefts_mixed_batch_forward():
     peft = pytest.importorskip("peft", reason="the comparison with PEFT's layer needs peft (in the test extras)")
     from peft.tuners.lora.layer import Linear as PeftLinear
 
-    from peftkern.bench import providers
+    from peftkern.multi_lora.bench import _EagerMixedBatch
 
     torch.manual_seed(5)
     base = torch.nn.Linear(24, 20)
@@ -314,7 +313,7 @@ def test_multi_lora_eager_fallback_equals_pefts_mixed_batch_forward():
             p.normal_()
     lora_a = [theirs.lora_A[n].weight for n in ("a0", "a1")]
     lora_b = [theirs.lora_B[n].weight for n in ("a0", "a1")]
-    ours = providers._EagerMixedBatch(base, lora_a, lora_b, [2.0, 2.0])
+    ours = _EagerMixedBatch(base, lora_a, lora_b, [2.0, 2.0])
     x = torch.randn(4, 5, 24)
     names = ["a1", "__base__", "a0", "a1"]
     with torch.no_grad():
@@ -350,8 +349,8 @@ def test_dora_eager_fallback_is_pefts_dora_layer(p, bias, monkeypatch):
     peft = pytest.importorskip("peft", reason="the comparison with PEFT's DoRA layer needs peft (in the test extras)")
     from peft.tuners.lora.layer import Linear as PeftLinear
 
-    from peftkern.bench import providers
-    from peftkern.bench.cases import DoraCase
+    from peftkern.dora import bench as dora_bench
+    from peftkern.dora.bench import DoraCase, _EagerDora, dora_providers
 
     torch.manual_seed(3)
     k, n, r, alpha = 33, 20, 3, 6
@@ -359,7 +358,7 @@ def test_dora_eager_fallback_is_pefts_dora_layer(p, bias, monkeypatch):
     base.requires_grad_(False)
     theirs = PeftLinear(base, "default", config=peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, use_dora=True),
                         r=r, lora_alpha=alpha)
-    ours = providers._EagerDora(base, r, alpha, p)
+    ours = _EagerDora(base, r, alpha, p)
     with torch.no_grad():
         theirs.lora_B["default"].weight.normal_()
         theirs.lora_magnitude_vector["default"].weight.mul_(torch.rand(n) + 0.5)
@@ -380,8 +379,8 @@ def test_dora_eager_fallback_is_pefts_dora_layer(p, bias, monkeypatch):
         got.append([y.detach(), xi.grad] + [t.grad for t in params])
     for name, a, b in zip(["y", "x", "lora_A", "lora_B", "magnitude"], *got):
         torch.testing.assert_close(b, a, msg=name)
-    monkeypatch.setattr(providers, "peft_available", lambda: False)  # the provider set then uses the fallback
-    steps, eager_name = providers.dora_providers(DoraCase(16, k, n, r, torch.float32, p, bias), torch.device("cpu"))
+    monkeypatch.setattr(dora_bench, "peft_available", lambda: False)  # the provider set then uses the fallback
+    steps, eager_name = dora_providers(DoraCase(16, k, n, r, torch.float32, p, bias), torch.device("cpu"))
     assert eager_name == "eager DoRA (peft not installed)" and set(steps) == {"eager", "peftkern", "peftkern_lora",
                                                                              "floor"}
     for step in steps.values():
@@ -559,13 +558,18 @@ def test_bench_json_is_rewritten_after_every_case(tmp_path, monkeypatch):
 
 
 def test_runner_reports_each_case_as_it_finishes(monkeypatch):
+    import dataclasses
+
     import torch
 
-    from peftkern.bench import cases
+    from peftkern.bench import registry
+    from peftkern.lora.bench import LoraCase
 
-    monkeypatch.setitem(runner._OPS, "lora", (lambda device, quick: [cases.LoraCase(m, 8, 8, 2, torch.float32, 0.0)
-                                                                      for m in (3, 5, 7)],
-                                              lambda case, device: ({"peftkern": None}, "eager")))
+    def cases(device, quick):
+        return [LoraCase(m, 8, 8, 2, torch.float32, 0.0) for m in (3, 5, 7)]
+
+    monkeypatch.setitem(registry.TABLE, "lora", dataclasses.replace(
+        registry.TABLE["lora"], cases=cases, providers=lambda case, device: ({"peftkern": None}, "eager")))
     monkeypatch.setattr(runner, "measure_group",
                         lambda steps, device, quick: {"peftkern": {"median_ms": 1.0, "peak_mem_mb": None}})
     seen = []
@@ -586,10 +590,14 @@ def test_bench_output_and_help_name_no_internal_issue():
     from tests.test_public_docs import INTERNAL, cli_outputs_in_process, public_docstrings
 
     texts = {**public_docstrings(), **cli_outputs_in_process()}
-    for module in pkgutil.walk_packages(peftkern.bench.__path__, "peftkern.bench."):
-        source = pathlib.Path(importlib.util.find_spec(module.name).origin)
-        texts[module.name] = source.read_text(encoding="utf-8")
-    assert {"peftkern.bench.report", "peftkern.bench.runner", "peftkern.bench.cases"} <= set(texts)
+    from peftkern.bench import registry
+
+    names = [m.name for m in pkgutil.walk_packages(peftkern.bench.__path__, "peftkern.bench.")]
+    names += sorted({op.providers.__module__ for op in registry.TABLE.values()})  # each family's bench.py
+    for name in names:
+        source = pathlib.Path(importlib.util.find_spec(name).origin)
+        texts[name] = source.read_text(encoding="utf-8")
+    assert {"peftkern.bench.report", "peftkern.bench.runner", "peftkern.lora.bench"} <= set(texts)
     canned = _canned_results()
     texts["notes"] = "\n".join(report.dora_notes(canned) + report.multi_lora_notes(canned))
     found = {name: INTERNAL.findall(text) for name, text in texts.items() if INTERNAL.search(text)}

@@ -162,14 +162,34 @@ def test_no_import_circles():
     assert not found, "module-level import circles:\n" + "\n".join(_describe(c) for c in found)
 
 
+def _is_bench(name: str) -> bool:
+    """peftkern/bench/ and the families' bench modules (peftkern/<family>/bench.py, which bench/registry.py finds)."""
+    return name == "peftkern.bench" or name.startswith("peftkern.bench.") or \
+        (name.count(".") == 2 and name.endswith(".bench"))
+
+
 def test_bench_has_no_circles_even_through_late_imports():
     """The bench's runner and memory probe share bench/registry.py; neither imports the other, even inside a
-    function (the probe runs as its own process and must not need the runner)."""
-    bench = [name for name in MODULES if name.startswith("peftkern.bench.")]
+    function (the probe runs as its own process and must not need the runner). The families' bench modules count
+    as the bench's: they import its shared helpers, and the registry imports them (by discovery, not by name)."""
+    bench = [name for name in MODULES if _is_bench(name) and name != "peftkern.bench"]
+    assert "peftkern.lora.bench" in bench and "peftkern.bench.registry" in bench
     edges = {name: {t for t, _ in imports_of(name, module_level_only=False) if t in bench} for name in bench}
     found = circles(edges)
     assert not found, "import circles in peftkern.bench:\n" + "\n".join(_describe(c) for c in found)
     assert "peftkern.bench.runner" not in edges["peftkern.bench.memory"]
+
+
+def test_import_peftkern_reaches_no_bench_module():
+    """`import peftkern` loads no bench code: no family's __init__ (nor anything it imports) imports its bench.py."""
+    edges, reached, todo = graph(), set(), ["peftkern"]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(edges[name])
+    assert "peftkern.lora" in reached
+    assert not sorted(filter(_is_bench, reached)), "bench modules on the import path of peftkern"
 
 
 def _offences(prefix: str, allowed) -> list[str]:

@@ -1,52 +1,55 @@
-"""The benchmarked ops: for each, its cases and the providers that time them. The runner (timing every case) and
-the memory probe (one provider of one case in a fresh process) both read this table, so neither imports the other."""
+"""The benchmarked ops, found rather than listed: every subpackage of peftkern with a `bench` module (a family's
+`peftkern/<family>/bench.py`) declares its ops in a module-level list `OPS` of `bench.declare.BenchOp`, ordered by
+their declared `order`. The runner (timing every case) and the memory probe (one provider of one case in a fresh
+process) both read this table, so neither imports the other."""
 from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
 
 import torch
 
-from .cases import (
-    AdapterCase,
-    DoraCase,
-    LoraCase,
-    MultiLoraCase,
-    QLoraCase,
-    SparseCase,
-    adapter_cases,
-    dora_cases,
-    lora_cases,
-    multi_lora_cases,
-    qlora_cases,
-    sparse_cases,
-)
-from .providers import (
-    adapter_providers,
-    dora_providers,
-    lora_providers,
-    multi_lora_providers,
-    qlora_providers,
-    sparse_providers,
-)
+from .declare import BenchOp
 
-OPS = ("lora", "qlora", "dora", "multi_lora", "adapter", "sparse")
-# op -> (cases, providers)
-TABLE = {"lora": (lora_cases, lora_providers), "qlora": (qlora_cases, qlora_providers),
-         "dora": (dora_cases, dora_providers), "multi_lora": (multi_lora_cases, multi_lora_providers),
-         "adapter": (adapter_cases, adapter_providers), "sparse": (sparse_cases, sparse_providers)}
-_CASE_TYPES = {"lora": LoraCase, "qlora": QLoraCase, "dora": DoraCase, "multi_lora": MultiLoraCase,
-               "adapter": AdapterCase, "sparse": SparseCase}
+
+def discover() -> list[BenchOp]:
+    """Every BenchOp declared by a `peftkern.<subpackage>.bench` module, by declared order (then name)."""
+    import peftkern
+
+    found = []
+    for info in pkgutil.iter_modules(peftkern.__path__, "peftkern."):
+        if not info.ispkg or importlib.util.find_spec(f"{info.name}.bench") is None:
+            continue
+        module = importlib.import_module(f"{info.name}.bench")
+        declared = getattr(module, "OPS", None)
+        if not declared or not all(isinstance(op, BenchOp) for op in declared):
+            raise TypeError(f"{module.__name__}.OPS must be a non-empty list of peftkern.bench.declare.BenchOp, "
+                            f"got {declared!r}")
+        found.extend(declared)
+    found.sort(key=lambda op: (op.order, op.name))
+    names = [op.name for op in found]
+    if len(set(names)) != len(names):
+        raise ValueError(f"bench ops declared twice: {sorted({n for n in names if names.count(n) > 1})}")
+    return found
+
+
+# op name -> its declaration, in --op order
+TABLE: dict[str, BenchOp] = {op.name: op for op in discover()}
+OPS: tuple[str, ...] = tuple(TABLE)
 
 
 def case_from_dict(op: str, d: dict):
     """The case of `op` that `case.as_dict()` describes (its dtype given by name)."""
     d = dict(d)
     d["dtype"] = getattr(torch, d["dtype"])
-    return _CASE_TYPES[op](**d)
+    return TABLE[op].case_type(**d)
 
 
 def cases_for(op: str, device: torch.device, *, quick: bool) -> list:
-    return TABLE[op][0](device, quick)
+    return TABLE[op].cases(device, quick)
 
 
 def providers_for(op: str, case, device: torch.device):
     """({provider name: step function}, name of the eager baseline) for one case of `op`."""
-    return TABLE[op][1](case, device)
+    return TABLE[op].providers(case, device)

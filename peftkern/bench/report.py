@@ -3,17 +3,8 @@ from __future__ import annotations
 
 import json
 
-# the op family each row belongs to (what `auto` dispatches on); older JSON files lack the "family" field
-_FAMILY_OF_OP = {"lora": "lora_linear", "dora": "dora_linear", "multi_lora": "multi_lora_linear",
-                 "adapter": "bottleneck_adapter"}
 # the eager baselines of a row: (results key, how the table names a second one)
 EAGER_BASELINES = (("eager", ""), ("eager_inplace", "vs in-place by hand"))
-FLOORS = {"lora": "bare F.linear of the frozen base, fwd+bwd",
-          "qlora": "bare dense F.linear of the dequantized base in the compute dtype, fwd+bwd",
-          "dora": "bare F.linear of the frozen base, fwd+bwd",
-          "multi_lora": "bare F.linear of the frozen base, forward only (eval, no grad)",
-          "adapter": "one elementwise pass over h (fwd) and dy (bwd)",
-          "sparse": "apply: in-place index_put_(accumulate=True); linear: bare F.linear fwd+bwd"}
 BAR_NAMES = {"eager": "speedup vs eager", "eager_inplace": "speedup vs in-place eager written by hand"}
 # a DoRA step (dora_linear) costs at most this many times peftkern's own LoRA step (lora_linear) on the
 # same shapes, dropout and adapters; rows of --op dora time both ("peftkern" and "peftkern_lora")
@@ -23,11 +14,13 @@ SECOND_EAGER = ("sparse apply, second row: the in-place update written by hand w
 
 
 def family(row: dict) -> str:
+    """The op family of a row (what `auto` dispatches on): its "family", or, in older JSON files that lack it, its
+    case's."""
     if "family" in row:
         return row["family"]
-    if row["op"] == "sparse":
-        return "sparse_diff_apply" if row["case"]["kind"] == "apply" else "sparse_diff_linear"
-    return _FAMILY_OF_OP[row["op"]]
+    from .registry import case_from_dict
+
+    return case_from_dict(row["op"], row["case"]).family
 
 
 def derived(row: dict, eager: str = "eager") -> dict:
@@ -173,10 +166,12 @@ def print_table(results: dict) -> None:
         if not console.is_terminal:  # piped into a file or CI log: do not squeeze the table to 80 columns
             console = Console(width=200)
         console.print(table)
-    for op, what in FLOORS.items():
-        row = next((r for r in results["rows"] if r["op"] == op), None)
+    from .registry import TABLE
+
+    for op in TABLE.values():
+        row = next((r for r in results["rows"] if r["op"] == op.name), None)
         if row is not None:
-            print(f"{op}: eager = {row['eager_provider']}; floor = {what}")
+            print(f"{op.name}: eager = {row['eager_provider']}; floor = {op.floor}")
     if any("eager_inplace" in row["results"] for row in results["rows"]):
         print(SECOND_EAGER)
     for line in dora_notes(results) + multi_lora_notes(results):

@@ -9,7 +9,7 @@ import torch
 
 from .ceilings import measure_ceilings
 from .memory import peak_mb_in_subprocess
-from .registry import OPS, TABLE as _OPS, case_from_dict, cases_for, providers_for  # noqa: F401  (callers use them)
+from .registry import OPS, case_from_dict, cases_for, providers_for  # noqa: F401  (callers use them)
 from .timing import measure_group
 
 PEAK_MEM_NOTES = {
@@ -29,12 +29,11 @@ def run(ops: list[str], *, quick: bool, device: torch.device, background_load: d
 
     from .progress import progress
 
-    jobs = [(op, case) for op in ops for case in _OPS[op][0](device, quick)]
+    jobs = [(op, case) for op in ops for case in cases_for(op, device, quick=quick)]
     rows = []
     seen_choices: set = set(peftkern.core.dispatch.choices())
     for op, case in progress(jobs, desc="peftkern bench", unit="case"):
-        providers = _OPS[op][1]
-        steps, eager_name = providers(case, device)
+        steps, eager_name = providers_for(op, case, device)
         result = measure_group(steps, device, quick=quick)
         if device.type == "cpu" and not quick:  # CPU peak memory: a fresh process per provider
             for name in result:
