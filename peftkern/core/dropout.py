@@ -82,3 +82,11 @@ def multiplier(rows: int, cols: int, seed: int, p: float, *, dtype, device, row_
         return out
     keep = keep_mask(rows, cols, seed, p, device=device, row_offset=row_offset)
     return keep.to(dtype) * (1.0 / (1.0 - p))
+
+
+def plain_multiplier(x: torch.Tensor, seed: int, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """keep / (1 - p) for every element of x [M, K] in `dtype` (all ones without dropout), in plain torch only
+    (never the extension): what the oracles multiply x by to apply dropout."""
+    if p == 0.0:
+        return torch.ones(x.shape, dtype=dtype, device=x.device)
+    return keep_mask(x.shape[0], x.shape[1], seed, p, device=x.device).to(dtype) / (1.0 - p)

@@ -27,19 +27,13 @@ from __future__ import annotations
 import torch
 
 from ..core import rules
-from ..core.dropout import keep_mask
+from ..core.dropout import plain_multiplier as dropout_multiplier
 
 
 def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
     """The base weight as a dense tensor in `dtype` (x's)."""
     return weight.to(dtype) if isinstance(weight, torch.Tensor) else weight.dequantize(dtype)
 
-
-def dropout_multiplier(x: torch.Tensor, seed: int, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """keep / (1 - p) for every element of x [M, K] (all ones without dropout)."""
-    if p == 0.0:
-        return torch.ones(x.shape, dtype=dtype, device=x.device)
-    return keep_mask(x.shape[0], x.shape[1], seed, p, device=x.device).to(dtype) / (1.0 - p)
 
 
 def column_scale(magnitude: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
