@@ -73,7 +73,7 @@ def device_dtypes() -> list[torch.dtype]:
     return [torch.float32, torch.float16]
 
 
-# the error floor of ENGINEERING.md, added to 2x the error plain PyTorch makes in the same dtype
+# the project's error floor, added to 2x the error plain PyTorch makes in the same dtype
 ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 

@@ -268,8 +268,9 @@ def test_quantized_weight_equals_the_dequantized_dense_weight():
 
 def test_half_activations_with_float32_adapters():
     """PEFT's default mix: float16 x and weight, float32 adapters and magnitude; the result has x's dtype, the
-    adapters' gradients come back in float32, and every result is within ENGINEERING.md's bound of the float64
-    oracle: 2x the error of PEFT's own eager computation in the same dtypes (spelled out below), plus the floor."""
+    adapters' gradients come back in float32, and every result is within the project's error bound of the float64
+    oracle (tests/conftest.py): 2x the error of PEFT's own eager computation in the same dtypes (spelled out below),
+    plus the floor."""
     torch.manual_seed(6)
     m, k, n, r, p, seed = 9, 48, 40, 4, 0.1, 2
     x, w, bias = torch.randn(m, k).half(), (torch.randn(n, k) / 7).half(), torch.randn(n).half()

@@ -14,7 +14,7 @@ dtypes, plus the dtype's floor), with every kernel output NaN-poisoned before th
 - (the registered variants as a whole, and the public op through each: tests/test_dora_variants.py);
 - empty inputs launch nothing; config pruning keeps what compiled without spills (scripts/aot_check.py);
   CUDA's grid limits at lm_head sizes with 1 and 200k tokens (grids recorded, nothing run).
-bf16 activations are a GPU test: the interpreter's bf16 tl.dot is wrong (triton issue 11584).
+bf16 activations are a GPU test: the interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584).
 """
 import pytest
 import torch

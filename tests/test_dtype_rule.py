@@ -1,7 +1,7 @@
 """One dtype rule for every product op (peftkern/core/checks.py): outside torch.autocast an op's input, frozen
 weight, bias and residual share one dtype; trainable adapter tensors have that dtype too, or float32 beside a
 float16/bfloat16 input (PEFT's default) and nowhere else. sparse_diff_apply_ is an in-place edit, not a
-product: its values may be the weight's dtype or float32 for a weight of any dtype (SPEC section 3)."""
+product: its values may be the weight's dtype or float32 for a weight of any dtype."""
 import itertools
 
 import pytest

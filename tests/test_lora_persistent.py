@@ -1,9 +1,9 @@
-"""kernels/lora_persistent.py: the Hopper TMA + persistent variant of the fused LoRA GEMM (issue 11 F).
+"""kernels/lora_persistent.py: the Hopper TMA + persistent variant of the fused LoRA GEMM.
 
 No GPU runs here. What is tested:
-- numerics in Triton's CPU interpreter (host tensor descriptors included), against the float64 oracle with
-  ENGINEERING.md's bound (2x PyTorch's own error in the same dtype, plus the dtype's floor) and against the
-  classic kernel (kernels/lora.py's lora_gemm), with several tiles per persistent program, both of B's
+- numerics in Triton's CPU interpreter (host tensor descriptors included), against the float64 oracle with the
+  project's error bound (tests/conftest.py: 2x PyTorch's own error in the same dtype, plus the dtype's floor) and
+  against the classic kernel (kernels/lora.py's lora_gemm), with several tiles per persistent program, both of B's
   orientations, dropout, bias, fp32 and fp16 adapters, NaN-poisoned outputs;
 - eligibility (unsupported()): every refusal reason, without touching CUDA for CPU tensors;
 - configs: shared memory on sm_90, pruning of the configs that spill, the descriptors' block shapes, and the grid of
@@ -68,7 +68,7 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}L{s[1]}N{s[2]}r{s[3]}{'T' if s[4] else 'R'}")
 def test_matches_float64_oracle_and_classic_kernel(shape, u_dtype, out_dtype, bias, p, poisoned):
     M, L, N, R, b_transposed = shape
-    dtype = torch.float16  # the interpreter's bf16 tl.dot is wrong (triton issue 11584); bf16 is a GPU test
+    dtype = torch.float16  # the interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584); bf16 is a GPU test
     a = torch.randn(M, L, dtype=dtype)
     # B as the ops pass it: forward's Wᵀ (a transposed view of W [N, L]) or dx's row-major W [L, N]
     b = (torch.randn(N, L, dtype=dtype) / L**0.5).t() if b_transposed else torch.randn(L, N, dtype=dtype) / L**0.5

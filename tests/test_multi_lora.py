@@ -36,7 +36,7 @@ def _row_ids(ids, lead):
 
 
 def _oracle(x, w, lora_a, lora_b, ids, scalings, bias, p, seed):
-    """The SPEC's definition from lora_linear alone: each row takes lora_linear's row for its adapter."""
+    """The definition from lora_linear alone: each row takes lora_linear's row for its adapter."""
     rows = _row_ids(ids, x.shape[:-1]).unsqueeze(-1)
     y = torch.nn.functional.linear(x, w, bias)
     for i, (a, b) in enumerate(zip(lora_a, lora_b)):

@@ -1,5 +1,5 @@
 """multi_lora_linear's Triton kernels (kernels/multi_lora.py, peftkern/multi_lora/triton.py) under the Triton
-interpreter (float32/float16: the interpreter's bf16 dot is wrong, triton issue 11584), against the float64
+interpreter (float32/float16: the interpreter's bf16 dot is wrong, triton-lang/triton#11584), against the float64
 reference: forward and every gradient, ids per sequence and per token, −1 rows, ranks that differ (and above one
 rank tile), an adapter no row uses, frozen adapters, dropout with lora_linear's mask, float32 adapters beside float16
 x, non-contiguous x and int32 ids, a rank above one rank tile, an empty batch, outputs poisoned with NaN before the

@@ -299,7 +299,7 @@ def test_unpatch_restores_pefts_mixed_batch_loop(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_base_with_float32_adapters_is_within_tolerance_of_float64(dtype, monkeypatch):
     """PEFT keeps adapters in float32 beside a half-precision base: the mixed batch still runs fused, within the
-    dtype's tolerance (ENGINEERING.md: at most twice PEFT's own error against a float64 oracle, plus the floor)."""
+    dtype's tolerance (the project's bound: at most twice PEFT's own error against a float64 oracle, plus the floor)."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(48, 40)).to(dtype)
     model = two_adapters(base, targets=["0"]).eval()
@@ -350,7 +350,7 @@ def test_adapters_of_different_dtypes_fall_back_to_peft(monkeypatch):
     assert any("more than one dtype" in m for m in log)
 
 
-# ---- 4-bit bases: multi_lora_linear over a QuantizedWeight (SPEC section 9) ----------------------------------------
+# ---- 4-bit bases: multi_lora_linear over a QuantizedWeight ----------------------------------------
 
 def test_linear4bit_llama_mixed_batch_matches_peft(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes", reason="4-bit bases are bitsandbytes Linear4bit (in the test extras)")

@@ -209,7 +209,7 @@ NO_BNB = "a 4-bit base is a bitsandbytes Linear4bit (in the test extras)"
 
 def linear4bit(in_features=128, out_features=40, seed=0, quant_type="nf4", blocksize=64, double_quant=True):
     """A quantized bitsandbytes Linear4bit (CPU) of a random nn.Linear; in_features a multiple of the block size so
-    bitsandbytes' own CPU forward is right (SPEC section 7), and more than one block per row."""
+    bitsandbytes' own CPU forward is right, and more than one block per row."""
     bnb = pytest.importorskip("bitsandbytes", reason=NO_BNB)
     torch.manual_seed(seed)
     dense = torch.nn.Linear(in_features, out_features)

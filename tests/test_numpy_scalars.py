@@ -1,4 +1,4 @@
-"""numpy scalars wherever a Python number is accepted (issue 22, item 8).
+"""numpy scalars wherever a Python number is accepted.
 
 Every public op and module takes numpy's scalars as the numbers they are: reals (scaling, dropout_p, alpha,
 scalings[i], density, offset) through numbers.Real, integers (seed, r, in/out features, ranks, k, blocksize, shape

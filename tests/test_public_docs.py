@@ -147,10 +147,14 @@ def test_the_pattern_leaves_upstream_references_alone():
     assert not INTERNAL.search("spec = specs[0]  # a Python name, not the document")
 
 
-@pytest.mark.parametrize("path", DOC_FILES + sorted((ROOT / "benchmarks").rglob("*.py"))
-                         + sorted((ROOT / "benchmarks").glob("*.sh")) + sorted((ROOT / "scripts").rglob("*.py"))
-                         + sorted((ROOT / "scripts").rglob("*.sh")) + sorted((ROOT / "scripts").rglob("*.md")),
-                         ids=lambda p: str(p.relative_to(ROOT)))
+# every source and text file of the project, comments included; this file spells the patterns out to test them
+SOURCES = sorted(p for folder in ("benchmarks", "scripts", "peftkern", "kernels", "csrc", "tests", ".ci")
+                 for p in (ROOT / folder).rglob("*")
+                 if p.suffix in (".py", ".sh", ".md", ".cpp", ".cu", ".h", ".cuh", "") and p.is_file()
+                 and p.name != "test_public_docs.py" and "__pycache__" not in p.parts)
+
+
+@pytest.mark.parametrize("path", DOC_FILES + SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_docs_and_tools_name_no_internal_document_or_issue(path):
     text = path.read_text(encoding="utf-8")
     found = [(text.count("\n", 0, m.start()) + 1, m.group()) for m in INTERNAL.finditer(text)]

@@ -1,16 +1,16 @@
-"""kernels/qlora.py: the fused LoRA GEMM over a 4-bit base, dequantized tile by tile (SPEC section 7).
+"""kernels/qlora.py: the fused LoRA GEMM over a 4-bit base, dequantized tile by tile.
 
 What is tested (in Triton's CPU interpreter here; on a GPU machine the same tests run on CUDA tensors):
 - deq(W) bit for bit: with an identity activation and no rank-r term the GEMM's output is deq(W) (forward: its
-  transpose) exactly as peftkern/fourbit.dequantize_rows defines it, rounded to the weight's dtype and then the
+  transpose) exactly as peftkern/quant/fourbit.dequantize_rows defines it, rounded to the weight's dtype and then the
   activation's: fp32/fp16/bf16 weights, blocksize 64 and 128 with blocks straddling rows, odd element counts;
-- forward and dx against the float64 oracle on that dequantized weight, within ENGINEERING.md's bound (2x the
-  error PyTorch makes in the working dtypes, plus the dtype's floor): fp32 and fp16 activations, fp32 and fp16
-  adapters, dropout on and off (reference/dropout.py's mask), bias on and off, several tiles per dimension, odd
-  shapes, NaN-poisoned outputs; the dropout mask lands on the output's coordinates;
+- forward and dx against the float64 oracle on that dequantized weight, within the project's error bound
+  (tests/conftest.py: 2x the error PyTorch makes in the working dtypes, plus the dtype's floor): fp32 and fp16
+  activations, fp32 and fp16 adapters, dropout on and off (core/dropout.py's mask), bias on and off, several tiles per
+  dimension, odd shapes, NaN-poisoned outputs; the dropout mask lands on the output's coordinates;
 - flat indices past 2**31 (the dequantized tile alone, through base pointers shifted back by the same amount);
 - M == 0 and N == 0 launch nothing; the pruning of configs; a 1-D grid under 2**31 at lm_head / 200k-token sizes.
-bf16 activations are a GPU test: the interpreter's bf16 tl.dot is wrong (triton issue 11584).
+bf16 activations are a GPU test: the interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584).
 """
 import pytest
 import torch

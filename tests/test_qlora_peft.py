@@ -37,7 +37,7 @@ def linear4bit(linear: nn.Linear, compute_dtype=torch.float32) -> nn.Module:
 def tiny_qlora_llama(seed=0, dropout=0.0):
     torch.manual_seed(seed)
     # every in_features a multiple of the 64-element block: bitsandbytes' own CPU dequantize (the unpatched side)
-    # is wrong otherwise on AVX-512 CPUs (SPEC section 7); peftkern follows the format on any shape
+    # is wrong otherwise on AVX-512 CPUs; peftkern follows the format on any shape
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = transformers.LlamaForCausalLM(cfg)

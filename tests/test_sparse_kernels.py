@@ -11,7 +11,7 @@ from peftkern.kernels import sparse_diff as sk
 
 from .conftest import DEVICE, ERROR_FLOOR, available_backends, rel_err
 
-# bf16 too: these kernels make no tl.dot, so the interpreter's bf16 dot bug (triton issue 11584) does not apply
+# bf16 too: these kernels make no tl.dot, so the interpreter's bf16 dot bug (triton-lang/triton#11584) does not apply
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -1,11 +1,11 @@
-"""kernels/tf32.py: the 3xTF32 product used for fp32 parameters (issue 11 C).
+"""kernels/tf32.py: the 3xTF32 product used for fp32 parameters.
 
 - tf32_round against an independent definition of round-to-nearest (ties away from zero) to 10 mantissa bits,
   computed in float64 from the two neighbouring TF32 values; the split x = hi + lo is exact.
-- dot_prec at "tf32x3" for every operand pairing (fp32·fp32, fp16·fp32, fp32·fp16, fp16·fp16) against float64,
-  within ENGINEERING.md's bound (2x PyTorch's own fp32 error plus the fp32 floor). On the CPU interpreter a
-  "tf32" product is computed in fp32, so there this checks the algebra (no term lost or doubled); on a GPU the
-  same test checks the tensor-core result.
+- dot_prec at "tf32x3" for every operand pairing (fp32·fp32, fp16·fp32, fp32·fp16, fp16·fp16) against float64, within
+  the project's error bound (tests/conftest.py: 2x PyTorch's own fp32 error plus the fp32 floor). On the CPU
+  interpreter a "tf32" product is computed in fp32, so there this checks the algebra (no term lost or doubled); on a
+  GPU the same test checks the tensor-core result.
 """
 import pytest
 import torch

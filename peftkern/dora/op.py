@@ -3,7 +3,7 @@ public function.
 
 DoRA scales each output column j of a LoRA linear by c_j = magnitude_j / n_j, n_j = ‖W_j + s·(B·A)_j‖₂, with n a
 constant in backward (PEFT's DoRA Linear, the DoRA paper's section 4.3). One op pair serves a dense base weight and
-a 4-bit one (peftkern.QuantizedWeight): the base travels as the five arguments of peftkern/fourbit.py. The forward
+a 4-bit one (peftkern.QuantizedWeight): the base travels as the five arguments of peftkern/quant/fourbit.py. The forward
 op returns, beside y: z (the pre-scale product the magnitude's gradient needs, [M, N], kept only when the
 magnitude requires grad), S = dropout(x)·Aᵀ ([M, r], as lora_linear keeps) and n ([N]). The dropout mask is
 lora_linear's, regenerated from the seed.

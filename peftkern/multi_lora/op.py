@@ -1,13 +1,13 @@
 """peftkern.multi_lora_linear: the two custom ops (forward, backward) with their fakes, and the public function.
 
-Many LoRA adapters over one frozen base in one call: row t of x uses adapter row_ids[t] (-1: none). One op pair serves
-a dense base weight and a 4-bit one (peftkern.QuantizedWeight): the base travels as the five arguments of
-peftkern/fourbit.py. The ops take the adapters as lists (Tensor[] in the schema), so no copy or concatenation of them
-is made per call, and return one gradient per adapter. The forward also returns S = dropout(x)·A_iᵀ per row ([M, max
-rank], fp32, zero beyond a row's own rank), the activation backward needs, as lora_linear keeps. The ids are checked
-inside the forward op, where the implementations use them (IndexError on CPU; an asynchronous device-side assert on
-a GPU, see triton.validate_ids): that read of their minimum and maximum is the call's one host synchronisation on
-CPU, and being inside the op keeps torch.compile's graph whole.
+Many LoRA adapters over one frozen base in one call: row t of x uses adapter row_ids[t] (-1: none). One op pair serves a
+dense base weight and a 4-bit one (peftkern.QuantizedWeight): the base travels as the five arguments of
+peftkern/quant/fourbit.py. The ops take the adapters as lists (Tensor[] in the schema), so no copy or concatenation of
+them is made per call, and return one gradient per adapter. The forward also returns S = dropout(x)·A_iᵀ per row ([M,
+max rank], fp32, zero beyond a row's own rank), the activation backward needs, as lora_linear keeps. The ids are checked
+inside the forward op, where the implementations use them (IndexError on CPU; an asynchronous device-side assert on a
+GPU, see triton.validate_ids): that read of their minimum and maximum is the call's one host synchronisation on CPU, and
+being inside the op keeps torch.compile's graph whole.
 """
 from __future__ import annotations
 
