@@ -269,8 +269,8 @@ def grid(num_tiles: int, num_sms: int) -> tuple:
 
 def launch(a, b, t, u, bias, out, *, lora_scale: float, seed: int, dropout_p: float, num_sms: int) -> None:
     """Build the descriptors and launch on `out` [M, N]; layouts must have passed _layout_unsupported and
-    M, N, L must be positive. Separate from lora_gemm_persistent so that scripts/aot_check.py's recording
-    driver can launch it on CPU tensors with an explicit SM count."""
+    M, N, L must be positive. Separate from lora_gemm_persistent so that the ahead-of-time check's recording
+    (peftkern/lora/examples.py, run_aot_call) can launch it on CPU tensors with an explicit SM count."""
     M, L = a.shape
     N = b.shape[1]
     R = t.shape[1]

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aot.cli import _parse_archs, _positive, main  # noqa: E402,F401
 from aot.compile import cache_file, cache_load, cache_store, compile_one, default_cache_dir, run_pool  # noqa: E402,F401
 from aot.discover import coverage, discover  # noqa: E402,F401
-from aot.driver import _ACTIVATIONS, _SETTINGS, GRID_TARGETS, drive, driver_calls  # noqa: E402,F401
+from aot.driver import GRID_TARGETS, SETTINGS, drive, driver_calls, families  # noqa: E402,F401
 from aot.plan import _tuner_configs, bind, plan, portable_key  # noqa: E402,F401
 from aot.report import (  # noqa: E402,F401
     SMEM_LIMIT,

@@ -203,36 +203,74 @@ def test_arch_and_jobs_arguments():
         aot.main(["--jobs", "0"])
 
 
+def _family_folders() -> list[str]:
+    return sorted(p.name for p in (ROOT / "peftkern").iterdir() if (p / "op.py").is_file())
+
+
+def _setting(c):
+    return c["act_dtype"], c["param_dtype"], c["tf32"]
+
+
+def test_every_family_declares_its_aot_calls_and_the_driver_drives_every_family():
+    """Each folder of peftkern with an op.py is a family whose examples module declares the check's calls; the
+    driver finds them (in folder order) and drives every family in every setting, default and full. scripts/
+    names no family: a new family needs no edit there."""
+    import importlib
+
+    import peftkern  # noqa: F401
+
+    folders = _family_folders()
+    assert len(folders) >= 5 and [name for name, _ in aot.families()] == folders
+    for name in folders:
+        examples = importlib.import_module(f"peftkern.{name}.examples")
+        assert callable(getattr(examples, "aot_calls", None)) and callable(getattr(examples, "run_aot_call", None)), \
+            f"peftkern/{name}/examples.py declares no aot_calls / run_aot_call"
+    for full in (False, True):
+        calls = aot.driver_calls(full=full)
+        for s in aot.SETTINGS:
+            order = [c["family"] for c in calls if _setting(c) == s]
+            assert set(order) == set(folders) and order == sorted(order, key=folders.index), (full, s)
+        assert calls == aot.driver_calls(full=full)  # deterministic
+    for path in [ROOT / "scripts" / "aot_check.py", *sorted((ROOT / "scripts" / "aot").glob("*.py"))]:
+        source = path.read_text(encoding="utf-8")
+        named = [f for f in folders if f'"{f}"' in source or f"'{f}'" in source]
+        assert not named, f"{path.relative_to(ROOT)} names op families {named}"
+
+
 def test_driver_covering_set_reaches_every_setting_flag_activation_and_width():
+    from peftkern.core import rules
+
     calls = aot.driver_calls()
-
-    def setting(c):
-        return c["act_dtype"], c["param_dtype"], c["tf32"]
-
-    assert {setting(c) for c in calls} == set(aot._SETTINGS)
+    assert {_setting(c) for c in calls} == set(aot.SETTINGS)
     assert {"bfloat16", "float16", "float32"} == {c["act_dtype"] for c in calls}
     assert {("bfloat16", "float32"), ("bfloat16", "bfloat16")} <= {(c["act_dtype"], c["param_dtype"]) for c in calls}
-    for s in aot._SETTINGS:  # every family in every setting, each in its worst case
-        mine = [c for c in calls if setting(c) == s]
-        assert {c["family"] for c in mine} == {"lora", "qlora", "dora", "multi_lora", "adapter", "sparse"}, s
+
+    def is_lora(c, four_bit):
+        return c["family"] == "lora" and ("wq" in c) == four_bit
+
+    for s in aot.SETTINGS:  # every family in every setting, each in its worst case
+        mine = [c for c in calls if _setting(c) == s]
         assert any(c["family"] == "dora" and c["bias"] and c["p"] > 0 and c["r"] == 64 for c in mine), s
         # many adapters: ranks that differ (64 the largest, one off 16) with bias and dropout, and a decode shape
         assert any(c["family"] == "multi_lora" and c["bias"] and c["p"] > 0 and max(c["ranks"]) == 64
                    and any(r % 16 for r in c["ranks"]) for c in mine), s
         assert any(c["family"] == "multi_lora" and c["M"] <= 16 * len(c["ranks"]) for c in mine), s
-        assert any(c["family"] == "qlora" and c["bias"] and c["p"] > 0 for c in mine), s
-        assert any(c["family"] == "lora" and c["bias"] and c["p"] > 0 and c["r"] == 64 for c in mine), s
+        assert any(is_lora(c, True) and c["bias"] and c["p"] > 0 for c in mine), s
+        assert any(is_lora(c, False) and c["bias"] and c["p"] > 0 and c["r"] == 64 for c in mine), s
         assert any(c["family"] == "adapter" and c["act"] == "gelu" and c["k"] == 64 for c in mine), s
+        assert any(c["family"] == "sparse_diff" and c["bias"] and c["M"] % 16 == 0 for c in mine), s
     adapters = [c for c in calls if c["family"] == "adapter"]
-    assert {c["act"] for c in adapters} == set(aot._ACTIVATIONS)
+    # every activation the kernels tell apart (an alias shares its code)
+    assert {rules.ACTIVATION_CODES[c["act"]] for c in adapters} == set(rules.ACTIVATION_CODES.values())
     assert {c["k"] for c in adapters} == {16, 24, 32, 64, 128, 256}  # every BLOCK_K, 16..256, and k off %16
     for flag, default in (("biases", True), ("residual", False), ("need_h", True), ("need_wu", True)):
         assert {c.get(flag, default) for c in adapters} == {True, False}, flag
-    lora = [c for c in calls if c["family"] == "lora"]
+    lora = [c for c in calls if is_lora(c, False)]
     assert {c["p"] > 0 for c in lora} == {c["bias"] for c in lora} == {True, False}
     assert {c["r"] for c in lora} == {8, 32, 64}  # rank tiles 16, 32, 64
     assert {c["M"] % 16 == 0 for c in calls if c["family"] != "adapter"} == {True, False}
-    qlora = [c for c in calls if c["family"] == "qlora"]
+    assert {c["M"] % 16 == 0 for c in calls if c["family"] == "sparse_diff"} == {True, False}
+    qlora = [c for c in calls if is_lora(c, True)]
     assert {c["p"] > 0 for c in qlora} == {c["bias"] for c in qlora} == {True, False}
     assert {c["wq"] for c in qlora} == {"bfloat16", "float16", "float32"}
     assert {c.get("dq", True) for c in qlora} == {True, False}  # absmax double-quantized (resolved on chip) or not
@@ -240,7 +278,7 @@ def test_driver_covering_set_reaches_every_setting_flag_activation_and_width():
     assert {c["p"] > 0 for c in dora} == {c["bias"] for c in dora} == {True, False}
     assert {c.get("train_magnitude", True) for c in dora} == {True, False}  # z written, or not
     full = aot.driver_calls(full=True)
-    assert len(full) > 3 * len(calls) and {setting(c) for c in full} == set(aot._SETTINGS)
+    assert len(full) > 3 * len(calls) and {_setting(c) for c in full} == set(aot.SETTINGS)
 
 
 def test_coverage_flags_unlaunched_kernels_and_one_sided_flags():

@@ -1,10 +1,15 @@
 """Representative arguments of the bottleneck_adapter ops, named as the ops name them: the one source the op tests
-(opcheck), the benchmarks and the ahead-of-time kernel check draw their inputs from."""
+(opcheck), the benchmarks and the ahead-of-time kernel check draw their inputs from. aot_calls / run_aot_call are
+the ahead-of-time check's calls (scripts/aot/driver.py finds them here)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+from .. import use_backend
+from . import activations
+from .op import bottleneck_adapter
 
 
 def forward_args(*, m: int = 10, d: int = 12, k: int = 3, biases: bool = True, residual: bool = True,
@@ -46,3 +51,55 @@ def cases(device="cpu", dtype: torch.dtype = torch.float32) -> dict[str, dict]:
         "residual_silu": forward_args(biases=False, activation="silu", device=device, dtype=dtype),
         "biases_tanh": forward_args(residual=False, activation="tanh", device=device, dtype=dtype),
     }
+
+
+# ---- the ahead-of-time compile check's calls ------------------------------------------------------------------
+# Activation, bottleneck k (its BLOCK_K and the launcher's tile shape), token count (aligned or not), and the flags
+# that change a kernel: biases, an explicit residual, which inputs need grad. The first is the worst case (the
+# heaviest activation at the largest 64-row tile, every flag adding work); the others rotate over the settings.
+_AOT_VARIANTS = [
+    dict(act="gelu", k=64, M=256),
+    dict(act="gelu_tanh", k=256, M=250),
+    dict(act="silu", k=128, M=256, biases=False, residual=True),
+    dict(act="tanh", k=24, M=250, need_h=False),
+    dict(act="relu", k=16, M=256, need_wu=False),
+    dict(act="identity", k=32, M=250, residual=True),
+]
+
+
+def aot_activations() -> list[str]:
+    """Each activation the kernels tell apart, once (an alias such as swish shares silu's code), in code order."""
+    first = {}
+    for name, code in activations.CODES.items():
+        first.setdefault(code, name)
+    return [first[code] for code in sorted(first)]
+
+
+def aot_calls(setting: dict, *, full: bool, peft_default: bool) -> list[dict]:
+    """The ahead-of-time check's bottleneck_adapter calls in one dtype setting (setting: act_dtype, param_dtype,
+    tf32, index): run_aot_call's arguments, the worst case and one more variant (rotating with the setting's index,
+    so that every activation, width and flag value is launched). full: every activation at every bottleneck width,
+    and every variant."""
+    if full:
+        calls = [dict(act=act, k=k, M=256) for act in aot_activations() for k in (16, 24, 64, 128, 256)]
+        return calls + [dict(v) for v in _AOT_VARIANTS]
+    return [dict(_AOT_VARIANTS[0]), dict(_AOT_VARIANTS[1 + setting["index"] % (len(_AOT_VARIANTS) - 1)])]
+
+
+def _rnd(*shape, dtype, grad=False):
+    return (torch.randn(*shape, dtype=dtype) * 0.1).requires_grad_(grad)
+
+
+def run_aot_call(call: dict, act_dtype: torch.dtype, param_dtype: torch.dtype) -> None:
+    """One aot_calls() call, forward and backward through bottleneck_adapter on the Triton backend (h [M, 256])."""
+    M, k, d = call["M"], call["k"], 256
+    need_wu = call.get("need_wu", True)
+    h = _rnd(M, d, dtype=act_dtype, grad=call.get("need_h", True))
+    wd, wu = _rnd(k, d, dtype=param_dtype, grad=True), _rnd(d, k, dtype=param_dtype, grad=need_wu)
+    biases = call.get("biases", True)
+    bd = _rnd(k, dtype=param_dtype, grad=True) if biases else None
+    bu = _rnd(d, dtype=param_dtype, grad=need_wu) if biases else None
+    res = _rnd(M, d, dtype=act_dtype, grad=True) if call.get("residual", False) else None
+    with use_backend("triton"):
+        out = bottleneck_adapter(h, wd, bd, wu, bu, activation=call["act"], scaling=0.5, residual=res)
+        out.float().sum().backward()

@@ -1,12 +1,15 @@
 """Representative arguments of the dora_linear ops, named as the ops name them: the one source the op tests
-(opcheck) draw their inputs from."""
+(opcheck) and the ahead-of-time kernel check draw their inputs from. aot_calls / run_aot_call are the
+ahead-of-time check's calls (scripts/aot/driver.py finds them here)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
+from .. import use_backend
 from ..quant import QuantizedWeight, fourbit
+from .op import dora_linear
 
 
 def forward_args(*, m: int = 10, k: int = 12, n: int = 9, r: int = 3, bias: bool = True, dropout_p: float = 0.0,
@@ -59,3 +62,42 @@ def cases(device="cpu", dtype: torch.dtype = torch.float32) -> dict[str, dict]:
         "4bit_bias": forward_args(k=64, quantized=True, device=device, dtype=dtype),
         "4bit_dropout": forward_args(k=64, bias=False, dropout_p=0.3, quantized=True, device=device, dtype=dtype),
     }
+
+
+# ---- the ahead-of-time compile check's calls ------------------------------------------------------------------
+# The worst case (bias, dropout: the two-accumulator GEMMs, rank 64) and the no-dropout GEMM at a rank off 16 (its
+# padded rank factors) in every setting; in PEFT's default setting the common case (no dropout, rank 16, an odd M)
+# and a frozen magnitude (no z written).
+_AOT_MAX = dict(M=256, r=64, bias=True, p=0.1)
+_AOT_RANK8 = dict(M=250, r=8, bias=True, p=0.0)
+_AOT_COMMON = dict(M=250, r=16, bias=False, p=0.0)
+_AOT_FROZEN_MAGNITUDE = dict(M=256, r=16, bias=True, p=0.0, train_magnitude=False)
+
+
+def aot_calls(setting: dict, *, full: bool, peft_default: bool) -> list[dict]:
+    """The ahead-of-time check's dora_linear calls in one dtype setting (setting: act_dtype, param_dtype, tf32,
+    index): run_aot_call's arguments. full: every bias x dropout x rank (8, 16, 64) x trainable magnitude."""
+    if full:
+        return [dict(M=250 if r == 8 else 256, r=r, bias=bias, p=p, train_magnitude=train_magnitude)
+                for bias in (False, True) for p in (0.0, 0.1) for r in (8, 16, 64) for train_magnitude in (False, True)]
+    calls = [dict(_AOT_MAX), dict(_AOT_RANK8)]
+    if peft_default:
+        calls += [dict(_AOT_COMMON), dict(_AOT_FROZEN_MAGNITUDE)]
+    return calls
+
+
+def _rnd(*shape, dtype, grad=False):
+    return (torch.randn(*shape, dtype=dtype) * 0.1).requires_grad_(grad)
+
+
+def run_aot_call(call: dict, act_dtype: torch.dtype, param_dtype: torch.dtype) -> None:
+    """One aot_calls() call, forward and backward through dora_linear on the Triton backend (x [M, 256], a dense
+    [384, 256] base)."""
+    M, r, bias, p, K, N = call["M"], call["r"], call["bias"], call["p"], 256, 384
+    x, w = _rnd(M, K, dtype=act_dtype, grad=True), _rnd(N, K, dtype=act_dtype)
+    a, b = _rnd(r, K, dtype=param_dtype, grad=True), _rnd(N, r, dtype=param_dtype, grad=True)
+    magnitude = (_rnd(N, dtype=param_dtype).abs() + 1.0).requires_grad_(call.get("train_magnitude", True))
+    bb = _rnd(N, dtype=act_dtype) if bias else None
+    with use_backend("triton"):
+        y = dora_linear(x, w, a, b, magnitude, scaling=0.5, bias=bb, dropout_p=p, seed=3)
+        y.float().sum().backward()

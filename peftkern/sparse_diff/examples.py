@@ -1,8 +1,12 @@
 """Representative arguments of the sparse-diff ops, named as the ops name them: the one source the op tests
-(opcheck), the benchmarks and the ahead-of-time kernel check draw their inputs from."""
+(opcheck), the benchmarks and the ahead-of-time kernel check draw their inputs from. aot_calls / run_aot_call are
+the ahead-of-time check's calls of sparse_diff_linear (scripts/aot/driver.py finds them here)."""
 from __future__ import annotations
 
 import torch
+
+from .. import use_backend
+from .op import sparse_diff_linear
 
 
 def linear_forward_args(*, m: int = 6, k: int = 10, n: int = 7, nnz: int = 20, bias: bool = True,
@@ -41,3 +45,29 @@ def cases(device="cpu", dtype: torch.dtype = torch.float32) -> dict[str, dict]:
         "int32": linear_forward_args(bias=False, index_dtype=torch.int32, device=device, dtype=dtype),
         "empty_diff": linear_forward_args(nnz=0, device=device, dtype=dtype),
     }
+
+
+# ---- the ahead-of-time compile check's calls ------------------------------------------------------------------
+
+def aot_calls(setting: dict, *, full: bool, peft_default: bool) -> list[dict]:
+    """The ahead-of-time check's sparse_diff_linear calls in one dtype setting (setting: act_dtype, param_dtype,
+    tf32, index): run_aot_call's arguments. Aligned sizes with a bias in every setting; in PEFT's default setting
+    (and in every setting when full) also a token count off %16 with fewer values and no bias."""
+    return [dict(M=M, nnz=333 if M % 16 else 1000, bias=M % 16 == 0)
+            for M in ((256, 250) if full or peft_default else (256,))]
+
+
+def _rnd(*shape, dtype, grad=False):
+    return (torch.randn(*shape, dtype=dtype) * 0.1).requires_grad_(grad)
+
+
+def run_aot_call(call: dict, act_dtype: torch.dtype, param_dtype: torch.dtype) -> None:
+    """One aot_calls() call, forward and backward through sparse_diff_linear on the Triton backend (x [M, 256], a
+    [384, 256] weight, nnz values in param_dtype)."""
+    M, nnz, K, N = call["M"], call["nnz"], 256, 384
+    x, w = _rnd(M, K, dtype=act_dtype, grad=True), _rnd(N, K, dtype=act_dtype)
+    idx = torch.randperm(N * K)[:nnz]
+    vals = _rnd(nnz, dtype=param_dtype, grad=True)
+    bias = _rnd(N, dtype=act_dtype) if call["bias"] else None
+    with use_backend("triton"):
+        sparse_diff_linear(x, w, idx, vals, bias).float().sum().backward()

@@ -10,8 +10,10 @@ No GPU is needed: Triton's own compiler and the ptxas it ships compile for an ex
 1. Record (aot/record.py, aot/driver.py; a child process, TRITON_INTERPRET=1). A driver calls peftkern's
    public ops on CPU tensors with the Triton backend, in both dispatch variants, forward and backward, in six
    dtype settings, enough calls that every flag, activation and tile-changing width is launched (`--full`:
-   the cross product). It runs under the launch configuration of a GPU (peftkern.kernels._launch.LaunchConfig:
-   the launchers pick their GPU tiles and warps, not the interpreter's small ones), twice: with split
+   the cross product). The calls are each op family's own: every peftkern/<family>/ with an op.py declares
+   them in its examples.py (aot_calls, run_aot_call); the driver finds the families and names none. It runs
+   under the launch configuration of a GPU (peftkern.kernels._launch.LaunchConfig: the launchers pick their
+   GPU tiles and warps, not the interpreter's small ones), twice: with split
    reductions aiming for 4 programs and for an H100's 4 x 132, since split counts, and Triton's ==1
    specialization of them, depend on the GPU's size. Each launch is intercepted where Triton would run it,
    described (tensor dtypes and 16-byte alignment; integers by Triton's own specialization: ==1, divisible
@@ -19,7 +21,8 @@ No GPU is needed: Triton's own compiler and the ptxas it ships compile for an ex
 2. Discover and check coverage (aot/discover.py). The kernels are those declared in peftkern.kernels.registry;
    every declared kernel must have been launched by the driver, and every bool constexpr with both values. A
    JIT function no kernel calls that is not declared, or a kernel module that reads the interpreter flag
-   itself, is a problem too. A gap is a failure: the driver is updated when a kernel or a flag is added.
+   itself, is a problem too. A gap is a failure: the family's examples.aot_calls gains a call when a kernel or
+   a flag is added.
 3. Plan (aot/plan.py). Launches are bound with Triton's own binder for each arch and deduplicated: one compile
    per distinct (kernel, arch, argument types, constexprs, specialization attributes, options). Autotuned
    kernels: every config of the GPU autotuner, after its own `early_config_prune` when it has one.

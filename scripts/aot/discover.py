@@ -99,8 +99,8 @@ def coverage(records: list[dict], entries: dict) -> tuple[list[str], list[str]]:
     for kid in sorted(entries):
         recs = launched.get(kid)
         if not recs:
-            problems.append(f"coverage: {kid[0]}.{kid[1]} is never launched by the driver (scripts/aot/driver.py "
-                            "drive()): add the call that launches it")
+            problems.append(f"coverage: {kid[0]}.{kid[1]} is never launched by the driver: add the call that "
+                            "launches it to its family's examples.aot_calls (peftkern/<family>/examples.py)")
             continue
         values = defaultdict(set)
         for rec in recs:
@@ -109,8 +109,8 @@ def coverage(records: list[dict], entries: dict) -> tuple[list[str], list[str]]:
                     values[a["name"]].add(a["v"])
         for name, vs in values.items():
             if any(isinstance(v, bool) for v in vs) and len(vs) < 2:
-                problems.append(f"coverage: {kid[1]}.{name} is only launched with {sorted(vs)}: add a driver "
-                                "call that launches the other value")
+                problems.append(f"coverage: {kid[1]}.{name} is only launched with {sorted(vs)}: add a call "
+                                "that launches the other value to its family's examples.aot_calls")
         shown = " ".join(f"{n}={{{','.join(str(v) for v in sorted(vs, key=str))}}}" for n, vs in sorted(values.items()))
         info.append(f"#   {kid[1]}: {len(recs)} launch signatures; {shown}")
     return problems, info

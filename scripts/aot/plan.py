@@ -1,8 +1,8 @@
 """3. Plan: every recorded launch bound with Triton's own binder (the code JITFunction.run uses) for each arch,
 and deduplicated: one compile per distinct (kernel, arch, argument types, constexprs, specialization attributes,
-options). Constexprs the kernel body never reads (autotune keys) are merged. Autotuned kernels: every config of
-the GPU autotuner, after its own `early_config_prune` when it has one. A kernel declared with a minimum compute
-capability (TMA: (9, 0)) compiles only for the archs that have it.
+options). Constexprs the kernel body never reads (autotune keys) are merged, to the smallest value recorded.
+Autotuned kernels: every config of the GPU autotuner, after its own `early_config_prune` when it has one. A kernel
+declared with a minimum compute capability (TMA: (9, 0)) compiles only for the archs that have it.
 """
 from __future__ import annotations
 
@@ -182,12 +182,27 @@ def _task(tasks: list, fn, rec: dict, args: list, options: dict, arch: int, inde
             "cost": _cost(tiles, opt.num_warps)}
 
 
+def _unread_values(records: list[dict], read: dict) -> dict:
+    """The one value each constexpr a kernel body never reads (an autotune key) is compiled with: the smallest
+    recorded, so that which launch came first (the order of the driver's calls) changes no compile."""
+    canon = {}
+    for rec in records:
+        kid = (rec["module"], rec["name"])
+        for a in rec["args"]:
+            if kid in read and a["k"] == "constexpr" and a["name"] not in read[kid]:
+                key = (kid, a["name"])
+                if key not in canon or json.dumps(a["v"], sort_keys=True) < json.dumps(canon[key], sort_keys=True):
+                    canon[key] = a["v"]
+    return canon
+
+
 def plan(records: list[dict], archs: list[int], kernels: dict) -> tuple[list[dict], list[str], set]:
     """Tasks (one per distinct compile), problems (records that could not be bound) and notes. `kernels`:
     {(module, name): registry.Kernel}."""
     problems, notes = [], set()
-    tasks, seen, canon = [], set(), {}
+    tasks, seen = [], set()
     read = {k: body_names(kernel.jit) for k, kernel in kernels.items()}
+    canon = _unread_values(records, read)
     for rec in records:
         kid = (rec["module"], rec["name"])
         kernel = kernels.get(kid)
