@@ -29,8 +29,10 @@ def test_every_family_declares_bench_ops():
 
 def test_the_cli_offers_the_discovered_ops_in_their_order():
     assert registry.OPS == tuple(op.name for op in registry.discover())
-    # the names and order that results JSON files and docs/benchmarks.md use
-    assert registry.OPS == ("lora", "qlora", "dora", "multi_lora", "adapter", "sparse")
+    # the names and relative order that results JSON files and docs/benchmarks.md use (a new family's ops may
+    # come anywhere among them)
+    first = ("lora", "qlora", "dora", "multi_lora", "adapter", "sparse")
+    assert [name for name in registry.OPS if name in first] == list(first)
     assert op_choices() == [*registry.OPS, "e2e", "all"]
 
 
