@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import peftkern
-from peftkern.core import backend as _backend
+from peftkern.core import backend as _backend, opdef
 from peftkern.multi_lora import cpu as multi_cpu, examples, op as multi_op
 from peftkern.quant import fourbit
 
@@ -444,11 +444,19 @@ def test_eager_inference_runs_the_op_body_directly_with_the_same_result(monkeypa
     x, w, bias = torch.randn(6, K), torch.randn(N, K), torch.randn(N)
     lora_a, lora_b = _adapters([3, 2], torch.float32)  # parameters that require grad, as in a served model
     ids = torch.tensor([1, 0, -1, 1, 0, 0])
-    want, _ = multi_op.forward_op(x=x, **fourbit.op_args(w), lora_a=lora_a, lora_b=lora_b, row_ids=ids, bias=bias,
-                                  scalings=[0.5, 2.0], dropout_p=0.0, seed=None)
+    want, _ = torch.ops.peftkern.multi_lora_linear_fwd(x=x, **fourbit.op_args(w), lora_a=lora_a, lora_b=lora_b,
+                                                       row_ids=ids, bias=bias, scalings=[0.5, 2.0], dropout_p=0.0,
+                                                       seed=None)
     decisions = []
-    original = ops._plain_eager_inference
-    monkeypatch.setattr(ops, "_plain_eager_inference", lambda *a: decisions.append(original(*a)) or decisions[-1])
+    original = opdef.direct_call_ok
+
+    def record(op, values):
+        ok = original(op, values)
+        if op is ops.forward_op:
+            decisions.append(ok)
+        return ok
+
+    monkeypatch.setattr(opdef, "direct_call_ok", record)
 
     def call():
         return peftkern.multi_lora_linear(x, w, lora_a, lora_b, ids, scalings=[0.5, 2.0], bias=bias)

@@ -1,10 +1,10 @@
-"""core/opdef.py: a Tensor[] input's gradient flags and gradients travel element by element, and Op.run runs the
-op's body past the dispatcher with the same result."""
+"""core/opdef.py: a Tensor[] input's gradient flags and gradients travel element by element, and an op runs its
+body past the dispatcher exactly when the dispatcher could not change the result (direct_call_ok)."""
 import pytest
 import torch
 
 from peftkern.core import dispatch
-from peftkern.core.opdef import Op, grad_slot, wire_autograd
+from peftkern.core.opdef import Op, direct_call_ok, grad_slot, wire_autograd
 
 FAMILY = "_opdef_list_test"
 _ops = {}
@@ -51,6 +51,66 @@ def test_a_tensor_list_input_gets_one_gradient_per_element_and_none_where_frozen
     assert mats[1].grad is None  # frozen: need_mats[1] was False, and no gradient reaches it
 
 
-def test_run_is_the_ops_body(ops):
+def test_a_direct_call_is_the_dispatched_call(ops):
     x, mats = torch.randn(2, 5), [torch.randn(2, 5) for _ in range(2)]
-    assert torch.equal(ops["fwd"].run(x=x, mats=mats, scales=[0.5, 1.5]), ops["fwd"](x=x, mats=mats, scales=[0.5, 1.5]))
+    values = dict(x=x, mats=mats, scales=[0.5, 1.5])
+    assert direct_call_ok(ops["fwd"], values)
+    want = torch.ops.peftkern._opdef_list_test_fwd(**values)
+    assert torch.equal(ops["fwd"](**values), want)
+
+
+def test_a_call_goes_through_the_dispatcher_whenever_it_could_differ(ops):
+    """Each of these is a call the dispatcher treats differently from plain eager code."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    fwd = ops["fwd"]
+    x, mats = torch.randn(2, 5), [torch.randn(2, 5), torch.randn(2, 5, requires_grad=True)]
+    values = dict(x=x, mats=mats, scales=[0.5, 1.5])
+    assert not direct_call_ok(fwd, values)  # a gradient may be asked for (an element of a Tensor[] requires grad)
+    with torch.no_grad():
+        assert direct_call_ok(fwd, values)
+    with torch.inference_mode():
+        assert direct_call_ok(fwd, values)
+    plain = dict(values, mats=[m.detach() for m in mats])
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Functions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert not direct_call_ok(fwd, plain)
+    with Functions():
+        assert not direct_call_ok(fwd, plain)
+    with torch.profiler.profile():
+        assert not direct_call_ok(fwd, plain)  # the profiler shows the op by name
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    assert not direct_call_ok(fwd, dict(plain, x=fake))
+    assert not direct_call_ok(fwd, dict(plain, x=torch.empty(2, 5, device="meta")))
+
+    seen = []
+
+    def inside_vmap(row):
+        seen.append(direct_call_ok(fwd, dict(plain, x=row)))
+        return row
+
+    torch.vmap(inside_vmap)(x)
+    assert seen == [False]
+    assert direct_call_ok(fwd, plain)  # and nothing above left state behind
+
+
+def test_an_autocast_rule_keeps_its_op_on_the_dispatcher_under_autocast():
+    if "cast" not in _ops:  # an op registers once per process
+        _ops["cast"] = Op("_opdef_autocast_test(Tensor x) -> Tensor y", family="_opdef_autocast_test",
+                          autocast_keep=(), fake=lambda a: a.x.new_empty(a.x.shape))
+    op = _ops["cast"]
+    values = dict(x=torch.randn(3))
+    assert direct_call_ok(op, values)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not direct_call_ok(op, values)

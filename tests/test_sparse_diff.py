@@ -131,6 +131,29 @@ def test_int64_required_for_huge_weights(monkeypatch):
         peftkern.sparse_diff_apply_(torch.zeros(20, 10), torch.arange(3, dtype=torch.int32), torch.ones(3))
 
 
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+def test_apply_and_restore_tell_autograd_the_weight_changed(backend):
+    """Eager apply/restore skip torch's dispatcher (core/opdef.direct_call_ok), so they bump the weight's version
+    counter themselves, as the dispatcher does for an in-place op: a tensor saved for a backward and then changed
+    by a diff makes that backward fail loudly instead of using the new values."""
+    if backend not in apply_backends():
+        pytest.skip(f"backend {backend} does not run {DEVICE.type} tensors here (peftkern._C not built for it)")
+    scale = torch.randn(4, 6, device=DEVICE, requires_grad=True)
+    weight = torch.randn(4, 6, device=DEVICE)
+    idx, values = torch.tensor([1, 7, 20], device=DEVICE), torch.randn(3, device=DEVICE)
+    for change in ("apply", "restore"):
+        loss = (scale * weight).sum()  # saves weight for the backward
+        version = weight._version
+        with peftkern.use_backend(backend):
+            if change == "apply":
+                backup = peftkern.sparse_diff_apply_(weight, idx, values)
+            else:
+                peftkern.sparse_diff_restore_(weight, idx, backup)
+        assert weight._version > version
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 def test_duplicate_check_is_remembered_until_the_indices_change():
     weight = torch.randn(10, 10)
     idx = torch.tensor([3, 1, 4])

@@ -162,24 +162,6 @@ def _check_ids(x: Tensor, adapter_ids) -> None:
                          f"{tuple(adapter_ids.shape)}")
 
 
-def _plain_eager_inference(x, base: dict, bias, lora_a, lora_b, row_ids) -> bool:
-    """True when the forward op's body may run without going through the dispatcher: no gradient can be asked for
-    (grad mode off, or no input requires it), nothing traces or intercepts the call (torch.compile, a
-    TorchFunctionMode or TorchDispatchMode, a tensor subclass such as FakeTensor) and autocast is off (the op's
-    autocast rule would cast). The result is the op's, bit for bit: the same body runs. Why: serving a decode step
-    passes dozens of adapter tensors, and the custom-op machinery's per-call work on a Tensor[] argument
-    (~90 µs at 32 adapters, measured) is a sizeable share of a step whose base product takes ~1 ms on a CPU."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        return False
-    if torch._C._len_torch_dispatch_stack() > 0 or checks.autocast_active(x.device):
-        return False
-    plain = (torch.Tensor, torch.nn.Parameter)
-    tensors = (x, base["weight"], *base["quant"], row_ids, *lora_a, *lora_b) + (() if bias is None else (bias,))
-    if not all(type(t) in plain for t in tensors):
-        return False
-    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
-
-
 def multi_lora_linear(x: Tensor, weight, lora_a: Sequence[Tensor], lora_b: Sequence[Tensor], adapter_ids: Tensor,
                       *, scalings: Sequence[float], bias: Optional[Tensor] = None, dropout_p: float = 0.0,
                       training: bool = True, seed: Optional[int] = None) -> Tensor:
@@ -218,10 +200,6 @@ def multi_lora_linear(x: Tensor, weight, lora_a: Sequence[Tensor], lora_b: Seque
     row_ids = ids.expand(lead).reshape(rows)
     x2 = x.reshape(rows, x.shape[-1])
     base = fourbit.op_args(weight)
-    args = dict(x=x2, **base, lora_a=lora_a, lora_b=lora_b, row_ids=row_ids, bias=bias, scalings=scalings,
-                dropout_p=p, seed=seed_t)
-    if _plain_eager_inference(x2, base, bias, lora_a, lora_b, row_ids):
-        y, _ = forward_op.run(**args)
-    else:
-        y, _ = forward_op(**args)
+    y, _ = forward_op(x=x2, **base, lora_a=lora_a, lora_b=lora_b, row_ids=row_ids, bias=bias, scalings=scalings,
+                      dropout_p=p, seed=seed_t)
     return y.view(*lead, weight.shape[0])
