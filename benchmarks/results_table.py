@@ -8,7 +8,7 @@ Every number in the tables comes from that one file; `--plot` redraws its chart 
 import argparse
 import json
 
-from peftkern.bench import report
+from peftkern.bench import registry, report
 
 
 def _ms(row, provider):
@@ -47,18 +47,14 @@ def table(results: dict) -> str:
         eager.setdefault(row["op"], row["eager_provider"])
     lines.append("")
     lines.append("Eager baselines: " + "; ".join(f"{op}: {name}" for op, name in eager.items()) + ".")
-    if any("eager_inplace" in row["results"] for row in results["rows"]):
-        lines.append(report.SECOND_EAGER[0].upper() + report.SECOND_EAGER[1:] + ".")
-    dora = report.dora_notes(results)  # --op dora: each row's time against peftkern's own LoRA
-    if dora:
-        lines += ["", "DoRA against peftkern's own `lora_linear` on the same shapes and adapters:", ""]
-        lines += [f"- {line}" for line in dora]
-        lines.append("")
-    multi = report.multi_lora_notes(results)  # --op multi_lora: its targets
-    if multi:
-        lines += ["", "Many adapters (`multi_lora_linear`, forward, eval) against their targets:", ""]
-        lines += [f"- {line}" for line in multi]
-        lines.append("")
+    for legend in report.legends(results):  # what an op's extra baseline is
+        lines.append(legend[0].upper() + legend[1:] + ".")
+    for op in registry.TABLE.values():  # each op's notes (a ratio against its target), under its heading
+        notes = report.notes(results, op.name)
+        if notes:
+            lines += ["", op.notes_heading or f"`--op {op.name}`:", ""]
+            lines += [f"- {line}" for line in notes]
+            lines.append("")
     note = report.peak_memory_note(results)
     if note:
         lines.append(f"Peak memory \"-\": {note}.")

@@ -17,6 +17,7 @@ import peftkern
 from peftkern.__main__ import build_parser, main
 from peftkern.bench import report, runner
 from peftkern.bench.background import BackgroundLoad
+from peftkern.dora import bench as dora_bench
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS_DOC = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
@@ -257,7 +258,7 @@ def test_bench_quick_dora_times_peft_peftkern_its_lora_and_the_floor(tmp_path):
         assert all(r["median_ms"] > 0 for r in row["results"].values())
         peft_here = importlib.util.find_spec("peft") is not None
         assert row["eager_provider"].startswith("peft " if peft_here else "eager DoRA"), row["eager_provider"]
-        ratio = report.dora_vs_lora(row)
+        ratio = dora_bench.dora_vs_lora(row)
         assert ratio == row["results"]["peftkern"]["median_ms"] / row["results"]["peftkern_lora"]["median_ms"]
         assert f"dora {row['label']}: peftkern DoRA / peftkern LoRA = {ratio:.2f}x" in out.stdout
     assert f"dora: eager = {results['rows'][0]['eager_provider']}; floor = bare F.linear" in out.stdout
@@ -292,7 +293,7 @@ def test_multi_lora_notes_judge_the_targets():
     results = {"device_type": "cpu",
                "rows": [row("prefill", {"eager": 55.0, "peftkern": 50.0, "peftkern_single": 49.0, "floor": 46.0}),
                         row("decode", {"eager": 3.0, "peftkern": 1.6, "peftkern_single": 1.2, "floor": 0.9})]}
-    assert report.multi_lora_notes(results) == [
+    assert report.notes(results) == [
         "multi_lora prefill case: speedup vs PEFT 1.10x (meets >= 1.00x); vs floor 1.09x (meets <= 1.10x); "
         "vs one adapter 1.02x",
         "multi_lora decode case: speedup vs PEFT 1.88x (misses >= 2.00x); vs one adapter 1.33x"]
@@ -335,7 +336,7 @@ def test_dora_rows_keep_the_table_columns_and_add_a_lora_ratio_note():
     lines = report.table_rows(results)
     assert [len(line) for line in lines] == [len(report.COLUMNS)] * 3
     assert lines[1] == ("dora", "dora case", "reference", "4.000", "2.100", "1.000", "1.90x", "+110.0%", "7/7/7")
-    assert report.dora_notes(results) == [
+    assert report.notes(results) == [
         "dora dora case: peftkern DoRA / peftkern LoRA = 1.05x (2.100 / 2.000 ms, peak 7 MB; within the 1.10x target)",
         "dora dora case: peftkern DoRA / peftkern LoRA = 1.20x (2.400 / 2.000 ms, peak 7 MB; above the 1.10x target)"]
     panels = dict(report.plot_panels(results))
@@ -601,6 +602,6 @@ def test_bench_output_and_help_name_no_internal_issue():
         texts[name] = source.read_text(encoding="utf-8")
     assert {"peftkern.bench.report", "peftkern.bench.runner", "peftkern.lora.bench"} <= set(texts)
     canned = _canned_results()
-    texts["notes"] = "\n".join(report.dora_notes(canned) + report.multi_lora_notes(canned))
+    texts["notes"] = "\n".join(report.legends(canned) + report.notes(canned))
     found = {name: INTERNAL.findall(text) for name, text in texts.items() if INTERNAL.search(text)}
     assert not found, found

@@ -86,7 +86,18 @@ def adapter_providers(case, device: torch.device) -> tuple[dict[str, Callable[[]
             "AdapterHub-style eager")
 
 
+def roofline(row: dict, ceilings: dict) -> dict:
+    """Share of the copy-bandwidth roofline the adapter forward reaches: the bytes it cannot avoid
+    (read h, write out, read the weights) over its time, against the measured copy bandwidth."""
+    c = row["case"]
+    item = torch.finfo(getattr(torch, c["dtype"])).bits // 8
+    bytes_min = (2 * c["m"] * c["d"] + 2 * c["d"] * c["k"]) * item
+    seconds = row["results"]["peftkern_fwd"]["median_ms"] * 1e-3
+    achieved = bytes_min / seconds / 1e9
+    return {"forward_gb_per_s": achieved, "forward_pct_of_copy_bw": 100 * achieved / ceilings["copy_gb_per_s"]}
+
+
 OPS = [
     BenchOp("adapter", 50, AdapterCase, adapter_cases, adapter_providers, help="bottleneck_adapter",
-            floor="one elementwise pass over h (fwd) and dy (bwd)"),
+            floor="one elementwise pass over h (fwd) and dy (bwd)", roofline=roofline),
 ]

@@ -4,7 +4,7 @@ ops."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -36,7 +36,16 @@ class BenchOp:
     name: the --op value and every JSON row's "op"; order: its place among the --op choices (ascending);
     case_type: the case dataclass, rebuilt from a row's "case"; cases(device, quick): the cases to time;
     providers(case, device): ({provider name: step function}, the eager baseline's name) for one case;
-    help: what it times, for `bench --help`; floor: what its floor provider is, printed under the table."""
+    help: what it times, for `bench --help`; floor: what its floor provider is, printed under the table.
+
+    What the op adds to the report (bench/report.py), all optional:
+    timed: what one timed step is (the table's title says it);
+    legend: a line printed once under the table when the op has rows (what an extra baseline is);
+    notes(row, device_type): lines printed under the table for one row (a ratio against a target), gathered
+        under `notes_heading` in the results page (benchmarks/results_table.py);
+    bars(row): extra (name, ratio) bars for the row's chart panel, each "higher is better" with 1.0 = parity;
+    roofline(row, ceilings): the row's share of a measured machine ceiling, kept in the JSON row as "roofline"
+        ({"forward_gb_per_s", "forward_pct_of_copy_bw"}) and printed under the table."""
     name: str
     order: int
     case_type: type
@@ -44,3 +53,9 @@ class BenchOp:
     providers: Providers
     help: str
     floor: str
+    timed: str = "fwd+bwd"
+    legend: str = ""
+    notes: Optional[Callable[[dict, str], list]] = None
+    notes_heading: str = ""
+    bars: Optional[Callable[[dict], list]] = None
+    roofline: Optional[Callable[[dict, dict], Optional[dict]]] = None

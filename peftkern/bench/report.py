@@ -6,12 +6,6 @@ import json
 # the eager baselines of a row: (results key, how the table names a second one)
 EAGER_BASELINES = (("eager", ""), ("eager_inplace", "vs in-place by hand"))
 BAR_NAMES = {"eager": "speedup vs eager", "eager_inplace": "speedup vs in-place eager written by hand"}
-# a DoRA step (dora_linear) costs at most this many times peftkern's own LoRA step (lora_linear) on the
-# same shapes, dropout and adapters; rows of --op dora time both ("peftkern" and "peftkern_lora")
-DORA_VS_LORA_TARGET = 1.10
-SECOND_EAGER = ("sparse apply, second row: the in-place update written by hand with sparse_diff_apply_'s "
-                "result (backup = w.view(-1)[idx]; w.view(-1).index_add_(0, idx, v))")
-
 
 def family(row: dict) -> str:
     """The op family of a row (what `auto` dispatches on): its "family", or, in older JSON files that lack it, its
@@ -29,67 +23,31 @@ def derived(row: dict, eager: str = "eager") -> dict:
     return {"speedup": base / fused, "overhead": fused / floor - 1.0}
 
 
-def dora_vs_lora(row: dict) -> float | None:
-    """peftkern's DoRA step time over peftkern's LoRA step time on the same case; None for rows without it."""
-    r = row["results"]
-    if "peftkern_lora" not in r:
-        return None
-    return r["peftkern"]["median_ms"] / r["peftkern_lora"]["median_ms"]
+def _bench_op(row: dict):
+    """The BenchOp a row came from (None for an op this version no longer has)."""
+    from .registry import TABLE
+
+    return TABLE.get(row["op"])
 
 
-# the targets for --op multi_lora rows: (device type, case kind) -> [(what, ratio, bound, "<=" or ">=")]
-def multi_lora_checks(row: dict, device_type: str) -> list[tuple[str, float, float, str]]:
-    r = row["results"]
-    if row["op"] != "multi_lora" or "peftkern_single" not in r:
-        return []
-    ms = {name: v["median_ms"] for name, v in r.items()}
-    speedup, floor_ratio = ms["eager"] / ms["peftkern"], ms["peftkern"] / ms["floor"]
-    single_ratio = ms["peftkern"] / ms["peftkern_single"]
-    kind = row["case"]["kind"]
-    if device_type == "cuda":
-        if kind == "decode":
-            return [("speedup vs PEFT", speedup, 3.0, ">="), ("vs one adapter", single_ratio, float("inf"), "<=")]
-        return [("vs one adapter", single_ratio, 1.15, "<="), ("speedup vs PEFT", speedup, 1.0, ">=")]
-    if kind == "decode":
-        return [("speedup vs PEFT", speedup, 2.0, ">="), ("vs one adapter", single_ratio, float("inf"), "<=")]
-    return [("speedup vs PEFT", speedup, 1.0, ">="), ("vs floor", floor_ratio, 1.10, "<="),
-            ("vs one adapter", single_ratio, float("inf"), "<=")]
-
-
-def multi_lora_notes(results: dict) -> list[str]:
-    """One line per --op multi_lora row: speedup over PEFT's mixed-batch forward, time over the floor and over one
-    adapter on all rows, each against its target where there is one."""
+def notes(results: dict, op: str | None = None) -> list[str]:
+    """The lines the rows' ops print under the table (BenchOp.notes), in row order; only `op`'s when given."""
     lines = []
     for row in results["rows"]:
-        checks = multi_lora_checks(row, results.get("device_type", "cpu"))
-        if not checks:
-            continue
-        parts = []
-        for what, value, bound, sense in checks:
-            if bound == float("inf"):
-                parts.append(f"{what} {value:.2f}x")
-                continue
-            ok = value >= bound if sense == ">=" else value <= bound
-            parts.append(f"{what} {value:.2f}x ({'meets' if ok else 'misses'} {sense} {bound:.2f}x)")
-        lines.append(f"multi_lora {row['label']}: " + "; ".join(parts))
+        declared = _bench_op(row)
+        if declared is not None and declared.notes is not None and op in (None, declared.name):
+            lines += declared.notes(row, results.get("device_type", "cpu"))
     return lines
 
 
-def dora_notes(results: dict) -> list[str]:
-    """One line per --op dora row: the ratio to peftkern's own LoRA (against its target) and that step's
-    time and peak memory. The table's columns stay those of every op; this is printed under it."""
-    lines = []
+def legends(results: dict) -> list[str]:
+    """Each op's legend (BenchOp.legend), once, for the ops that have rows."""
+    found = []
     for row in results["rows"]:
-        ratio = dora_vs_lora(row)
-        if ratio is None:
-            continue
-        lora = row["results"]["peftkern_lora"]
-        mem = "" if lora.get("peak_mem_mb") is None else f", peak {lora['peak_mem_mb']:.0f} MB"
-        verdict = "within" if ratio <= DORA_VS_LORA_TARGET else "above"
-        lines.append(f"dora {row['label']}: peftkern DoRA / peftkern LoRA = {ratio:.2f}x "
-                     f"({row['results']['peftkern']['median_ms']:.3f} / {lora['median_ms']:.3f} ms{mem}; "
-                     f"{verdict} the {DORA_VS_LORA_TARGET:.2f}x target)")
-    return lines
+        declared = _bench_op(row)
+        if declared is not None and declared.legend and declared.legend not in found:
+            found.append(declared.legend)
+    return found
 
 
 def baselines(row: dict) -> list[tuple[str, str]]:
@@ -132,11 +90,18 @@ def title(results: dict) -> str:
 
 
 def _timed(results: dict) -> str:
-    """What a row's step is: fwd+bwd, except --op multi_lora (serving: forward only, eval)."""
-    ops = {row["op"] for row in results["rows"]}
-    if ops == {"multi_lora"}:
-        return "forward (eval)"
-    return "fwd+bwd (multi_lora: forward, eval)" if "multi_lora" in ops else "fwd+bwd"
+    """What a row's step is (BenchOp.timed): "fwd+bwd", or each op's own where the ops differ."""
+    from .declare import BenchOp
+
+    default = BenchOp.timed
+    timed = {}
+    for row in results["rows"]:
+        declared = _bench_op(row)
+        timed[row["op"]] = declared.timed if declared is not None else default
+    kinds = set(timed.values())
+    if len(kinds) == 1:
+        return kinds.pop()
+    return default + "".join(f"; {op}: {t}" for op, t in timed.items() if t != default)
 
 
 def peak_memory_note(results: dict) -> str | None:
@@ -172,9 +137,7 @@ def print_table(results: dict) -> None:
         row = next((r for r in results["rows"] if r["op"] == op.name), None)
         if row is not None:
             print(f"{op.name}: eager = {row['eager_provider']}; floor = {op.floor}")
-    if any("eager_inplace" in row["results"] for row in results["rows"]):
-        print(SECOND_EAGER)
-    for line in dora_notes(results) + multi_lora_notes(results):
+    for line in legends(results) + notes(results):
         print(line)
     note = peak_memory_note(results)
     if note:
@@ -225,8 +188,9 @@ def plot_panels(results: dict) -> list[tuple[str, list[tuple[str, list[tuple[str
         r = row["results"]
         bars = [(BAR_NAMES[eager], derived(row, eager)["speedup"]) for eager, _ in baselines(row)]
         bars.append(("floor time / peftkern time", r["floor"]["median_ms"] / r["peftkern"]["median_ms"]))
-        if dora_vs_lora(row) is not None:
-            bars.append(("peftkern LoRA time / peftkern DoRA time", 1.0 / dora_vs_lora(row)))
+        declared = _bench_op(row)
+        if declared is not None and declared.bars is not None:
+            bars += declared.bars(row)
         panels.setdefault(family(row), []).append((row["label"], bars))
     e2e = results.get("e2e") or []
     by_variant = {e["variant"]: e for e in e2e}

@@ -9,7 +9,7 @@ import torch
 
 from .ceilings import measure_ceilings
 from .memory import peak_mb_in_subprocess
-from .registry import OPS, case_from_dict, cases_for, providers_for  # noqa: F401  (callers use them)
+from .registry import OPS, TABLE, case_from_dict, cases_for, providers_for  # noqa: F401  (callers use them)
 from .timing import measure_group
 
 PEAK_MEM_NOTES = {
@@ -53,7 +53,8 @@ def run(ops: list[str], *, quick: bool, device: torch.device, background_load: d
                     "ceilings": None, "rows": rows})
     ceilings = measure_ceilings(device)
     for row in rows:
-        row["roofline"] = roofline(row, ceilings)
+        hook = TABLE[row["op"]].roofline
+        row["roofline"] = hook(row, ceilings) if hook is not None and ceilings is not None else None
     return {
         **_header(device, quick, background_load),
         "complete": True,
@@ -94,16 +95,3 @@ def _peak_mem_note(rows: list[dict], quick: bool, device: torch.device) -> str |
     if all(v["peak_mem_mb"] is not None for row in rows for v in row["results"].values()):
         return None
     return PEAK_MEM_NOTES["quick" if quick and device.type == "cpu" else "unmeasurable"]
-
-
-def roofline(row: dict, ceilings: dict | None) -> dict | None:
-    """Share of the copy-bandwidth roofline the adapter forward reaches: the bytes it cannot avoid
-    (read h, write out, read the weights) over its time, against the measured copy bandwidth."""
-    if ceilings is None or row["op"] != "adapter":
-        return None
-    c = row["case"]
-    item = torch.finfo(getattr(torch, c["dtype"])).bits // 8
-    bytes_min = (2 * c["m"] * c["d"] + 2 * c["d"] * c["k"]) * item
-    seconds = row["results"]["peftkern_fwd"]["median_ms"] * 1e-3
-    achieved = bytes_min / seconds / 1e9
-    return {"forward_gb_per_s": achieved, "forward_pct_of_copy_bw": 100 * achieved / ceilings["copy_gb_per_s"]}

@@ -127,9 +127,43 @@ def dora_providers(case: DoraCase, device: torch.device) -> tuple[dict[str, Call
                          device, case), eager_name
 
 
+# a DoRA step (dora_linear) costs at most this many times peftkern's own LoRA step (lora_linear) on the same shapes,
+# dropout and adapters; every row times both ("peftkern" and "peftkern_lora")
+DORA_VS_LORA_TARGET = 1.10
+
+
+def dora_vs_lora(row: dict) -> float | None:
+    """peftkern's DoRA step time over peftkern's LoRA step time on the same case; None for rows without it."""
+    r = row["results"]
+    if "peftkern_lora" not in r:
+        return None
+    return r["peftkern"]["median_ms"] / r["peftkern_lora"]["median_ms"]
+
+
+def notes(row: dict, device_type: str) -> list[str]:
+    """The row's ratio to peftkern's own LoRA (against its target) and that step's time and peak memory. The
+    table's columns stay those of every op; this is printed under it."""
+    ratio = dora_vs_lora(row)
+    if ratio is None:
+        return []
+    lora = row["results"]["peftkern_lora"]
+    mem = "" if lora.get("peak_mem_mb") is None else f", peak {lora['peak_mem_mb']:.0f} MB"
+    verdict = "within" if ratio <= DORA_VS_LORA_TARGET else "above"
+    return [f"dora {row['label']}: peftkern DoRA / peftkern LoRA = {ratio:.2f}x "
+            f"({row['results']['peftkern']['median_ms']:.3f} / {lora['median_ms']:.3f} ms{mem}; "
+            f"{verdict} the {DORA_VS_LORA_TARGET:.2f}x target)"]
+
+
+def bars(row: dict) -> list[tuple[str, float]]:
+    ratio = dora_vs_lora(row)
+    return [] if ratio is None else [("peftkern LoRA time / peftkern DoRA time", 1.0 / ratio)]
+
+
 OPS = [
     BenchOp("dora", 30, DoraCase, dora_cases, dora_providers,
             help="dora_linear (vs PEFT's LoRA layer with use_dora=True, and against peftkern's own lora_linear on "
                  "the same shapes)",
-            floor="bare F.linear of the frozen base, fwd+bwd"),
+            floor="bare F.linear of the frozen base, fwd+bwd",
+            notes=notes, notes_heading="DoRA against peftkern's own `lora_linear` on the same shapes and adapters:",
+            bars=bars),
 ]

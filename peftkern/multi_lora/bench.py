@@ -148,8 +148,41 @@ def multi_lora_providers(case, device: torch.device) -> tuple[dict[str, Callable
     return {"eager": eager, "peftkern": fused, "peftkern_single": single, "floor": floor}, eager_name
 
 
+def checks(row: dict, device_type: str) -> list[tuple[str, float, float, str]]:
+    """The row's targets: [(what, ratio, bound, "<=" or ">=")], an infinite bound for a ratio only reported."""
+    r = row["results"]
+    if "peftkern_single" not in r:
+        return []
+    ms = {name: v["median_ms"] for name, v in r.items()}
+    speedup, floor_ratio = ms["eager"] / ms["peftkern"], ms["peftkern"] / ms["floor"]
+    single_ratio = ms["peftkern"] / ms["peftkern_single"]
+    kind = row["case"]["kind"]
+    if device_type == "cuda":
+        if kind == "decode":
+            return [("speedup vs PEFT", speedup, 3.0, ">="), ("vs one adapter", single_ratio, float("inf"), "<=")]
+        return [("vs one adapter", single_ratio, 1.15, "<="), ("speedup vs PEFT", speedup, 1.0, ">=")]
+    if kind == "decode":
+        return [("speedup vs PEFT", speedup, 2.0, ">="), ("vs one adapter", single_ratio, float("inf"), "<=")]
+    return [("speedup vs PEFT", speedup, 1.0, ">="), ("vs floor", floor_ratio, 1.10, "<="),
+            ("vs one adapter", single_ratio, float("inf"), "<=")]
+
+
+def notes(row: dict, device_type: str) -> list[str]:
+    """Speedup over PEFT's mixed-batch forward, time over the floor and over one adapter on all rows, each against
+    its target where there is one."""
+    parts = []
+    for what, value, bound, sense in checks(row, device_type):
+        if bound == float("inf"):
+            parts.append(f"{what} {value:.2f}x")
+            continue
+        ok = value >= bound if sense == ">=" else value <= bound
+        parts.append(f"{what} {value:.2f}x ({'meets' if ok else 'misses'} {sense} {bound:.2f}x)")
+    return [f"multi_lora {row['label']}: " + "; ".join(parts)] if parts else []
+
+
 OPS = [
     BenchOp("multi_lora", 40, MultiLoraCase, multi_lora_cases, multi_lora_providers,
             help="multi_lora_linear serving a mixed batch (vs PEFT's adapter_names forward; prefill and decode)",
-            floor="bare F.linear of the frozen base, forward only (eval, no grad)"),
+            floor="bare F.linear of the frozen base, forward only (eval, no grad)", timed="forward (eval)",
+            notes=notes, notes_heading="Many adapters (`multi_lora_linear`, forward, eval) against their targets:"),
 ]

@@ -123,5 +123,7 @@ def sparse_providers(case, device: torch.device) -> tuple[dict[str, Callable[[],
 
 OPS = [
     BenchOp("sparse", 60, SparseCase, sparse_cases, sparse_providers, help="sparse_diff_apply_ and sparse_diff_linear",
-            floor="apply: in-place index_put_(accumulate=True); linear: bare F.linear fwd+bwd"),
+            floor="apply: in-place index_put_(accumulate=True); linear: bare F.linear fwd+bwd",
+            legend="sparse apply, second row: the in-place update written by hand with sparse_diff_apply_'s result "
+                   "(backup = w.view(-1)[idx]; w.view(-1).index_add_(0, idx, v))"),
 ]
