@@ -104,6 +104,44 @@ def test_pefts_bitsandbytes_lora_class_is_patched_too():
     assert unpatch(holder) == 1 and type(layer) is PeftLora4bit
 
 
+_LATE_BNB = """
+import pickle, sys
+import torch
+from torch import nn
+import peftkern.integrations.peft as integration  # before bitsandbytes, as under PEFT 0.22 (which no longer imports it)
+from peft import LoraConfig
+import bitsandbytes as bnb
+from peft.tuners.lora.bnb import Linear4bit as PeftLora4bit
+q = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+q.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
+layer = PeftLora4bit(q.to("cpu"), "default", config=LoraConfig(r=4, lora_alpha=8), r=4, lora_alpha=8)
+holder = nn.Sequential(layer)
+assert integration.patch(holder) == 1 and type(layer) is integration.FusedLoraLinear4bit
+sys.stdout.buffer.write(pickle.dumps(holder))
+"""
+_UNPICKLE = """
+import pickle, sys
+holder = pickle.loads(sys.stdin.buffer.read())  # imports peftkern's integration and bitsandbytes itself
+import peftkern.integrations.peft as integration
+assert type(holder[0]) is integration.FusedLoraLinear4bit, type(holder[0])
+print("fused")
+"""
+
+
+def test_4bit_layers_are_patched_when_bitsandbytes_is_imported_after_the_integration():
+    """The 4-bit twin class is made when first needed, so a process that imports bitsandbytes only after
+    peftkern.integrations.peft (PEFT 0.22 does not import it) still patches PEFT's 4-bit layers, and a fresh process
+    that unpickles such a model finds the class by name."""
+    import subprocess
+    import sys
+
+    made = subprocess.run([sys.executable, "-c", _LATE_BNB], capture_output=True, timeout=300)
+    assert made.returncode == 0, made.stderr.decode()
+    back = subprocess.run([sys.executable, "-c", _UNPICKLE], input=made.stdout, capture_output=True, timeout=300)
+    assert back.returncode == 0, back.stderr.decode()
+    assert back.stdout.decode().strip() == "fused"
+
+
 def test_compute_dtype_mismatch_runs_on_pefts_path():
     """A Linear4bit computing in bfloat16 under a float32 x: PEFT feeds the LoRA branch the uncast x, so the
     fused path (one input for both) steps aside for that call."""

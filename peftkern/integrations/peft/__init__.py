@@ -130,7 +130,7 @@ def unsupported_reason(module: nn.Module) -> str | None:
         if type(base) is not nn.Linear and not _is_conv1d(base) and not _is_linear4bit(base):
             return (f"base layer is {type(base).__module__}.{type(base).__name__}, not a plain nn.Linear, "
                     "transformers Conv1D or bitsandbytes Linear4bit (another adapter underneath, or wrapped)")
-    elif type(module) in (_peft_bnb_lora_class(), FusedLoraLinear4bit):
+    elif type(module) in (_peft_bnb_lora_class(), _fused_4bit_class()):
         if not _is_linear4bit(base):
             return f"base layer is {type(base).__module__}.{type(base).__name__}, not a bitsandbytes Linear4bit"
     else:
@@ -298,7 +298,8 @@ def _further_adapters(self, names, x: torch.Tensor, result: torch.Tensor, first_
     bitsandbytes class casts each adapter's output back to the result dtype, the generic class only at the end). A
     DoRA adapter runs PEFT's own DoraLinearVariant.forward on the running result, as PEFT passes it."""
     result_dtype = result.dtype
-    per_adapter_cast = FusedLoraLinear4bit is not None and isinstance(self, FusedLoraLinear4bit)
+    twin = _fused_4bit_class()
+    per_adapter_cast = twin is not None and isinstance(self, twin)
     x = self._cast_input_dtype(x, first_dtype)
     for name in names:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
@@ -315,9 +316,21 @@ def _further_adapters(self, names, x: torch.Tensor, result: torch.Tensor, first_
     return result.to(result_dtype)
 
 
-def _make_fused_4bit_class():
-    """FusedLoraLinear's twin for PEFT's bitsandbytes LoRA class (`peft.tuners.lora.bnb.Linear4bit`, which
-    PEFT uses for 4-bit bases on GPU); None when bitsandbytes or that class is not importable."""
+_FUSED_4BIT = []  # the 4-bit twin class, once made (at most one per process: pickles name it)
+
+
+def _fused_4bit_class(import_bnb: bool = False):
+    """FusedLoraLinear's twin for PEFT's bitsandbytes LoRA class (`peft.tuners.lora.bnb.Linear4bit`, which PEFT
+    uses for 4-bit bases), made the first time it is asked for once bitsandbytes is imported (`import_bnb`:
+    import it here); None while it is not. Made lazily because PEFT 0.22 no longer imports bitsandbytes itself:
+    a process imports it only when it builds a 4-bit layer, which may be after this module was imported."""
+    if _FUSED_4BIT:
+        return _FUSED_4BIT[0]
+    if import_bnb:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return None
     base_cls = _peft_bnb_lora_class()
     if base_cls is None:
         return None
@@ -333,15 +346,30 @@ def _make_fused_4bit_class():
             return _fused_forward(self, super().forward, x, *args, **kwargs)
 
     FusedLoraLinear4bit.__qualname__ = FusedLoraLinear4bit.__name__  # pickles by reference, as FusedLoraLinear
+    FusedLoraLinear4bit.__module__ = __name__
+    _FUSED_4BIT.append(FusedLoraLinear4bit)
     return FusedLoraLinear4bit
 
 
-FusedLoraLinear4bit = _make_fused_4bit_class()
-# PEFT's class -> its patched twin, and back
-_FUSED_CLASS = {_PeftLoraLinear: FusedLoraLinear}
-if FusedLoraLinear4bit is not None:
-    _FUSED_CLASS[_peft_bnb_lora_class()] = FusedLoraLinear4bit
-_PEFT_CLASS = {fused: peft_cls for peft_cls, fused in _FUSED_CLASS.items()}
+def __getattr__(name: str):
+    """`FusedLoraLinear4bit` is made on first access (see _fused_4bit_class), importing bitsandbytes if it can:
+    unpickling a patched 4-bit model looks the class up by this name. None without bitsandbytes."""
+    if name == "FusedLoraLinear4bit":
+        return _fused_4bit_class(import_bnb=True)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _fused_twin(cls):
+    """The patched class for PEFT's LoRA class `cls`."""
+    return FusedLoraLinear if cls is _PeftLoraLinear else _fused_4bit_class()
+
+
+def _peft_class(cls):
+    """PEFT's class for a patched class `cls`, or None when `cls` is no patched class."""
+    if cls is FusedLoraLinear:
+        return _PeftLoraLinear
+    twin = _FUSED_4BIT[0] if _FUSED_4BIT else None
+    return _peft_bnb_lora_class() if twin is not None and cls is twin else None
 
 
 def _check_model(model, fn: str) -> None:
@@ -358,14 +386,14 @@ def _patch_layers(model: nn.Module, skip: set[int] = frozenset()) -> tuple[int, 
         if not isinstance(module, LoraLayer) or id(module) in skip:
             continue
         seen += 1
-        if type(module) in _PEFT_CLASS:
+        if _peft_class(type(module)) is not None:
             continue
         reason = unsupported_reason(module)
         if reason is not None:
             log.info("peftkern: %s stays on PEFT's own forward: %s", name, reason)
             skipped.append((name or type(model).__name__, reason))
             continue
-        module.__class__ = _FUSED_CLASS[type(module)]
+        module.__class__ = _fused_twin(type(module))
         patched += 1
     return patched, seen, skipped
 
@@ -431,8 +459,9 @@ def unpatch(model: nn.Module) -> int:
     _check_model(model, "unpatch")
     restored = 0
     for module in model.modules():
-        if type(module) in _PEFT_CLASS:
-            module.__class__ = _PEFT_CLASS[type(module)]
+        peft_cls = _peft_class(type(module))
+        if peft_cls is not None:
+            module.__class__ = peft_cls
             restored += 1
     _set_mark(model, False)
     return restored
