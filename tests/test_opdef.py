@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from peftkern.core import dispatch
-from peftkern.core.opdef import Op, direct_call_ok, grad_slot, wire_autograd
+from peftkern.core.opdef import Op, call_path, direct_call_ok, grad_slot, wire_autograd
 
 FAMILY = "_opdef_list_test"
 _ops = {}
@@ -103,6 +103,38 @@ def test_a_call_goes_through_the_dispatcher_whenever_it_could_differ(ops):
     torch.vmap(inside_vmap)(x)
     assert seen == [False]
     assert direct_call_ok(fwd, plain)  # and nothing above left state behind
+
+
+def test_an_eager_call_that_needs_gradients_runs_the_ops_own_autograd_function():
+    """Plain eager code with an input that requires grad runs the op under its own torch.autograd.Function (the
+    custom op's setup_context and backward, without its dispatch): the same values and gradients as through
+    torch.ops. A Tensor[] element that requires grad keeps the custom op's list handling."""
+    import peftkern
+    from peftkern.lora import op as lora_op
+    from peftkern.quant import fourbit
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, requires_grad=True)
+    w, a, b = torch.randn(5, 8), torch.randn(3, 8, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    args = dict(x=x, **fourbit.op_args(w), lora_a=a, lora_b=b, bias=None, scaling=0.5, dropout_p=0.25,
+                seed=torch.tensor(7))
+    assert call_path(lora_op.forward_op, args) == "autograd"
+    dy = torch.randn(6, 5)
+    grads = []
+    for call in (lambda: lora_op.forward_op(**args)[0], lambda: torch.ops.peftkern.lora_linear_fwd(**args)[0]):
+        y = call()
+        y.backward(dy)
+        grads.append([y.detach()] + [t.grad.clone() for t in (x, a, b)])
+        for t in (x, a, b):
+            t.grad = None
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+    assert lora_op.forward_op(**args)[0].grad_fn.name() == "lora_linear_fwd_eagerBackward"
+    assert peftkern.lora_linear(x, w, a, b).grad_fn.next_functions[0][0].name() == "lora_linear_fwd_eagerBackward"
+    with torch.no_grad():
+        assert call_path(lora_op.forward_op, args) == "direct"
+    listed = dict(x=torch.randn(2, 5), mats=[torch.randn(2, 5, requires_grad=True)], scales=[1.0])
+    assert call_path(_ops["fwd"], listed) == "dispatcher"
 
 
 def test_an_autocast_rule_keeps_its_op_on_the_dispatcher_under_autocast():
