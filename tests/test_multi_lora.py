@@ -448,15 +448,15 @@ def test_eager_inference_runs_the_op_body_directly_with_the_same_result(monkeypa
                                                        row_ids=ids, bias=bias, scalings=[0.5, 2.0], dropout_p=0.0,
                                                        seed=None)
     decisions = []
-    original = opdef.direct_call_ok
+    original = opdef.call_path
 
     def record(op, values):
-        ok = original(op, values)
+        path = original(op, values)
         if op is ops.forward_op:
-            decisions.append(ok)
-        return ok
+            decisions.append(path == "direct")
+        return path
 
-    monkeypatch.setattr(opdef, "direct_call_ok", record)
+    monkeypatch.setattr(opdef, "call_path", record)
 
     def call():
         return peftkern.multi_lora_linear(x, w, lora_a, lora_b, ids, scalings=[0.5, 2.0], bias=bias)
